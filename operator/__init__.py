@@ -1,0 +1,1 @@
+"""Control plane: kopf operator, manifest builders, scaler, planner."""

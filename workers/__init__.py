@@ -1,0 +1,1 @@
+"""Data plane: model adapters, stage workers, router, multimodal cache, launcher."""

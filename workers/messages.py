@@ -1,0 +1,99 @@
+"""Internal request-state messages shared by the router, the stage servers and
+the engines. gRPC messages stay at the process edge (`epd.workers.wire`) and are
+converted to these; engines never see protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """OpenAI-style sampling settings; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image in the conversation; `index` is its position among all images of the request."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[TextPart | ImagePart, ...]
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    width: int
+    height: int
+
+
+@dataclass
+class PrefillJob:
+    """Everything a prefill forward needs, embeddings already merged per image."""
+
+    request_id: str
+    input_ids: list[int]
+    image_embeddings: list["torch.Tensor"]  # one [n_tokens, hidden] per image, prompt order
+    image_sizes: list[ImageSize]
+    sampling: SamplingParams
+
+
+@dataclass
+class KVHandoff:
+    """The prefill -> decode handoff: all decode needs to continue the sequence."""
+
+    request_id: str
+    prompt_tokens: int
+    first_token: int
+    next_position: int  # cache length == index of the next token
+    rope_delta: int  # M-RoPE offset from prefill (0 for 1-D RoPE models)
+    sampling: SamplingParams
+    generator_state: bytes  # torch.Generator state after sampling the first token
+    layers: list[tuple["torch.Tensor", "torch.Tensor"]] = field(default_factory=list)  # (key, value) [heads, seq, dim]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as decode reports it; `text` is the new detokenized text."""
+
+    request_id: str
+    token_id: int
+    text: str
+    finish_reason: FinishReason | None = None
