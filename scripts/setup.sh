@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything epd-serve needs into the current Python environment:
+# redis-server (apt, when missing), torch (the CPU wheel from /opt/wheels when
+# present, so pip does not pull the multi-GB CUDA build), and the package itself.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "==> installing redis-server"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  if compgen -G "/opt/wheels/torch-*.whl" >/dev/null; then
+    echo "==> installing torch from /opt/wheels (CPU build)"
+    "$PYTHON" -m pip install -q --no-index --find-links /opt/wheels torch
+  fi
+fi
+
+echo "==> installing epd-serve (editable) and its test extras"
+"$PYTHON" -m pip install -q -e ".[test]"
