@@ -1,0 +1,157 @@
+"""LLaVA-1.5 and LLaVA-NeXT (anyres tiles): CLIP-style vision tower + MLP
+projector in front of a Llama-style language model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+from ..messages import ImageSize
+from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase, decode_image
+from .loading import ModuleFactory
+
+_LEGACY_RENAMES = {
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+    "image_newline": "model.image_newline",
+}
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_class = LlavaForConditionalGeneration
+    checkpoint_renames = _LEGACY_RENAMES
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        cls = 1 if self.config.vision_feature_select_strategy == "full" else 0
+        return side * side + cls
+
+    def image_items(self, size: ImageSize) -> list[int]:
+        return [self.tokens_per_tile]
+
+    def vision_factories(self) -> dict[str, ModuleFactory]:
+        return {"model.vision_tower": lambda: AutoModel.from_config(self.config.vision_config),
+                "model.multi_modal_projector": lambda: LlavaMultiModalProjector(self.config)}
+
+    def language_factories(self) -> dict[str, ModuleFactory]:
+        text = self.text_config
+        return {"model.language_model": lambda: AutoModel.from_config(text),
+                "lm_head": lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False)}
+
+    def load_vision(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "LlavaVision":
+        return LlavaVision(self, self._load(self.vision_factories(), device, dtype))
+
+    def load_language(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "LlavaLanguage":
+        return LlavaLanguage(self, self._load(self.language_factories(), device, dtype))
+
+    def pixel_values(self, item: EncodeInput) -> torch.Tensor:
+        """[3, H, W] pixels of one item."""
+        image = decode_image(item.image_bytes)
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+class LlavaVision(VisionPartBase):
+    adapter: LlavaAdapter
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
+        pixels = torch.stack([self.adapter.pixel_values(item) for item in items])
+        tower = self.parts["model.vision_tower"]
+        pixels = pixels.to(device=next(tower.parameters()).device, dtype=self.dtype)
+        hidden = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+        layer = self.adapter.config.vision_feature_layer
+        if isinstance(layer, int):
+            selected = hidden[layer]
+            if self.adapter.config.vision_feature_select_strategy == "default":
+                selected = selected[:, 1:]
+        else:
+            pool = [hidden[i] for i in layer]
+            if self.adapter.config.vision_feature_select_strategy == "default":
+                pool = [h[:, 1:] for h in pool]
+            selected = torch.cat(pool, dim=-1)
+        features = self.parts["model.multi_modal_projector"](selected)
+        return list(features.unbind(0))
+
+
+class LlavaLanguage(LanguagePartBase):
+    def prompt_positions(self, input_ids: list[int], image_sizes: Sequence[ImageSize]) -> tuple[torch.Tensor, int]:
+        return torch.arange(len(input_ids)), 0
+
+    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.view(-1, 1)
+
+
+class _ImageNewline(nn.Module):
+    """Holds LLaVA-NeXT's learned end-of-row embedding (checkpoint key model.image_newline)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.image_newline = nn.Parameter(torch.empty(hidden_size))
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Anyres: a base view plus a grid of tiles, each tile encoded independently,
+    so the tiles of one large image can be spread over several encode workers."""
+
+    family = "llava_next"
+    model_class = LlavaNextForConditionalGeneration
+
+    def num_tiles(self, size: ImageSize) -> int:
+        """Items of an image: the base view + its anyres tiles."""
+        return int(image_size_to_num_patches((size.height, size.width), self.config.image_grid_pinpoints,
+                                             self.config.vision_config.image_size))
+
+    def image_items(self, size: ImageSize) -> list[int]:
+        return [self.tokens_per_tile] * self.num_tiles(size)
+
+    def image_tokens(self, size: ImageSize) -> int:
+        vision = self.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        empty = [torch.empty(self.num_tiles(size), patches * patches, 1, device="meta")]
+        packed, _ = _pack(self.config, empty, size, torch.empty(1, device="meta"))
+        return int(packed[0].shape[0])
+
+    def language_factories(self) -> dict[str, ModuleFactory]:
+        return {**super().language_factories(),
+                "model": lambda: _ImageNewline(self.text_config.hidden_size)}
+
+    def load_language(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "LlavaNextLanguage":
+        return LlavaNextLanguage(self, self._load(self.language_factories(), device, dtype))
+
+    def pixel_values(self, item: EncodeInput) -> torch.Tensor:
+        image = decode_image(item.image_bytes)
+        tiles = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        index = max(item.tile_index, 0)
+        if index >= tiles.shape[0]:
+            raise ValueError(f"tile {item.tile_index} out of range: the image has {tiles.shape[0]} items")
+        return tiles[index]
+
+
+def _pack(config, features: list[torch.Tensor], size: ImageSize, newline: torch.Tensor):
+    """LLaVA-NeXT's own packing (unpad + newline per row) for one image."""
+    holder = SimpleNamespace(config=config)
+    sizes = torch.tensor([[size.height, size.width]])
+    return LlavaNextModel.pack_image_features(holder, features, sizes, config.vision_feature_select_strategy,
+                                              newline)
+
+
+class LlavaNextLanguage(LlavaLanguage):
+    def merge_image(self, size: ImageSize, item_embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        newline = self.parts["model"].image_newline
+        packed, _ = _pack(self.adapter.config, [torch.stack(list(item_embeddings))], size, newline)
+        return packed[0]

@@ -1,0 +1,109 @@
+"""Qwen2-VL and Qwen2.5-VL: a native-resolution ViT whose token count follows
+the image size, and M-RoPE (3-D rotary positions) in the language model, so
+prefill must hand decode the rope offset it computed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25
+from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from ..messages import ImageSize
+from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase, decode_image
+from .loading import ModuleFactory
+
+_LEGACY_RENAMES = {
+    "model.layers.": "model.language_model.layers.",
+    "model.embed_tokens.": "model.language_model.embed_tokens.",
+    "model.norm.": "model.language_model.norm.",
+    "visual.": "model.visual.",
+}
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2_vl"
+    model_class = Qwen2VLForConditionalGeneration
+    checkpoint_renames = _LEGACY_RENAMES
+    vision_class: type[nn.Module] = qwen2.Qwen2VisionTransformerPretrainedModel
+    text_class: type[nn.Module] = qwen2.Qwen2VLTextModel
+    model_module = qwen2.Qwen2VLModel
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    def grid(self, size: ImageSize) -> tuple[int, int, int]:
+        """(t, h, w) patch grid the processor produces for an image of this size."""
+        proc = self.image_processor
+        factor = proc.patch_size * proc.merge_size
+        height, width = smart_resize(size.height, size.width, factor=factor,
+                                     min_pixels=proc.size["shortest_edge"], max_pixels=proc.size["longest_edge"])
+        return 1, height // proc.patch_size, width // proc.patch_size
+
+    def image_items(self, size: ImageSize) -> list[int]:
+        t, h, w = self.grid(size)
+        return [t * h * w // self.image_processor.merge_size ** 2]
+
+    def vision_factories(self) -> dict[str, ModuleFactory]:
+        return {"model.visual": lambda: self.vision_class._from_config(self.config.vision_config)}
+
+    def language_factories(self) -> dict[str, ModuleFactory]:
+        text = self.text_config
+        return {"model.language_model": lambda: self.text_class._from_config(text),
+                "lm_head": lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False)}
+
+    def load_vision(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "Qwen2VLVision":
+        return Qwen2VLVision(self, self._load(self.vision_factories(), device, dtype))
+
+    def load_language(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "Qwen2VLLanguage":
+        return Qwen2VLLanguage(self, self._load(self.language_factories(), device, dtype))
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    vision_class = qwen25.Qwen2_5_VisionTransformerPretrainedModel
+    text_class = qwen25.Qwen2_5_VLTextModel
+    model_module = qwen25.Qwen2_5_VLModel
+
+
+class Qwen2VLVision(VisionPartBase):
+    adapter: Qwen2VLAdapter
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
+        images = [decode_image(item.image_bytes) for item in items]
+        batch = self.adapter.image_processor(images=images, return_tensors="pt")
+        visual = self.parts["model.visual"]
+        pixels = batch["pixel_values"].to(device=next(visual.parameters()).device, dtype=self.dtype)
+        grid = batch["image_grid_thw"].to(pixels.device)
+        merged = visual(pixels, grid_thw=grid, return_dict=True).pooler_output
+        sizes = (grid.prod(-1) // self.adapter.image_processor.merge_size ** 2).tolist()
+        return list(torch.split(merged, sizes))
+
+
+class Qwen2VLLanguage(LanguagePartBase):
+    adapter: Qwen2VLAdapter
+
+    def prompt_positions(self, input_ids: list[int], image_sizes: Sequence[ImageSize]) -> tuple[torch.Tensor, int]:
+        ids = torch.tensor([input_ids])
+        if not image_sizes:
+            return torch.arange(len(input_ids)).expand(3, -1), 0
+        token_types = (ids == self.adapter.image_token_id).int()
+        grid = torch.tensor([self.adapter.grid(size) for size in image_sizes])
+        # The HF model's own M-RoPE index, so positions match `generate` exactly.
+        model_cls = self.adapter.model_module
+        holder = SimpleNamespace(config=self.adapter.config,
+                                 get_vision_position_ids=partial(model_cls.get_vision_position_ids, None))
+        positions, deltas = model_cls.get_rope_index(holder, ids, token_types, image_grid_thw=grid)
+        return positions[:, 0], int(deltas[0, 0])
+
+    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.view(1, -1, 1).expand(3, -1, 1)
