@@ -1,0 +1,1 @@
+"""`epd worker` and `epd serve`: processes on one machine."""

@@ -1,0 +1,38 @@
+"""`epd worker`: run one stage worker (or all stages colocated in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import fields
+
+from ..models import UnknownModelError
+from ..stages.worker import ROLES, WorkerConfig, serve_worker
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", required=True, choices=ROLES)
+    parser.add_argument("--model", default="tiny-llava", help="preset name, local model directory or hub id")
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    parser.add_argument("--advertise", default="", help="address other workers use to reach this one")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = any free port)")
+    parser.add_argument("--device", default="cpu")
+    defaults = {f.name: f.default for f in fields(WorkerConfig)}
+    for name in ("encode_max_batch", "encode_max_wait", "prefill_token_budget", "prefill_max_wait",
+                 "decode_max_batch", "decode_max_kv_tokens", "cache_bytes", "cache_ttl"):
+        parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
+        asyncio.run(serve_worker(config))
+    except (UnknownModelError, ValueError) as exc:
+        print(f"epd worker: {exc}", file=sys.stderr)
+        return 2
+    return 0

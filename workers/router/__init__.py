@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP router: parses, hashes images, plans the route, streams."""

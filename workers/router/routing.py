@@ -1,0 +1,53 @@
+"""Route planning: prefill by outstanding tokens, decode by KV usage, and the
+items of one request spread over the least-loaded encode workers
+(intra-request parallelism: images, and the tiles of an anyres image)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..registry import WorkerInfo
+from .errors import APIError
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    prefill: WorkerInfo
+    decode: WorkerInfo
+    encode: dict[str, list[str]]  # encode worker address -> item keys it encodes for this request
+
+
+class RoutePlanner:
+    """Chooses workers from the live set; keeps a local tally of what it has sent
+    since the last load report so concurrent requests do not all pick the same one."""
+
+    def __init__(self) -> None:
+        self.sent_tokens: Counter[str] = Counter()
+        self.sent_items: Counter[str] = Counter()
+        self.sent_sequences: Counter[str] = Counter()
+
+    def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str]) -> RoutePlan:
+        for stage in ("prefill", "decode") + (("encode",) if items_to_encode else ()):
+            if not workers.get(stage):
+                raise APIError(503, f"no live {stage} worker is registered", "stage_unavailable")
+        prefill = min(workers["prefill"],
+                      key=lambda w: (w.load.outstanding_tokens + self.sent_tokens[w.address], w.address))
+        decode = min(workers["decode"], key=lambda w: (w.load.kv_usage, w.load.in_flight
+                                                       + self.sent_sequences[w.address], w.address))
+        encode: dict[str, list[str]] = {}
+        for key in items_to_encode:
+            worker = min(workers["encode"], key=lambda w: (w.load.queue + w.load.in_flight
+                                                           + self.sent_items[w.address], w.address))
+            encode.setdefault(worker.address, []).append(key)
+            self.sent_items[worker.address] += 1
+        self.sent_tokens[prefill.address] += prompt_tokens
+        self.sent_sequences[decode.address] += 1
+        return RoutePlan(prefill, decode, encode)
+
+    def release(self, plan: RoutePlan, prompt_tokens: int) -> None:
+        """Forget a finished request's contribution to the local tally."""
+        self.sent_tokens[plan.prefill.address] -= prompt_tokens
+        self.sent_sequences[plan.decode.address] -= 1
+        for address, keys in plan.encode.items():
+            self.sent_items[address] -= len(keys)

@@ -1,0 +1,1 @@
+"""The three stage servers (gRPC) and the worker process that hosts them."""

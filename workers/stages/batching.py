@@ -1,0 +1,68 @@
+"""Per-stage micro-batching: collect work until a cost budget is full or the
+oldest item has waited `max_wait` seconds, then run it as one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from .. import metrics
+
+T = TypeVar("T")
+
+
+class MicroBatcher(Generic[T]):
+    def __init__(self, stage: str, run_batch: Callable[[list[T]], Awaitable[None]], max_cost: int,
+                 max_wait: float, cost: Callable[[T], int] = lambda _: 1) -> None:
+        if max_cost <= 0:
+            raise ValueError(f"{stage}: batch budget must be > 0, got {max_cost}")
+        self.stage = stage
+        self.run_batch = run_batch
+        self.max_cost = max_cost
+        self.max_wait = max_wait
+        self.cost = cost
+        self._queue: asyncio.Queue[T] = asyncio.Queue()
+        self._carry: T | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + (self._carry is not None)
+
+    def submit(self, item: T) -> None:
+        self._queue.put_nowait(item)
+        metrics.QUEUE_DEPTH.labels(self.stage).set(self.depth)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _next_batch(self) -> list[T]:
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        batch, used = [first], self.cost(first)
+        deadline = time.monotonic() + self.max_wait
+        while used < self.max_cost:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+            if used + self.cost(item) > self.max_cost:
+                self._carry = item  # starts the next batch
+                break
+            batch.append(item)
+            used += self.cost(item)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            metrics.QUEUE_DEPTH.labels(self.stage).set(self.depth)
+            metrics.BATCH_SIZE.labels(self.stage).observe(len(batch))
+            await self.run_batch(batch)

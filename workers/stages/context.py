@@ -1,0 +1,50 @@
+"""What every stage servicer of a worker process shares."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+
+from .. import metrics
+from ..cache import MetadataStore
+from ..models import ModelAdapter
+from ..registry import WorkerDirectory
+from ..transport import ChannelPool, GrpcEmbeddingTransport, GrpcKVTransport
+
+R = TypeVar("R")
+
+
+@dataclass
+class WorkerContext:
+    """One worker process: its address, model, Redis, peers and its single compute thread."""
+
+    address: str
+    adapter: ModelAdapter
+    redis: aioredis.Redis
+    metadata: MetadataStore
+    directory: WorkerDirectory
+    channels: ChannelPool = field(default_factory=ChannelPool)
+    # One thread: the engines are synchronous and own the device. In colocated
+    # mode all three stages share it, exactly like a single non-disaggregated server.
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engine"))
+
+    def __post_init__(self) -> None:
+        self.embeddings = GrpcEmbeddingTransport(self.channels)
+        self.kv = GrpcKVTransport(self.channels)
+
+    async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:
+        """Run engine work on the compute thread, counting busy time for the stage."""
+        def timed() -> R:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                metrics.BUSY_SECONDS.labels(stage).inc(time.perf_counter() - start)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)

@@ -1,0 +1,136 @@
+"""Decode worker: receives KV caches, runs continuous batching (sequences join
+and leave at every step) and streams tokens straight back to the router."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from epd.v1 import stages_pb2 as pb
+from epd.v1 import stages_pb2_grpc as pb_grpc
+
+from .. import metrics
+from ..engine import DecodeEngine
+from ..messages import KVHandoff, TokenEvent
+from ..wire import handoff_from_chunks
+from .context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(pb_grpc.DecodeServiceServicer):
+    def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0) -> None:
+        self.ctx = ctx
+        self.engine = engine
+        self.handoff_wait = handoff_wait
+        self.arrived: dict[str, KVHandoff] = {}  # KV received, Generate not yet called
+        self.arrival_events: dict[str, asyncio.Event] = {}
+        self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
+        self.joining: list[KVHandoff] = []
+        self.cancelled: set[str] = set()
+        self.wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.streams)
+
+    async def TransferKV(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.TransferAck:
+        header, layers, request_id = None, [], ""
+        async for chunk in request_iterator:
+            request_id = chunk.request_id
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                layers.append(chunk.layer)
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV stream for {request_id!r} has no header")
+        try:
+            handoff = handoff_from_chunks(request_id, header, layers)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.arrived[request_id] = handoff
+        self.arrival_events.setdefault(request_id, asyncio.Event()).set()
+        return pb.TransferAck(layers=len(layers))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        request_id = request.request_id
+        event = self.arrival_events.setdefault(request_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), self.handoff_wait)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no KV cache arrived for request {request_id} within {self.handoff_wait}s")
+        finally:
+            self.arrival_events.pop(request_id, None)
+        handoff = self.arrived.pop(request_id)
+        queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
+        self.streams[request_id] = queue
+        metrics.IN_FLIGHT.labels("decode").inc()
+        start = time.perf_counter()
+        completion = 0
+        finished = False
+        try:
+            self.joining.append(handoff)
+            self.wakeup.set()
+            while True:
+                token = await queue.get()
+                if isinstance(token, Exception):
+                    await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token}")
+                completion += 1
+                yield pb.GenerateChunk(token_ids=[token.token_id], text=token.text,
+                                       finish_reason=token.finish_reason or "", prompt_tokens=handoff.prompt_tokens,
+                                       completion_tokens=completion)
+                if token.finish_reason:
+                    finished = True
+                    break
+            metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
+        finally:
+            if self.streams.pop(request_id, None) is not None and not finished:
+                self.cancelled.add(request_id)  # client went away: leave the batch at the next step
+                self.wakeup.set()
+            metrics.IN_FLIGHT.labels("decode").dec()
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        known = request.request_id in self.streams or request.request_id in self.arrived
+        self.arrived.pop(request.request_id, None)
+        if request.request_id in self.streams:
+            self.cancelled.add(request.request_id)
+            self.wakeup.set()
+        return pb.CancelResponse(cancelled=known)
+
+    # ---- the continuous-batching loop ------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.active and not self.joining:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            joining, self.joining = self.joining, []
+            cancelled, self.cancelled = self.cancelled, set()
+            try:
+                events = await self.ctx.compute("decode", self._step, joining, cancelled)
+            except Exception as exc:  # a failed step must not kill the loop: fail its requests instead
+                log.exception("decode step failed")
+                for request_id, queue in self.streams.items():
+                    queue.put_nowait(exc)
+                    self.engine.cancel(request_id)
+                continue
+            for event in events:
+                queue = self.streams.get(event.request_id)
+                if queue is not None:
+                    queue.put_nowait(event)
+            metrics.KV_USAGE.set(self.engine.kv_usage)
+            metrics.KV_TOKENS.set(self.engine.kv_tokens)
+
+    def _step(self, joining: list[KVHandoff], cancelled: set[str]) -> list[TokenEvent]:
+        for request_id in cancelled:
+            self.engine.cancel(request_id)
+        events = [self.engine.add(handoff) for handoff in joining if handoff.request_id not in cancelled]
+        return events + self.engine.step()
+

@@ -1,0 +1,128 @@
+"""Encode worker: decode + preprocess images, run the vision tower + projector
+over batches of items from many requests, keep results in a byte-bounded LRU,
+announce them in Redis, and push them to the prefill worker of each request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from epd.v1 import stages_pb2 as pb
+from epd.v1 import stages_pb2_grpc as pb_grpc
+
+from .. import metrics
+from ..cache import ByteLRU
+from ..models import EncodeInput, InvalidImageError, VisionPartBase
+from ..wire import tensor_to_proto
+from .batching import MicroBatcher
+from .context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeTask:
+    key: str
+    item: EncodeInput
+    future: asyncio.Future
+
+
+class EncodeServicer(pb_grpc.EncodeServiceServicer):
+    def __init__(self, ctx: WorkerContext, vision: VisionPartBase, cache_bytes: int, max_batch: int,
+                 max_wait: float) -> None:
+        self.ctx = ctx
+        self.vision = vision
+        self.lru = ByteLRU(cache_bytes)
+        self.batcher: MicroBatcher[EncodeTask] = MicroBatcher("encode", self._run_batch, max_batch, max_wait)
+        self.in_flight: dict[str, asyncio.Future] = {}  # item key -> embedding being computed
+        self.active_requests = 0
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        self.active_requests += 1
+        metrics.IN_FLIGHT.labels("encode").inc()
+        start = time.perf_counter()
+        try:
+            futures = [asyncio.shield(self._embedding(item)) for item in request.items]
+            try:
+                tensors = await asyncio.gather(*futures)
+            except InvalidImageError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            keys = [item.item_key for item in request.items]
+            if request.prefill_address:
+                await self.ctx.embeddings.push(request.prefill_address, request.request_id, self.ctx.address,
+                                               dict(zip(keys, tensors)))
+            metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - start)
+            return pb.EncodeResponse(item_keys=keys)
+        finally:
+            self.active_requests -= 1
+            metrics.IN_FLIGHT.labels("encode").dec()
+
+    async def FetchEmbedding(self, request: pb.FetchEmbeddingRequest, context: grpc.aio.ServicerContext) -> pb.Tensor:
+        tensor = self.lru.get(request.item_key)
+        if tensor is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"embedding {request.item_key} is not held here")
+        metrics.CACHE_EVENTS.labels("encode", "served").inc()
+        return tensor_to_proto(tensor)
+
+    def _embedding(self, item: pb.EncodeItem) -> asyncio.Future:
+        cached = self.lru.get(item.item_key)
+        if cached is not None:
+            metrics.CACHE_EVENTS.labels("encode", "hit").inc()
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(cached)
+            return done
+        pending = self.in_flight.get(item.item_key)
+        if pending is not None:  # the same image in flight for another request: share the work
+            return pending
+        metrics.CACHE_EVENTS.labels("encode", "miss").inc()
+        future = asyncio.get_running_loop().create_future()
+        self.in_flight[item.item_key] = future
+        asyncio.ensure_future(self.ctx.metadata.mark_pending(item.item_key, self.ctx.address))
+        self.batcher.submit(EncodeTask(item.item_key, EncodeInput(item.image, item.tile_index), future))
+        return future
+
+    async def _run_batch(self, tasks: list[EncodeTask]) -> None:
+        results = await self.ctx.compute("encode", self._encode_isolating_bad, [t.item for t in tasks])
+        metrics.ENCODED_ITEMS.inc(sum(not isinstance(r, Exception) for r in results))
+        for task, result in zip(tasks, results):
+            self.in_flight.pop(task.key, None)
+            if isinstance(result, Exception):
+                await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
+                if not task.future.done():
+                    task.future.set_exception(result)
+                continue
+            for evicted in self.lru.put(task.key, result):
+                metrics.CACHE_EVENTS.labels("encode", "evicted").inc()
+                await self.ctx.metadata.forget(evicted, owner=self.ctx.address)
+            if task.key in self.lru:
+                ok = await self.ctx.metadata.mark_ready(task.key, self.ctx.address, result.shape[0], result.shape[-1],
+                                                        str(result.dtype).removeprefix("torch."),
+                                                        result.numel() * result.element_size())
+                if not ok:
+                    metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
+            else:
+                await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
+            if not task.future.done():
+                task.future.set_result(result)
+
+    def _encode_isolating_bad(self, items: list[EncodeInput]) -> list:
+        """Encode the batch; if an item is bad, encode one by one so only it fails."""
+        try:
+            return list(self.vision.encode(items))
+        except (InvalidImageError, ValueError):
+            results: list = []
+            for item in items:
+                try:
+                    results.append(self.vision.encode([item])[0])
+                except (InvalidImageError, ValueError) as exc:
+                    results.append(exc)
+            return results

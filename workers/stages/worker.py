@@ -1,0 +1,157 @@
+"""One worker process: loads only its stage's part of the model, serves the
+stage over grpc.aio (with the standard health service and reflection),
+exposes /metrics, and registers itself in Redis with a heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from epd.v1 import stages_pb2 as pb
+from epd.v1 import stages_pb2_grpc as pb_grpc
+
+from ..cache import MetadataStore
+from ..engine import DecodeEngine, PrefillEngine
+from ..models import load_adapter
+from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
+from ..transport.grpc_transport import CHANNEL_OPTIONS
+from .context import WorkerContext
+from .decode import DecodeServicer
+from .encode import EncodeServicer
+from .prefill import PrefillServicer
+
+log = logging.getLogger(__name__)
+
+Role = Literal["encode", "prefill", "decode", "colocated"]
+ROLES: tuple[Role, ...] = ("encode", "prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: Role
+    model: str
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str = ""  # address peers use (the pod's stable DNS name in Kubernetes)
+    metrics_port: int = 0
+    device: str = "cpu"
+    encode_max_batch: int = 16
+    encode_max_wait: float = 0.005
+    prefill_token_budget: int = 8192
+    prefill_max_wait: float = 0.002
+    decode_max_batch: int = 64
+    decode_max_kv_tokens: int = 1 << 20
+    cache_bytes: int = 1 << 30
+    cache_ttl: int = 3600
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return ("encode", "prefill", "decode") if self.role == "colocated" else (self.role,)
+
+
+async def serve_worker(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    adapter = load_adapter(config.model)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = config.advertise or f"{config.host}:{port}"
+    client = aioredis.from_url(config.redis_url)
+    ctx = WorkerContext(address=address, adapter=adapter, redis=client,
+                        metadata=MetadataStore(client, config.cache_ttl), directory=WorkerDirectory(client))
+    servicers = _build_servicers(config, ctx)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    for servicer in servicers:
+        add = getattr(pb_grpc, f"add_{type(servicer).__bases__[0].__name__}_to_server")
+        add(servicer, server)
+        names.append(pb.DESCRIPTOR.services_by_name[type(servicer).__bases__[0].__name__.removesuffix("Servicer")].full_name)
+        servicer.start()
+    reflection.enable_server_reflection(names, server)
+    await server.start()
+    metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
+    metrics_url = f"http://{config.host}:{metrics_server.server_port}/metrics"
+    infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
+                        metrics_url=metrics_url)
+             for stage in config.stages]
+    registration = WorkerRegistration(client, infos, lambda: _load(servicers))
+    if "prefill" in config.stages:
+        await ctx.directory.start()  # prefill recomputes on encode workers it finds here
+    await registration.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s worker for %s serving on %s", config.role, config.model, address)
+    print(f"EPD_WORKER_READY role={config.role} address={address} metrics={metrics_url}", flush=True)
+    if ready is not None:
+        ready.set()
+    await _wait_for_signal()
+    await health_servicer.enter_graceful_shutdown()
+    await registration.stop()
+    await server.stop(grace=5)
+    await ctx.directory.stop()
+    await ctx.channels.close()
+    await client.aclose()
+    metrics_server.shutdown()
+    ctx.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
+    adapter = ctx.adapter
+    servicers: list = []
+    if "encode" in config.stages:
+        vision = adapter.load_vision(config.device)
+        servicers.append(EncodeServicer(ctx, vision, config.cache_bytes, config.encode_max_batch,
+                                        config.encode_max_wait))
+    if {"prefill", "decode"} & set(config.stages):
+        language = adapter.load_language(config.device)
+        if "prefill" in config.stages:
+            servicers.append(PrefillServicer(ctx, PrefillEngine(language, adapter), config.cache_bytes,
+                                             config.prefill_token_budget, config.prefill_max_wait))
+        if "decode" in config.stages:
+            engine = DecodeEngine(language, adapter, config.decode_max_batch, config.decode_max_kv_tokens)
+            servicers.append(DecodeServicer(ctx, engine))
+    return servicers
+
+
+def _capacity(config: WorkerConfig, stage: str) -> int:
+    return {"encode": config.encode_max_batch, "prefill": config.prefill_token_budget,
+            "decode": config.decode_max_batch}[stage]
+
+
+def _load(servicers: list) -> WorkerLoad:
+    load = WorkerLoad()
+    for s in servicers:
+        if isinstance(s, EncodeServicer):
+            load = WorkerLoad(queue=s.batcher.depth, in_flight=s.active_requests,
+                              outstanding_tokens=load.outstanding_tokens, kv_usage=load.kv_usage)
+        elif isinstance(s, PrefillServicer):
+            load = WorkerLoad(queue=load.queue + s.batcher.depth, in_flight=load.in_flight + s.active_requests,
+                              outstanding_tokens=s.outstanding_tokens, kv_usage=load.kv_usage)
+        elif isinstance(s, DecodeServicer):
+            load = WorkerLoad(queue=load.queue, in_flight=load.in_flight + s.in_flight,
+                              outstanding_tokens=load.outstanding_tokens, kv_usage=s.engine.kv_usage)
+    return load
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,79 @@
+"""gRPC streaming of tensor bytes: embeddings encode -> prefill, KV prefill -> decode."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import torch
+
+from epd.v1 import stages_pb2 as pb
+from epd.v1 import stages_pb2_grpc as pb_grpc
+
+from .. import metrics
+from ..messages import KVHandoff
+from ..wire import handoff_to_chunks, tensor_from_proto, tensor_to_proto
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class ChannelPool:
+    """One insecure channel per peer address, reused across calls."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class GrpcEmbeddingTransport:
+    def __init__(self, channels: ChannelPool, timeout: float = 30.0) -> None:
+        self.channels = channels
+        self.timeout = timeout
+
+    async def push(self, address: str, request_id: str, owner: str, embeddings: dict[str, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        chunks = [pb.EmbeddingChunk(request_id=request_id, item_key=key, owner_address=owner,
+                                    embedding=tensor_to_proto(tensor)) for key, tensor in embeddings.items()]
+        stub = pb_grpc.PrefillServiceStub(self.channels.get(address))
+        await stub.PushEmbeddings(iter(chunks), timeout=self.timeout)
+        metrics.TRANSFER_BYTES.labels("embedding").inc(sum(len(c.embedding.data) for c in chunks))
+        metrics.TRANSFER_LATENCY.labels("embedding").observe(time.perf_counter() - start)
+
+    async def fetch(self, owner: str, item_key: str) -> torch.Tensor | None:
+        stub = pb_grpc.EncodeServiceStub(self.channels.get(owner))
+        try:
+            tensor = await stub.FetchEmbedding(pb.FetchEmbeddingRequest(item_key=item_key), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
+                              grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None
+            raise
+        metrics.TRANSFER_BYTES.labels("embedding_fetch").inc(len(tensor.data))
+        return tensor_from_proto(tensor)
+
+
+class GrpcKVTransport:
+    def __init__(self, channels: ChannelPool, timeout: float = 60.0) -> None:
+        self.channels = channels
+        self.timeout = timeout
+
+    async def send(self, address: str, handoff: KVHandoff) -> None:
+        start = time.perf_counter()
+        stub = pb_grpc.DecodeServiceStub(self.channels.get(address))
+        await stub.TransferKV(handoff_to_chunks(handoff), timeout=self.timeout)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in handoff.layers)
+        metrics.TRANSFER_BYTES.labels("kv").inc(nbytes)
+        metrics.TRANSFER_LATENCY.labels("kv").observe(time.perf_counter() - start)
