@@ -37,6 +37,7 @@ class WorkerInfo:
     model: str
     capacity: int
     metrics_url: str = ""
+    pid: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
 
     def to_json(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import Literal
@@ -89,7 +90,7 @@ async def serve_worker(config: WorkerConfig, ready: asyncio.Event | None = None)
     metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
     metrics_url = f"http://{config.host}:{metrics_server.server_port}/metrics"
     infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
-                        metrics_url=metrics_url)
+                        metrics_url=metrics_url, pid=os.getpid())
              for stage in config.stages]
     registration = WorkerRegistration(client, infos, lambda: _load(servicers))
     if "prefill" in config.stages:

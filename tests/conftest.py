@@ -1,0 +1,75 @@
+"""Fixtures shared by the test tiers: a real redis-server, free ports, and
+waiting for a condition with a deadline (never a bare sleep)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from epd.workers.launcher.processes import free_port
+
+T = TypeVar("T")
+
+# Built-in presets are materialised once per test session, outside the user's cache.
+os.environ.setdefault("EPD_MODEL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "epd-test-models"))
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    def __init__(self, port: int, process: subprocess.Popen) -> None:
+        self.port = port
+        self.process = process
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+def start_redis() -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `bash scripts/setup.sh`")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port, process)
+    wait_until(lambda: _pings(server), 10, message=f"redis-server on port {port}")
+    return server
+
+
+def _pings(server: RedisServer) -> bool:
+    import redis
+
+    try:
+        return bool(server.client().ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis()
+    yield server
+    server.process.terminate()
+    server.process.wait(10)

@@ -1,0 +1,109 @@
+"""`epd serve` as a real subprocess, plus helpers to read its workers' state."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import threading
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import redis
+import torch
+from PIL import Image
+
+from epd.workers.launcher.processes import epd_command, free_port
+from epd.workers.registry import KEY_PREFIX, WorkerInfo
+
+from ..conftest import RedisServer, wait_until
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_body(model: str, text: str, images: list[bytes], max_tokens: int = 8, **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    content.append({"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, **extra}
+
+
+@dataclass
+class Served:
+    model: str
+    base_url: str
+    redis: RedisServer
+    process: subprocess.Popen
+    log: list[str] = field(default_factory=list)
+
+    def workers(self, stage: str) -> list[WorkerInfo]:
+        client = self.redis.client()
+        keys = client.keys(KEY_PREFIX + f"{stage}:*")
+        return sorted((WorkerInfo.from_json(v) for v in client.mget(keys) if v), key=lambda w: w.address) if keys else []
+
+    def metric(self, url: str, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample over the series matching `labels`."""
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                    total += float(value)
+        return total
+
+    def stage_metric(self, stage: str, name: str, **labels: str) -> float:
+        return sum(self.metric(w.metrics_url, name, **labels) for w in self.workers(stage))
+
+    def router_metric(self, name: str, **labels: str) -> float:
+        return self.metric(self.base_url.removesuffix("/v1") + "/metrics", name, **labels)
+
+    def pending_cache_keys(self) -> list[bytes]:
+        client = self.redis.client()
+        return [k for k in client.keys("epd:mm:*") if client.hget(k, "state") == b"pending"]
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+
+def start_serve(model: str, redis_server: RedisServer, *extra: str) -> Served:
+    port = free_port()
+    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), "--redis-url",
+                                           redis_server.url, *extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                               start_new_session=True)
+    served = Served(model, f"http://127.0.0.1:{port}/v1", redis_server, process)
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            served.log.append(line)
+            if "EPD_SERVE_READY" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    wait_until(lambda: ready.is_set() or process.poll() is not None, 300, message="epd serve to be ready")
+    if not ready.is_set():
+        raise AssertionError("epd serve failed to start:\n" + "".join(served.log[-40:]))
+    return served
+
+
+def counts_by_stage(served: Served) -> dict[str, int]:
+    found: dict[str, int] = defaultdict(int)
+    for stage in ("encode", "prefill", "decode"):
+        found[stage] = len(served.workers(stage))
+    return found

@@ -1,0 +1,71 @@
+"""Greedy output through `epd serve` (separate encode, prefill and decode
+processes over gRPC, real Redis) equals `model.generate` of the same model,
+for both families, with 0, 1 and 4 images, 8 requests at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from epd.workers.messages import ChatMessage, ImagePart, TextPart
+from epd.workers.models import load_adapter
+
+from ..engine.reference import image_size, reference_generate
+from .harness import chat_body, png_bytes, start_serve
+
+MAX_TOKENS = 10
+TEXTS = ["What is shown?", "How many objects are there?", "Describe the image in detail.", "Hello",
+         "Red, green, blue.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+def served(request, redis_server):
+    server = start_serve(request.param, redis_server, "--encode", "2", "--quiet")
+    yield server
+    server.stop()
+
+
+def expected_text(model: str, text: str, images: list[bytes]) -> str:
+    adapter = load_adapter(model)
+    sizes = [image_size(img) for img in images]
+    parts = tuple([ImagePart(i) for i in range(len(images))] + [TextPart(text)])
+    ids = adapter.build_prompt([ChatMessage("user", parts)], sizes)
+    tokens = reference_generate(adapter, _full_model(model), ids, images, MAX_TOKENS)
+    return adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+_MODELS: dict = {}
+
+
+def _full_model(model: str):
+    if model not in _MODELS:
+        _MODELS[model] = load_adapter(model).load_full()
+    return _MODELS[model]
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
+    async with session.post(url + "/chat/completions", json=body) as response:
+        payload = await response.json()
+        assert response.status == 200, payload
+        return payload
+
+
+def test_eight_concurrent_mixed_requests_match_generate(served):
+    cases = [(TEXTS[i], [png_bytes(40 + 11 * i + 3 * k, 30 + 5 * k, seed=7 * i + k) for k in range((0, 1, 4)[i % 3])])
+             for i in range(8)]
+
+    async def run_all():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(post(session, served.base_url,
+                                               chat_body(served.model, text, images, MAX_TOKENS))
+                                          for text, images in cases))
+
+    results = asyncio.run(run_all())
+    for (text, images), result in zip(cases, results):
+        assert result["choices"][0]["message"]["content"] == expected_text(served.model, text, images), \
+            f"{len(images)} images: {text!r}"
+        assert result["usage"]["completion_tokens"] == MAX_TOKENS
+        assert result["choices"][0]["finish_reason"] == "length"
+    assert sorted({len(images) for _, images in cases}) == [0, 1, 4]
