@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -56,7 +57,10 @@ class Served:
 
     def metric(self, url: str, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample over the series matching `labels`."""
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        try:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            return 0.0  # a killed worker whose record has not expired yet
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and not line.startswith("#"):

@@ -66,8 +66,11 @@ class ProcessGroup:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{child.name} did not become ready within {timeout:.0f}s")
 
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.process.poll() is not None]
+
     def first_dead(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+        return next(iter(self.dead()), None)
 
     def stop(self, grace: float = 10.0) -> None:
         for child in reversed(self.children):

@@ -60,11 +60,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"EPD_SERVE_READY {endpoint}/v1 (model {args.model}, "
               + ("colocated" if args.colocated else f"{args.encode}E{args.prefill}P{args.decode}D") + ")",
               flush=True)
+        reported: set[str] = set()
         while not stop.wait(0.5):
-            dead = group.first_dead()
-            if dead is not None:
-                print(f"epd serve: {dead.name} exited with code {dead.process.returncode}; shutting down",
-                      file=sys.stderr)
+            for child in group.dead():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    print(f"epd serve: {child.name} exited with code {child.process.returncode}", file=sys.stderr)
+            lost = _lost_roles(group)
+            if lost:
+                print(f"epd serve: no live {', '.join(lost)} left; shutting down", file=sys.stderr)
                 return 1
         return 0
     except RuntimeError as exc:
@@ -72,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         group.stop()
+
+
+def _lost_roles(group: ProcessGroup) -> list[str]:
+    """Roles (and the router / redis) with no process left alive: serving cannot go on."""
+    alive = {c.name.rsplit("-", 1)[0] for c in group.children if c.process.poll() is None}
+    needed = {c.name.rsplit("-", 1)[0] for c in group.children}
+    return sorted(needed - alive)
 
 
 def _start_redis(group: ProcessGroup) -> str:

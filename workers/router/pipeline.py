@@ -89,6 +89,8 @@ class StagePipeline:
             async for chunk in generate:
                 yield chunk
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                self.planner.suspect(plan.decode.address)
             raise _as_api_error(exc, "decode", plan.decode.address) from exc
         finally:
             for task in tasks:
@@ -139,6 +141,10 @@ class StagePipeline:
         try:
             return await stub.Prefill(message, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                # prefill itself, or the decode worker it streams the KV cache to, is unreachable
+                self.planner.suspect(plan.decode.address if plan.decode.address in (exc.details() or "")
+                                     else plan.prefill.address)
             raise _as_api_error(exc, "prefill", plan.prefill.address) from exc
 
     @staticmethod

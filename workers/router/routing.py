@@ -4,6 +4,7 @@ items of one request spread over the least-loaded encode workers
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -22,12 +23,24 @@ class RoutePlanner:
     """Chooses workers from the live set; keeps a local tally of what it has sent
     since the last load report so concurrent requests do not all pick the same one."""
 
-    def __init__(self) -> None:
+    def __init__(self, suspect_seconds: float = 10.0) -> None:
         self.sent_tokens: Counter[str] = Counter()
         self.sent_items: Counter[str] = Counter()
         self.sent_sequences: Counter[str] = Counter()
+        self.suspect_seconds = suspect_seconds
+        self.suspects: dict[str, float] = {}  # address -> until when it is avoided
+
+    def suspect(self, address: str) -> None:
+        """Avoid a worker that just failed a call, until discovery catches up (its heartbeat expires)."""
+        self.suspects[address] = time.monotonic() + self.suspect_seconds
+
+    def _healthy(self, workers: dict[str, list[WorkerInfo]]) -> dict[str, list[WorkerInfo]]:
+        now = time.monotonic()
+        self.suspects = {a: until for a, until in self.suspects.items() if until > now}
+        return {stage: [w for w in infos if w.address not in self.suspects] for stage, infos in workers.items()}
 
     def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str]) -> RoutePlan:
+        workers = self._healthy(workers)
         for stage in ("prefill", "decode") + (("encode",) if items_to_encode else ()):
             if not workers.get(stage):
                 raise APIError(503, f"no live {stage} worker is registered", "stage_unavailable")

@@ -77,6 +77,8 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
         cached = self.lru.get(item.item_key)
         if cached is not None:
             metrics.CACHE_EVENTS.labels("encode", "hit").inc()
+            # re-announce: refreshes the TTL, and restores the record if Redis lost it
+            asyncio.ensure_future(self._announce(item.item_key, cached))
             done = asyncio.get_running_loop().create_future()
             done.set_result(cached)
             return done
@@ -104,15 +106,18 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
                 metrics.CACHE_EVENTS.labels("encode", "evicted").inc()
                 await self.ctx.metadata.forget(evicted, owner=self.ctx.address)
             if task.key in self.lru:
-                ok = await self.ctx.metadata.mark_ready(task.key, self.ctx.address, result.shape[0], result.shape[-1],
-                                                        str(result.dtype).removeprefix("torch."),
-                                                        result.numel() * result.element_size())
-                if not ok:
-                    metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
+                await self._announce(task.key, result)
             else:
                 await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
             if not task.future.done():
                 task.future.set_result(result)
+
+    async def _announce(self, key: str, tensor) -> None:
+        ok = await self.ctx.metadata.mark_ready(key, self.ctx.address, tensor.shape[0], tensor.shape[-1],
+                                                str(tensor.dtype).removeprefix("torch."),
+                                                tensor.numel() * tensor.element_size())
+        if not ok:
+            metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
 
     def _encode_isolating_bad(self, items: list[EncodeInput]) -> list:
         """Encode the batch; if an item is bad, encode one by one so only it fails."""

@@ -1,0 +1,215 @@
+"""`epd serve` through its public API: the official openai client, 32
+concurrent streams, the multimodal cache and its fallbacks, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import signal
+import threading
+
+import aiohttp
+import openai
+import pytest
+
+from ..conftest import wait_until
+from .harness import chat_body, data_url, png_bytes, start_serve
+
+MODEL = "tiny-llava"
+
+
+@pytest.fixture(scope="module")
+def served(redis_server):
+    server = start_serve(MODEL, redis_server, "--encode", "2", "--quiet",
+                         "--router-arg=--max-images-per-request=4", "--router-arg=--max-image-bytes=200000",
+                         "--router-arg=--max-image-pixels=250000", "--router-arg=--image-fetch-timeout=2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served.base_url, api_key="unused")
+
+
+def image_message(text: str, images: list[bytes]) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+
+
+def test_openai_client_non_streaming_and_streaming_agree(client):
+    messages = image_message("What is in this picture?", [png_bytes(48, 40, seed=1)])
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_multi_turn_history_with_images(client):
+    image = png_bytes(40, 40, seed=3)
+    messages = [{"role": "system", "content": "Be brief."}, *image_message("Describe it.", [image]),
+                {"role": "assistant", "content": "A picture."}, *image_message("And this one?", [image])]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 5
+
+
+def test_32_concurrent_streams_complete_without_mixing(served):
+    prompts = [(f"Request number {i}: describe.", [png_bytes(32 + i, 32, seed=200 + i)] if i % 2 else [])
+               for i in range(32)]
+
+    async def one(session, text, images, stream):
+        body = chat_body(MODEL, text, images, max_tokens=10, stream=stream,
+                         **({"stream_options": {"include_usage": True}} if stream else {}))
+        async with session.post(served.base_url + "/chat/completions", json=body) as response:
+            assert response.status == 200
+            if not stream:
+                return await response.json()
+            events = [line[6:] async for line in _lines(response) if line.startswith("data: ")]
+            return events
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            streams = await asyncio.gather(*(one(session, t, imgs, True) for t, imgs in prompts))
+            singles = [await one(session, t, imgs, False) for t, imgs in prompts[:8]]
+            return streams, singles
+
+    import json
+
+    streams, singles = asyncio.run(run())
+    for events, single in zip(streams, singles + [None] * 24):
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert len({c["id"] for c in chunks}) == 1  # one request per stream: nothing interleaved
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        token_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role") is None]
+        assert len(token_chunks) == 10  # one chunk per token: none lost or duplicated
+        assert chunks[-1]["usage"]["completion_tokens"] == 10
+        if single is not None:
+            assert text == single["choices"][0]["message"]["content"]
+    assert served.router_metric("epd_router_in_flight") == 0
+
+
+async def _lines(response):
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line:
+            yield line
+
+
+def test_same_image_twice_hits_the_cache_then_survives_losing_it(served, client):
+    image = png_bytes(64, 48, seed=42)
+    messages = image_message("What is this?", [image])
+
+    def ask() -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        return reply.choices[0].message.content
+
+    first = ask()
+    encoded = served.stage_metric("encode", "epd_encode_items_total")
+    assert ask() == first
+    assert served.stage_metric("encode", "epd_encode_items_total") == encoded  # no encode work on a hit
+
+    # Redis flushed: metadata and registrations are gone until the next heartbeat; the request still succeeds.
+    served.redis.client().flushall()
+    wait_until(lambda: len(served.workers("encode")) == 2 and served.workers("decode"), 15, message="re-registration")
+    assert ask() == first
+
+    # The encode worker holding the embedding is killed: prefill recomputes elsewhere.
+    owner = served.redis.client().hget(_record_key(served, image), "owner").decode()
+    victim = next(w for w in served.workers("encode") if w.address == owner)
+    recomputed = served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute")
+    os.kill(victim.pid, signal.SIGKILL)
+    assert ask() == first
+    assert served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute") > recomputed \
+        or served.stage_metric("encode", "epd_encode_items_total") > 0
+    assert served.pending_cache_keys() == []
+
+
+def _record_key(served, image: bytes) -> str:
+    from epd.workers.cache import image_key
+    from epd.workers.models import load_adapter
+
+    adapter = load_adapter(MODEL)
+    return "epd:mm:" + image_key(adapter.model_id, adapter.processor_fingerprint, image)
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_404():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/missing.png"
+    server.shutdown()
+
+
+def solid_png(width: int, height: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bad_cases(http_404: str) -> list[tuple[str, object, int, str, str]]:
+    ok_image = png_bytes(32, 32, seed=9)
+    big_pixels = solid_png(600, 500)  # 300,000 px > 250,000 limit, few bytes
+    return [
+        ("malformed JSON", b"{not json", 400, "invalid_json", "not valid JSON"),
+        ("unknown model", {**chat_body("no-such-model", "hi", [])}, 404, "model_not_found", "no-such-model"),
+        ("data URL not an image", {**chat_body(MODEL, "hi", []), "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}]}]},
+         400, "invalid_image", "not an image"),
+        ("corrupt image bytes", chat_body(MODEL, "hi", [b"\x89PNG\r\n\x1a\n" + b"\0" * 64]), 400, "invalid_image",
+         "not a valid image"),
+        ("too many images", chat_body(MODEL, "hi", [ok_image] * 5), 400, "too_many_images", "limit of 4"),
+        ("image over the byte limit", chat_body(MODEL, "hi", [b"\0" * 300_000]), 400, "image_too_large", "bytes"),
+        ("image over the pixel limit", chat_body(MODEL, "hi", [big_pixels]), 400, "image_too_large", "pixels"),
+        ("prompt longer than the context", chat_body(MODEL, "hello " * 5000, []), 400, "context_length_exceeded",
+         "context"),
+        ("max_tokens <= 0", chat_body(MODEL, "hi", [], max_tokens=0), 400, "invalid_request", "max_tokens"),
+        ("unreachable image URL", {**chat_body(MODEL, "hi", []), "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": http_404}}]}]}, 400, "image_url_unreachable", "404"),
+    ]
+
+
+def test_bad_input_gets_openai_errors_and_leaves_nothing_behind(served, http_404):
+    async def send(body):
+        async with aiohttp.ClientSession() as session:
+            data = body if isinstance(body, bytes) else None
+            kwargs = {"data": data, "headers": {"Content-Type": "application/json"}} if data else {"json": body}
+            async with session.post(served.base_url + "/chat/completions", **kwargs) as response:
+                return response.status, await response.json()
+
+    for name, body, status, code, fragment in bad_cases(http_404):
+        got_status, payload = asyncio.run(send(body))
+        assert (got_status, payload["error"]["code"]) == (status, code), name
+        assert fragment in payload["error"]["message"], (name, payload)
+        assert payload["error"]["type"] == "invalid_request_error"
+    assert asyncio.run(send(chat_body(MODEL, "still serving?", [])))[0] == 200
+    assert served.router_metric("epd_router_in_flight") == 0
+    for stage in ("encode", "prefill", "decode"):
+        assert served.stage_metric(stage, "epd_stage_in_flight") == 0, stage
+    assert served.pending_cache_keys() == []

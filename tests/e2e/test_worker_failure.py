@@ -1,0 +1,52 @@
+"""A worker killed mid-request: that request ends with a clear error, and the
+others keep being served by the surviving replicas."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from ..conftest import wait_until
+from .harness import chat_body, start_serve
+
+MODEL = "tiny-llava"
+
+
+@pytest.fixture(scope="module")
+def served(redis_server):
+    server = start_serve(MODEL, redis_server, "--decode", "2", "--quiet")
+    yield server
+    server.stop()
+
+
+def test_decode_worker_killed_mid_stream(served):
+    body = chat_body(MODEL, "Tell me a very long story.", [], max_tokens=3000, stream=True)
+    events = []
+    with httpx.stream("POST", served.base_url + "/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[6:])
+            if len(events) == 5:
+                break
+        busy = wait_until(lambda: [w for w in served.workers("decode")
+                                   if served.metric(w.metrics_url, "epd_stage_in_flight", stage="decode") > 0],
+                          30, message="the decode worker serving the stream")
+        os.kill(busy[0].pid, signal.SIGKILL)
+        events.extend(line[6:] for line in lines if line.startswith("data: "))
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "decode_failed" and busy[0].address in error["message"]
+
+    survivor = [w.address for w in served.workers("decode") if w.pid != busy[0].pid]
+    wait_until(lambda: [w.address for w in served.workers("decode")] == survivor, 15,
+               message="the dead decode worker to drop out of discovery")
+    reply = httpx.post(served.base_url + "/chat/completions", json=chat_body(MODEL, "Still there?", []), timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 8
+    assert served.router_metric("epd_router_in_flight") == 0
