@@ -213,3 +213,25 @@ def test_bad_input_gets_openai_errors_and_leaves_nothing_behind(served, http_404
     for stage in ("encode", "prefill", "decode"):
         assert served.stage_metric(stage, "epd_stage_in_flight") == 0, stage
     assert served.pending_cache_keys() == []
+
+
+def test_epd_bench_writes_its_json_summary(served, tmp_path):
+    import json
+    import subprocess
+
+    from epd.workers.launcher.processes import epd_command
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run(epd_command("bench", "--base-url", served.base_url, "--requests", "6", "--rate", "20",
+                                        "--images-per-request", "2", "--image-size", "48x40", "--max-tokens", "4",
+                                        "--slo-ttft", "60", "--slo-tpot", "10", "--no-progress", "--out", str(out)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    assert (summary["requests"], summary["completed"], summary["errors"]) == (6, 6, 0)
+    assert summary["slo_attainment"] == 1.0 and summary["goodput_rps"] > 0
+    assert set(summary["ttft_s"]) == {"p50", "p90", "p99", "mean"}
+    assert summary["workload"]["images_per_request"] == 2
+    bad = subprocess.run(epd_command("bench", "--base-url", served.base_url, "--image-size", "big",
+                                     "--out", str(out)), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "WIDTHxHEIGHT" in bad.stderr

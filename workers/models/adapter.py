@@ -127,13 +127,21 @@ class ModelAdapter(ABC):
         return expanded
 
     # ---- stage parts -------------------------------------------------------
+    @classmethod
     @abstractmethod
-    def vision_factories(self) -> dict[str, ModuleFactory]:
+    def vision_parts(cls, config: Any) -> dict[str, ModuleFactory]:
         """Checkpoint prefix -> module factory of the vision tower + projector."""
 
+    @classmethod
     @abstractmethod
-    def language_factories(self) -> dict[str, ModuleFactory]:
+    def language_parts(cls, config: Any) -> dict[str, ModuleFactory]:
         """Checkpoint prefix -> module factory of the language model (+ lm_head)."""
+
+    def vision_factories(self) -> dict[str, ModuleFactory]:
+        return self.vision_parts(self.config)
+
+    def language_factories(self) -> dict[str, ModuleFactory]:
+        return self.language_parts(self.config)
 
     def tied_parameters(self) -> dict[str, str]:
         if getattr(self.text_config, "tie_word_embeddings", False) or getattr(self.config, "tie_word_embeddings", False):
@@ -167,11 +175,13 @@ class ModelAdapter(ABC):
         model = self.model_class.from_pretrained(self.model_dir, dtype=dtype or self.default_dtype)
         return model.to(device).eval()
 
-    def stage_parameter_bytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
-        """Parameter bytes each stage loads, counted on the meta device."""
-        dtype = dtype or self.default_dtype
-        return {"encode": parameter_bytes(self.vision_factories(), dtype),
-                "language": parameter_bytes(self.language_factories(), dtype)}
+    @classmethod
+    def stage_parameter_bytes(cls, config: Any, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+        """Parameter bytes each stage loads for a config, counted on the meta device (nothing allocated).
+        Prefill and decode both hold the language part."""
+        return {"encode": parameter_bytes(cls.vision_parts(config), dtype),
+                "prefill": parameter_bytes(cls.language_parts(config), dtype),
+                "decode": parameter_bytes(cls.language_parts(config), dtype)}
 
 
 def _template_part(part: TextPart | ImagePart) -> dict[str, str]:

@@ -44,12 +44,14 @@ class LlavaAdapter(ModelAdapter):
     def image_items(self, size: ImageSize) -> list[int]:
         return [self.tokens_per_tile]
 
-    def vision_factories(self) -> dict[str, ModuleFactory]:
-        return {"model.vision_tower": lambda: AutoModel.from_config(self.config.vision_config),
-                "model.multi_modal_projector": lambda: LlavaMultiModalProjector(self.config)}
+    @classmethod
+    def vision_parts(cls, config) -> dict[str, ModuleFactory]:
+        return {"model.vision_tower": lambda: AutoModel.from_config(config.vision_config),
+                "model.multi_modal_projector": lambda: LlavaMultiModalProjector(config)}
 
-    def language_factories(self) -> dict[str, ModuleFactory]:
-        text = self.text_config
+    @classmethod
+    def language_parts(cls, config) -> dict[str, ModuleFactory]:
+        text = config.text_config
         return {"model.language_model": lambda: AutoModel.from_config(text),
                 "lm_head": lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False)}
 
@@ -126,9 +128,9 @@ class LlavaNextAdapter(LlavaAdapter):
         packed, _ = _pack(self.config, empty, size, torch.empty(1, device="meta"))
         return int(packed[0].shape[0])
 
-    def language_factories(self) -> dict[str, ModuleFactory]:
-        return {**super().language_factories(),
-                "model": lambda: _ImageNewline(self.text_config.hidden_size)}
+    @classmethod
+    def language_parts(cls, config) -> dict[str, ModuleFactory]:
+        return {**super().language_parts(config), "model": lambda: _ImageNewline(config.text_config.hidden_size)}
 
     def load_language(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "LlavaNextLanguage":
         return LlavaNextLanguage(self, self._load(self.language_factories(), device, dtype))

@@ -51,12 +51,14 @@ class Qwen2VLAdapter(ModelAdapter):
         t, h, w = self.grid(size)
         return [t * h * w // self.image_processor.merge_size ** 2]
 
-    def vision_factories(self) -> dict[str, ModuleFactory]:
-        return {"model.visual": lambda: self.vision_class._from_config(self.config.vision_config)}
+    @classmethod
+    def vision_parts(cls, config) -> dict[str, ModuleFactory]:
+        return {"model.visual": lambda: cls.vision_class._from_config(config.vision_config)}
 
-    def language_factories(self) -> dict[str, ModuleFactory]:
-        text = self.text_config
-        return {"model.language_model": lambda: self.text_class._from_config(text),
+    @classmethod
+    def language_parts(cls, config) -> dict[str, ModuleFactory]:
+        text = config.text_config
+        return {"model.language_model": lambda: cls.text_class._from_config(text),
                 "lm_head": lambda: nn.Linear(text.hidden_size, text.vocab_size, bias=False)}
 
     def load_vision(self, device: str = "cpu", dtype: torch.dtype | None = None) -> "Qwen2VLVision":

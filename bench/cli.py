@@ -1,0 +1,66 @@
+"""`epd bench`: a load generator for any OpenAI-compatible chat endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+from .report import SLO, table
+from .runner import run_workload
+from .workload import WorkloadSpec, parse_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", default="", help="model name (default: the first of GET /models)")
+    parser.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0 = all at once)")
+    parser.add_argument("--fixed-rate", action="store_true", help="evenly spaced arrivals instead of Poisson")
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds of arrivals (overrides --requests)")
+    parser.add_argument("--concurrency", type=int, default=64, help="cap on requests in flight")
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--image-size", default="336x336", help="WIDTHxHEIGHT")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="words of text per prompt")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeat-images", action="store_true", help="send the same images every time (cache hits)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slo-ttft", type=float, default=None, help="TTFT target in seconds")
+    parser.add_argument("--slo-tpot", type=float, default=None, help="TPOT target in seconds")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", required=True, help="write the JSON summary here")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = args.model or _first_model(args.base_url)
+        spec = WorkloadSpec(model=model, requests=args.requests, duration=args.duration, rate=args.rate,
+                            fixed_rate=args.fixed_rate, images_per_request=args.images_per_request,
+                            image_size=parse_size(args.image_size), prompt_tokens=args.prompt_tokens,
+                            max_tokens=args.max_tokens, repeat_images=args.repeat_images, seed=args.seed)
+        if args.concurrency <= 0:
+            raise ValueError("--concurrency must be > 0")
+        if any(v is not None and v <= 0 for v in (args.slo_ttft, args.slo_tpot)):
+            raise ValueError("SLO targets must be > 0")
+    except (ValueError, OSError) as exc:
+        print(f"epd bench: {exc}", file=sys.stderr)
+        return 2
+    summary = asyncio.run(run_workload(args.base_url.rstrip("/"), spec, SLO(args.slo_ttft, args.slo_tpot),
+                                       args.concurrency, args.timeout, progress=not args.no_progress))
+    print(table(summary))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}")
+    return 0 if summary["completed"] else 1
+
+
+def _first_model(base_url: str) -> str:
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=10) as response:
+            return json.load(response)["data"][0]["id"]
+    except (OSError, KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"cannot list models at {base_url}: {exc}") from exc

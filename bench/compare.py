@@ -1,0 +1,102 @@
+"""Same-run comparisons for the data plane, written as one JSON:
+
+* multimodal cache: TTFT of requests whose 4 images are cached vs new images;
+* EPD (separate encode, prefill, decode processes) vs `--colocated` (one
+  process, no disaggregation) on the same load.
+
+Usage: python -m epd.bench.compare [--model small-llava] --out bench/results/compare.json"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from ..workers.launcher.processes import epd_command, free_port
+from .report import SLO, table
+from .runner import run_workload
+from .workload import WorkloadSpec
+
+
+def serve(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), "--quiet", *extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            if "EPD_SERVE_READY" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(600):
+        process.terminate()
+        raise RuntimeError("epd serve did not start")
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
+def measure(base_url: str, spec: WorkloadSpec, label: str) -> dict:
+    summary = asyncio.run(run_workload(base_url, spec, SLO(), concurrency=16, progress=False))
+    print(f"--- {label}\n{table(summary)}", flush=True)
+    return summary
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small-llava")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--rate", type=float, default=2.0)
+    parser.add_argument("--image-size", default="336x336")
+    parser.add_argument("--out", default="bench/results/compare.json")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.image_size.split("x"))
+    base = WorkloadSpec(model=args.model, requests=args.requests, rate=args.rate, fixed_rate=True,
+                        images_per_request=4, image_size=(width, height), prompt_tokens=32, max_tokens=16)
+    results: dict = {"model": args.model, "workload": {**base.__dict__, "image_size": [width, height]}}
+
+    process, url = serve(args.model)
+    try:
+        measure(url, replace(base, requests=4, seed=99), "warm-up")
+        miss = measure(url, replace(base, seed=1), "EPD, new images (cache misses)")
+        measure(url, replace(base, requests=1, repeat_images=True, seed=2), "prime the cache")
+        hit = measure(url, replace(base, repeat_images=True, seed=2), "EPD, repeated images (cache hits)")
+    finally:
+        process.terminate()
+        process.wait(60)
+    process, url = serve(args.model, "--colocated")
+    try:
+        measure(url, replace(base, requests=4, seed=99), "warm-up")
+        colocated = measure(url, replace(base, seed=1), "colocated, new images")
+    finally:
+        process.terminate()
+        process.wait(60)
+
+    results["cache"] = {"miss": miss, "hit": hit,
+                        "ttft_p50_hit_over_miss": ratio(hit["ttft_s"]["p50"], miss["ttft_s"]["p50"]),
+                        "ttft_p90_hit_over_miss": ratio(hit["ttft_s"]["p90"], miss["ttft_s"]["p90"])}
+    results["epd_vs_colocated"] = {
+        "epd": miss, "colocated": colocated,
+        "ttft_p50_epd_over_colocated": ratio(miss["ttft_s"]["p50"], colocated["ttft_s"]["p50"]),
+        "ttft_p90_epd_over_colocated": ratio(miss["ttft_s"]["p90"], colocated["ttft_s"]["p90"]),
+        "throughput_epd_over_colocated": ratio(miss["throughput_rps"], colocated["throughput_rps"]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results["cache"].items() if "over" in k}
+                     | {k: v for k, v in results["epd_vs_colocated"].items() if "over" in k}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
