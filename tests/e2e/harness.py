@@ -80,8 +80,9 @@ class Served:
         return [k for k in client.keys("epd:mm:*") if client.hget(k, "state") == b"pending"]
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(60)
 
 
 def start_serve(model: str, redis_server: RedisServer, *extra: str) -> Served:

@@ -146,8 +146,20 @@ def _record_key(served, image: bytes) -> str:
     return "epd:mm:" + image_key(adapter.model_id, adapter.processor_fingerprint, image)
 
 
-class _SlowHandler(http.server.BaseHTTPRequestHandler):
+HTTP_IMAGE = png_bytes(40, 36, seed=77)
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    """Serves /image.png; everything else is 404."""
+
     def do_GET(self):  # noqa: N802 (http.server naming)
+        if self.path == "/image.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(HTTP_IMAGE)))
+            self.end_headers()
+            self.wfile.write(HTTP_IMAGE)
+            return
         self.send_response(404)
         self.end_headers()
 
@@ -157,7 +169,7 @@ class _SlowHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def http_404():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/missing.png"
     server.shutdown()
@@ -171,6 +183,19 @@ def solid_png(width: int, height: int) -> bytes:
     buffer = BytesIO()
     Image.new("RGB", (width, height), "white").save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_image_from_an_http_url_equals_the_same_image_inline(client, http_404):
+    url = http_404.replace("/missing.png", "/image.png")
+
+    def ask(image_url: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                 {"type": "text", "text": "What is it?"}]}]
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        return reply.choices[0].message.content
+
+    assert ask(url) == ask(data_url(HTTP_IMAGE))
 
 
 def bad_cases(http_404: str) -> list[tuple[str, object, int, str, str]]:

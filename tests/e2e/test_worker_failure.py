@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ..conftest import wait_until
-from .harness import chat_body, start_serve
+from .harness import chat_body, png_bytes, start_serve
 
 MODEL = "tiny-llava"
 
@@ -50,3 +50,29 @@ def test_decode_worker_killed_mid_stream(served):
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 8
     assert served.router_metric("epd_router_in_flight") == 0
+
+
+def test_requests_succeed_while_redis_is_unreachable(served):
+    image_body = chat_body(MODEL, "What is this?", [png_bytes(40, 40, seed=5)])
+    before = httpx.post(served.base_url + "/chat/completions", json=image_body, timeout=60)
+    assert before.status_code == 200
+    pids = {w.pid for stage in ("encode", "prefill", "decode") for w in served.workers(stage)}
+    served.redis.process.terminate()
+    served.redis.process.wait(10)
+    after = httpx.post(served.base_url + "/chat/completions", json=image_body, timeout=60)
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["message"]["content"] == before.json()["choices"][0]["message"]["content"]
+    health_url = served.base_url.removesuffix("/v1") + "/health"
+    health = wait_until(lambda: (r := httpx.get(health_url, timeout=10)).status_code == 503 and r, 10,
+                        message="/health to report Redis down")
+    assert "Redis" in health.json()["reason"]
+    served.stop()
+    assert not [pid for pid in pids if _running(pid)]  # SIGTERM took every worker down
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
