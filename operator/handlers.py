@@ -1,0 +1,68 @@
+"""Thin kopf handlers: every trigger ends in the one Reconciler."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from .builders import MANAGED_BY
+from .crd import GROUP, KIND, PLURAL, VERSION
+from .reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+CHILD_KINDS = (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"), ("", "v1", "services"),
+               ("", "v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets"))
+OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def connection_info(config) -> kopf.ConnectionInfo:
+    """kopf's credentials, from the kubernetes client the CLI configured (one source of truth)."""
+    keys, prefixes = config.api_key or {}, config.api_key_prefix or {}
+    name = next((k for k in ("BearerToken", "authorization") if keys.get(k)), "")
+    token = keys.get(name, "")
+    scheme = prefixes.get(name, "")
+    if not scheme and " " in token:
+        scheme, token = token.split(" ", 1)
+    return kopf.ConnectionInfo(server=config.host, ca_path=config.ssl_ca_cert, insecure=not config.verify_ssl,
+                               scheme=scheme or None, token=token or None, certificate_path=config.cert_file,
+                               private_key_path=config.key_file)
+
+
+def register(reconciler: Reconciler, registry: kopf.OperatorRegistry, drift_interval: float = 30.0) -> None:
+    """Attach the handlers to `registry`, all driving `reconciler`."""
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return connection_info(reconciler.cluster.api_client.configuration)
+
+    def run(body: dict, reason: str) -> None:
+        result = reconciler.reconcile(body)
+        if result.degraded:
+            kopf.warn(body, reason=result.degraded, message=result.message)
+        elif result.changed:
+            kopf.info(body, reason=reason, message=f"applied {len(result.changed)} objects: "
+                                                   f"{', '.join(result.changed[:6])}"
+                                                   + (" ..." if len(result.changed) > 6 else ""))
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    def on_change(body, reason, **_):
+        run(dict(body), "Reconciled")
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=drift_interval, initial_delay=drift_interval, registry=registry)
+    def on_timer(body, **_):
+        run(dict(body), "DriftCorrected")
+
+    def on_child(event, body, namespace, **_):
+        owners = [ref for ref in body.get("metadata", {}).get("ownerReferences", [])
+                  if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP)]
+        for ref in owners:
+            parent = reconciler.cluster.get_deployment(ref["name"], namespace)
+            if parent is None or parent["metadata"].get("deletionTimestamp"):
+                continue  # the owner is going away; garbage collection handles the children
+            run(parent, "DriftCorrected" if event["type"] == "DELETED" else "ChildChanged")
+
+    for group, version, plural in CHILD_KINDS:
+        kopf.on.event(group, version, plural, labels=OWNED, registry=registry)(on_child)

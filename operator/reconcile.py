@@ -1,0 +1,59 @@
+"""One reconcile for create, update, resume, drift timer and child events:
+build the children from the spec, apply them, and report status."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .builders import Owner, build_children, child_name, endpoint
+from .cluster import Cluster
+from .spec import STAGES, EPDDeploymentSpec
+from .status import WorkloadState, compute_status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileResult:
+    changed: list[str] = field(default_factory=list)  # "Kind/name" of children created or corrected
+    degraded: str = ""
+    message: str = ""
+
+
+@dataclass
+class Reconciler:
+    cluster: Cluster
+    default_image: str
+    applied: dict[str, str] = field(default_factory=dict)  # child uid/key -> resourceVersion we last saw
+
+    def reconcile(self, body: dict) -> ReconcileResult:
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        spec = EPDDeploymentSpec.from_resource(body["spec"], self.default_image)
+        result = ReconcileResult()
+        missing = [name for name in spec.secrets()
+                   if self.cluster.get("v1", "Secret", name, owner.namespace) is None]
+        if missing:
+            result.degraded = "SecretNotFound"
+            result.message = f"Secret {', '.join(missing)} not found in namespace {owner.namespace}"
+        else:
+            for child in build_children(owner, spec):
+                applied = self.cluster.apply(child)
+                key = f"{child['kind']}/{child['metadata']['name']}"
+                version = applied["metadata"]["resourceVersion"]
+                seen = self.applied.get(f"{owner.namespace}/{key}")
+                if seen != version:  # first sight (created or adopted), a spec change, or drift reverted
+                    result.changed.append(key)
+                self.applied[f"{owner.namespace}/{key}"] = version
+        self.cluster.patch_status(owner.name, owner.namespace, self.status(body, owner, spec, result))
+        return result
+
+    def status(self, body: dict, owner: Owner, spec: EPDDeploymentSpec, result: ReconcileResult) -> dict:
+        stages = {stage: WorkloadState.of(self.cluster.get("apps/v1", "StatefulSet", child_name(owner, stage),
+                                                           owner.namespace), spec.stages[stage].replicas)
+                  for stage in STAGES}
+        router = WorkloadState.of(self.cluster.get("apps/v1", "Deployment", child_name(owner, "router"),
+                                                   owner.namespace), spec.router.replicas)
+        return compute_status(body["metadata"].get("generation", 0), stages, router, endpoint(owner, spec),
+                              body.get("status") or {}, result.degraded, result.message)
