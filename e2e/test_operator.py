@@ -238,3 +238,24 @@ def test_restart_changes_nothing_and_delete_removes_everything(k8s_cluster, oper
     assert epd(k8s_cluster, namespace, "tiny")["metadata"]["generation"] == generation
     k8s_cluster.kubectl("delete", "epd", "tiny", "-n", namespace)
     wait_for(lambda: not children(k8s_cluster, namespace, "tiny"), 60, "garbage collection of every child")
+
+
+def test_a_second_replica_waits_for_the_lease_then_takes_over(k8s_cluster, operator):
+    def holder() -> str:
+        return k8s_cluster.get("lease", "epd-operator", "-n", SYSTEM)["spec"]["holderIdentity"]
+
+    leader = holder()
+    standby = Operator(k8s_cluster, operator.kubeconfig)
+    standby.process = subprocess.Popen(
+        [sys.executable, "-P", "-m", "epd.cli", "operator", "--kubeconfig", str(operator.kubeconfig),
+         "--lease-namespace", SYSTEM, "--image", "epd-serve:test"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    threading.Thread(target=lambda: standby.log.extend(standby.process.stdout), daemon=True).start()
+    try:
+        wait_for(lambda: any("EPD_OPERATOR_WAITING" in line for line in standby.log), 30, "the standby to start")
+        assert holder() == leader
+        operator.stop()
+        wait_for(lambda: any("EPD_OPERATOR_LEADING" in line for line in standby.log), 60, "failover")
+        assert holder() != leader
+    finally:
+        standby.stop()
