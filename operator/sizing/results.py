@@ -1,0 +1,73 @@
+"""Summaries of a simulated run: latency distributions, throughput, SLO
+attainment, goodput (the highest rate keeping >= 90% of requests in SLO)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from .perfmodel import PerformanceModel
+from .simulator import ServingConfig, Simulation
+from .workload import SimRequest, rescale
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft: float
+    tpot: float
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.ttft <= 0 or self.tpot <= 0:
+            raise ValueError(f"SLO targets must be > 0 (got TTFT {self.ttft}, TPOT {self.tpot})")
+
+    def met(self, request: SimRequest) -> bool:
+        return request.finish >= 0 and request.ttft <= self.ttft and request.tpot <= self.tpot
+
+
+def _dist(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * (len(ordered) - 1) + 0.5))]
+
+    return {"mean": statistics.fmean(ordered), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
+    done = [r for r in requests if r.finish >= 0]
+    span = max(r.finish for r in done) - min(r.arrival for r in requests) if done else 0.0
+    return {"requests": len(requests), "completed": len(done),
+            "ttft_s": _dist([r.ttft for r in done]), "tpot_s": _dist([r.tpot for r in done if r.output_tokens > 1]),
+            "e2e_s": _dist([r.e2e for r in done]),
+            "throughput_rps": len(done) / span if span else 0.0,
+            "slo_attainment": sum(slo.met(r) for r in requests) / len(requests), "gpu_seconds": gpu_seconds}
+
+
+def simulate(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO) -> dict:
+    sim = Simulation(model, config)
+    done = sim.run(rescale(requests, 1.0))
+    return summarize(done, slo, sim.gpu_seconds)
+
+
+def goodput(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO,
+            iterations: int = 12) -> tuple[float, dict]:
+    """Highest arrival rate (req/s) at which the attainment stays >= slo.attainment, by bisection on
+    a rate multiplier of the workload; returns (rate, summary at that rate)."""
+    span = requests[-1].arrival - requests[0].arrival or 1.0
+    base_rate = len(requests) / span
+    low, high, best = 0.0, None, None
+    factor = 1.0
+    for _ in range(iterations):
+        summary = simulate(model, config, rescale(requests, factor), slo)
+        if summary["slo_attainment"] >= slo.attainment:
+            low, best = factor, summary
+            factor = factor * 2 if high is None else (factor + high) / 2
+        else:
+            high = factor
+            factor = (low + high) / 2 if low else factor / 2
+        if high is not None and low and high / low < 1.05:
+            break
+    return base_rate * low, best or simulate(model, config, rescale(requests, max(low, 1e-3)), slo)
