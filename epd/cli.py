@@ -13,9 +13,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("epd.workers.launcher.worker_cli", "run one stage worker (encode | prefill | decode | colocated)"),
     "router": ("epd.workers.router.cli", "run the OpenAI-compatible HTTP router"),
     "operator": ("epd.operator.cli", "run the Kubernetes operator (kopf)"),
-    "plan": ("epd.operator.planner.cli", "search stage sizes for the most goodput under SLOs"),
+    "plan": ("epd.operator.sizing.plan_cli", "search stage sizes for the most goodput under SLOs"),
     "bench": ("epd.bench.cli", "load-generate against an OpenAI-compatible endpoint"),
-    "profile": ("epd.operator.perfmodel.profile_cli", "time the real stages of a model and write a performance profile"),
+    "profile": ("epd.operator.sizing.profile_cli", "time the real stages of a model and write a performance profile"),
 }
 
 

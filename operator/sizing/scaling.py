@@ -114,7 +114,11 @@ def recommend(window: ObservedWindow, model: PerformanceModel, config: PolicyCon
     for stage in STAGES:
         m = window.stages[stage]
         load = m.load(stage)
-        utilisation = math.ceil(m.replicas * load / config.target_busy - 1e-9) if m.replicas else 0
+        ratio = load / config.target_busy
+        if 1 - config.down_tolerance <= ratio <= 1 + config.up_tolerance:
+            utilisation = m.replicas  # inside the tolerance band: no change from utilisation alone
+        else:
+            utilisation = math.ceil(m.replicas * ratio - 1e-9) if m.replicas else 0
         desired, reason = max(floor[stage], utilisation, 0), f"floor {floor[stage]}, utilisation {load:.0%}"
         backlog = m.queue > (config.decode_batch if stage == "decode" else m.replicas)
         if stage in ("encode", "prefill") and ttft_breach and (backlog or m.busy > config.target_busy):
