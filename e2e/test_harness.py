@@ -4,9 +4,10 @@ garbage collection through owner references, and a clean teardown."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+
+from tests.helpers import wait_until
 
 from .controlplane import ControlPlane, start_control_plane
 
@@ -14,14 +15,8 @@ pytestmark = pytest.mark.controlplane
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    """`wait_until` with the control plane's pace (its objects change in tenths of a second)."""
+    return wait_until(condition, timeout, 0.1, what)
 
 
 def deployment(name: str, replicas: int = 2) -> dict:

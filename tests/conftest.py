@@ -6,32 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from epd.workers.launcher.processes import free_port
 
-T = TypeVar("T")
+from .helpers import wait_until
 
 # Built-in presets are materialised once per test session, outside the user's cache.
 os.environ.setdefault("EPD_MODEL_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "epd-test-models"))
-
-
-def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
-               message: str = "condition") -> T:
-    """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 class RedisServer:

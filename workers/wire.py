@@ -52,4 +52,4 @@ def handoff_from_chunks(request_id: str, header: pb.KVHeader, layers: list[pb.KV
     return KVHandoff(request_id=request_id, prompt_tokens=header.prompt_tokens, first_token=header.first_token,
                      next_position=header.next_position, rope_delta=header.rope_delta,
                      sampling=sampling_from_proto(header.sampling), generator_state=header.generator_state,
-                     layers=[(tensor_from_proto(l.key), tensor_from_proto(l.value)) for l in ordered])
+                     layers=[(tensor_from_proto(layer.key), tensor_from_proto(layer.value)) for layer in ordered])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import signal
 import subprocess
@@ -13,22 +12,12 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import redis
-import torch
-from PIL import Image
 
 from epd.workers.launcher.processes import epd_command, free_port
 from epd.workers.registry import KEY_PREFIX, WorkerInfo
 
-from ..conftest import RedisServer, wait_until
-
-
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
-    return buffer.getvalue()
+from ..conftest import RedisServer
+from ..helpers import png_bytes, wait_until  # noqa: F401  (png_bytes re-exported for the tests)
 
 
 def data_url(data: bytes, media: str = "image/png") -> str:

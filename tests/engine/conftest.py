@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import pytest
 import torch
-from PIL import Image
 
 from epd.workers.models import ModelAdapter, load_adapter
 
-
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    """A deterministic noisy PNG (noise so different images give different embeddings)."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, "PNG")
-    return buffer.getvalue()
+from ..helpers import png_bytes  # noqa: F401  (re-exported for the engine tests)
 
 
 @dataclass

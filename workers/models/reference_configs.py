@@ -3,7 +3,7 @@ memory accounting and GPU benchmarks with random weights."""
 
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2_5_VLConfig
 
 
 def llava_15_7b() -> LlavaConfig:
