@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from epd.workers.launcher.processes import free_port
+from tests.helpers import wait_until
 
 from .pki import Pki, create_pki
 
@@ -32,6 +33,11 @@ KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 class MissingBinaries(RuntimeError):
     pass
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
+    """`wait_until` at the control plane's pace (its objects change in tenths of a second)."""
+    return wait_until(condition, timeout, 0.1, what)
 
 
 def find_binaries() -> Path:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .controlplane import ControlPlane
-from .test_harness import wait_for
+from .controlplane import ControlPlane, wait_for
 
 pytestmark = pytest.mark.controlplane
 ROOT = Path(__file__).resolve().parent.parent

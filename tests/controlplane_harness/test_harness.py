@@ -7,16 +7,9 @@ import os
 
 import pytest
 
-from tests.helpers import wait_until
-
-from .controlplane import ControlPlane, start_control_plane
+from e2e.controlplane import ControlPlane, start_control_plane, wait_for
 
 pytestmark = pytest.mark.controlplane
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    """`wait_until` with the control plane's pace (its objects change in tenths of a second)."""
-    return wait_until(condition, timeout, 0.1, what)
 
 
 def deployment(name: str, replicas: int = 2) -> dict:
