@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from .spec import STAGES
-
 STAGE_CONDITIONS = {"encode": "EncodeReady", "prefill": "PrefillReady", "decode": "DecodeReady"}
 
 
