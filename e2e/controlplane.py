@@ -153,9 +153,9 @@ def start_control_plane(deadline_seconds: float = 120.0) -> ControlPlane:
     logs.mkdir()
 
     def start(name: str, *args: str) -> None:
-        log = open(logs / f"{name}.log", "w")
-        plane.processes[name] = subprocess.Popen([str(bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
-                                                 start_new_session=True)
+        with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            plane.processes[name] = subprocess.Popen([str(bin_dir / name), *args], stdout=log,
+                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     try:
         start("etcd", "--data-dir", str(workdir / "etcd"), "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
