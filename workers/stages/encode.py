@@ -93,7 +93,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
         return future
 
     async def _run_batch(self, tasks: list[EncodeTask]) -> None:
-        results = await self.ctx.compute("encode", self._encode_isolating_bad, [t.item for t in tasks])
+        results = await self.ctx.compute("encode", encode_isolating_bad, self.vision, [t.item for t in tasks])
         metrics.ENCODED_ITEMS.inc(sum(not isinstance(r, Exception) for r in results))
         for task, result in zip(tasks, results):
             self.in_flight.pop(task.key, None)
@@ -119,15 +119,16 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
         if not ok:
             metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
 
-    def _encode_isolating_bad(self, items: list[EncodeInput]) -> list:
-        """Encode the batch; if an item is bad, encode one by one so only it fails."""
-        try:
-            return list(self.vision.encode(items))
-        except (InvalidImageError, ValueError):
-            results: list = []
-            for item in items:
-                try:
-                    results.append(self.vision.encode([item])[0])
-                except (InvalidImageError, ValueError) as exc:
-                    results.append(exc)
-            return results
+
+def encode_isolating_bad(vision: VisionPartBase, items: list[EncodeInput]) -> list:
+    """Encode a batch; if an item is bad, encode one by one so only it fails (its slot holds the error)."""
+    try:
+        return list(vision.encode(items))
+    except (InvalidImageError, ValueError):
+        results: list = []
+        for item in items:
+            try:
+                results.append(vision.encode([item])[0])
+            except (InvalidImageError, ValueError) as exc:
+                results.append(exc)
+        return results

@@ -1,0 +1,34 @@
+"""The encode stage batches items from many requests; a bad image fails alone."""
+
+from __future__ import annotations
+
+import torch
+
+from epd.workers.messages import ImageSize
+from epd.workers.models import EncodeInput, InvalidImageError
+from epd.workers.stages.encode import encode_isolating_bad
+
+from ..helpers import png_bytes
+
+
+def items_of(stages, width: int, height: int, seed: int) -> list[EncodeInput]:
+    data = png_bytes(width, height, seed)
+    return [EncodeInput(data, tile) for tile in range(len(stages.adapter.image_items(ImageSize(width, height))))]
+
+
+def test_a_batch_equals_its_items_encoded_alone(stages):
+    items = items_of(stages, 40, 30, 1) + items_of(stages, 64, 48, 2) + items_of(stages, 50, 50, 3)
+    batched = stages.vision.encode(items)
+    for item, together in zip(items, batched):
+        alone = stages.vision.encode([item])[0]
+        assert together.shape == alone.shape
+        assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_a_bad_image_fails_alone_in_its_batch(stages):
+    good = items_of(stages, 40, 30, 1)[:1]
+    bad = [EncodeInput(b"\x89PNG\r\n\x1a\nnot really a png")]
+    results = encode_isolating_bad(stages.vision, good + bad + good)
+    assert isinstance(results[1], InvalidImageError) and "cannot decode image" in str(results[1])
+    assert torch.equal(results[0], results[2]) and results[0].shape[0] == stages.adapter.image_items(
+        ImageSize(40, 30))[0]
