@@ -123,15 +123,24 @@ class StagePipeline:
         return to_encode, images
 
     async def _encode(self, address: str, request: PreparedRequest, items: list[pb.EncodeItem], plan: RoutePlan) -> None:
-        stub = pb_grpc.EncodeServiceStub(self.channels.get(address))
-        try:
-            await stub.Encode(pb.EncodeRequest(request_id=request.request_id, items=items,
-                                               prefill_address=plan.prefill.address), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise _as_api_error(exc, "encode", address) from exc
-            # a dead or failing encode worker: prefill recomputes the items elsewhere
-            log.warning("encode on %s failed (%s); prefill will recompute", address, exc.code().name)
+        """Encode on `address`; if that worker is gone, once more on another live one (prefill is
+        waiting for these pushes, and would otherwise only recompute after its timeout)."""
+        for attempt in range(2):
+            stub = pb_grpc.EncodeServiceStub(self.channels.get(address))
+            try:
+                await stub.Encode(pb.EncodeRequest(request_id=request.request_id, items=items,
+                                                   prefill_address=plan.prefill.address), timeout=self.timeout)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise _as_api_error(exc, "encode", address) from exc
+                log.warning("encode on %s failed (%s)", address, exc.code().name)
+                self.planner.suspect(address)
+                others = [w.address for w in self.directory.live("encode")
+                          if w.address != address and w.address not in self.planner.suspects]
+                if attempt or not others:
+                    return  # prefill falls back to fetching or recomputing the items itself
+                address = others[0]
 
     async def _prefill(self, request: PreparedRequest, images: list[pb.ImageRef], plan: RoutePlan) -> pb.PrefillResponse:
         stub = pb_grpc.PrefillServiceStub(self.channels.get(plan.prefill.address))

@@ -87,6 +87,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                                 for ref in request.images))
             except LookupError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             job = PrefillJob(request_id=request.request_id, input_ids=list(request.input_ids),
                              image_embeddings=list(images),
                              image_sizes=[ImageSize(ref.width, ref.height) for ref in request.images],
@@ -150,24 +152,32 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         return await self.ctx.embeddings.fetch(record.owner, key)
 
     async def _recompute(self, ref: pb.ImageRef, item: pb.EncodeItem, request_id: str) -> torch.Tensor:
-        """Encode the item again on a live encode worker, which pushes it back here."""
+        """Encode the item again on a live encode worker (the least loaded first; a dead one that
+        discovery still lists is skipped), which pushes it back here."""
         workers = self.ctx.directory.live("encode")
         if not workers:
             await self.ctx.directory.refresh()
             workers = self.ctx.directory.live("encode")
-        if not workers:
-            raise LookupError(f"embedding {item.item_key} is unavailable and no encode worker is live")
-        worker = min(workers, key=lambda w: (w.load.queue + w.load.in_flight, random.random()))
         retry = pb.EncodeItem(item_key=item.item_key, image=ref.image, tile_index=item.tile_index,
                               n_tokens=item.n_tokens)
-        self.arrived.pop(item.item_key, None)
-        stub = pb_grpc.EncodeServiceStub(self.ctx.channels.get(worker.address))
-        await stub.Encode(pb.EncodeRequest(request_id=request_id, items=[retry], prefill_address=self.ctx.address),
-                          timeout=self.embedding_wait)
-        tensor = self.buffer.get(item.item_key)
-        if tensor is None:
-            raise LookupError(f"embedding {item.item_key} was recomputed but evicted before use")
-        return tensor
+        failures = []
+        for worker in sorted(workers, key=lambda w: (w.load.queue + w.load.in_flight, random.random())):
+            self.arrived.pop(item.item_key, None)
+            stub = pb_grpc.EncodeServiceStub(self.ctx.channels.get(worker.address))
+            try:
+                await stub.Encode(pb.EncodeRequest(request_id=request_id, items=[retry],
+                                                   prefill_address=self.ctx.address), timeout=self.embedding_wait)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(exc.details()) from exc
+                failures.append(f"{worker.address}: {exc.code().name}")
+                continue
+            tensor = self.buffer.get(item.item_key)
+            if tensor is not None:
+                return tensor
+            failures.append(f"{worker.address}: evicted before use")
+        raise LookupError(f"embedding {item.item_key} is unavailable and could not be recomputed"
+                          + (f" ({'; '.join(failures)})" if failures else ": no encode worker is live"))
 
     # ---- batched compute ---------------------------------------------------------
     async def _run_batch(self, tasks: list[PrefillTask]) -> None:
