@@ -20,7 +20,7 @@ TEXTS = ["What is shown?", "How many objects are there?", "Describe the image in
          "Red, green, blue.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl", "tiny-llava-next"])
 def served(request, redis_server):
     server = start_serve(request.param, redis_server, "--encode", "2", "--quiet")
     yield server
@@ -69,3 +69,5 @@ def test_eight_concurrent_mixed_requests_match_generate(served):
         assert result["usage"]["completion_tokens"] == MAX_TOKENS
         assert result["choices"][0]["finish_reason"] == "length"
     assert sorted({len(images) for _, images in cases}) == [0, 1, 4]
+    # intra-request parallelism: the items (images, anyres tiles) were spread over both encode workers
+    assert all(served.metric(w.metrics_url, "epd_encode_items_total") > 0 for w in served.workers("encode"))
