@@ -51,10 +51,10 @@ class Operator:
             self.process.terminate()
             try:
                 self.process.wait(30)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError("the operator ignored SIGTERM:\n" + "".join(self.log[-20:]))
+                raise AssertionError("the operator ignored SIGTERM:\n" + "".join(self.log[-20:])) from exc
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ class Simulation:
 
     def _encoded(self, batch: list) -> None:
         arch = self.model.architecture
-        for request, index in batch:
+        for request, _ in batch:
             request.pending_items -= 1
             if request.pending_items == 0:
                 tokens = sum(arch.image_tokens(i.width, i.height) for i in request.images)

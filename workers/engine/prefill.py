@@ -13,21 +13,6 @@ from ..models import LanguagePartBase, ModelAdapter
 from .sampling import generator_state, new_generator, sample
 
 
-def plan_prefill_batches(token_counts: Sequence[int], budget: int) -> list[list[int]]:
-    """Group request indices, in order, into batches of at most `budget` prompt tokens
-    (a single prompt larger than the budget runs alone)."""
-    batches: list[list[int]] = []
-    used = 0
-    for index, tokens in enumerate(token_counts):
-        if batches and used + tokens <= budget:
-            batches[-1].append(index)
-            used += tokens
-        else:
-            batches.append([index])
-            used = tokens
-    return batches
-
-
 class PrefillEngine:
     """Synchronous prefill over a language part; the server calls it from one thread."""
 
