@@ -138,6 +138,10 @@ def test_minimal_example_creates_every_child(k8s_cluster, operator, namespace):
     assert obj["status"]["endpoint"] == f"http://tiny.{namespace}.svc:8000/v1"
     table = k8s_cluster.kubectl("get", "epd", "-n", namespace).stdout.split("\n")[0].split()
     assert table == ["NAME", "READY", "ENCODE", "PREFILL", "DECODE", "TTFT-P90", "AGE"]
+    events = wait_for(lambda: [e for e in k8s_cluster.get("events", "-n", namespace)["items"]
+                               if e["involvedObject"]["kind"] == "EPDDeployment" and e["reason"] == "Reconciled"],
+                      30, "a Reconciled event")
+    assert "StatefulSet/tiny-encode" in events[0]["message"]
 
 
 def full_example(gpu_pools: dict[str, str]) -> dict:
