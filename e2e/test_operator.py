@@ -141,7 +141,8 @@ def test_minimal_example_creates_every_child(k8s_cluster, operator, namespace):
     events = wait_for(lambda: [e for e in k8s_cluster.get("events", "-n", namespace)["items"]
                                if e["involvedObject"]["kind"] == "EPDDeployment" and e["reason"] == "Reconciled"],
                       30, "a Reconciled event")
-    assert "StatefulSet/tiny-encode" in events[0]["message"]
+    # The create reconcile applies every child in one pass, so its one event names them.
+    assert len(events) == 1 and events[0]["message"].startswith("applied 14 objects: ConfigMap/tiny-config"), events
 
 
 def full_example(gpu_pools: dict[str, str]) -> dict:

@@ -4,6 +4,8 @@ build the children from the spec, apply them, and report status."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .builders import Owner, build_children, child_name, endpoint
@@ -25,9 +27,16 @@ class ReconcileResult:
 class Reconciler:
     cluster: Cluster
     default_image: str
-    applied: dict[str, str] = field(default_factory=dict)  # child uid/key -> resourceVersion we last saw
+    # kopf runs sync handlers in a thread pool, and child events of one owner arrive together:
+    # reconciles of the same EPDDeployment take turns so each reports exactly what it changed.
+    locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
 
     def reconcile(self, body: dict) -> ReconcileResult:
+        meta = body["metadata"]
+        with self.locks[meta["uid"]]:
+            return self._reconcile(body)
+
+    def _reconcile(self, body: dict) -> ReconcileResult:
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         spec = EPDDeploymentSpec.from_resource(body["spec"], self.default_image)
@@ -39,13 +48,13 @@ class Reconciler:
             result.message = f"Secret {', '.join(missing)} not found in namespace {owner.namespace}"
         else:
             for child in build_children(owner, spec):
+                name = child["metadata"]["name"]
+                before = self.cluster.get(child["apiVersion"], child["kind"], name, owner.namespace)
                 applied = self.cluster.apply(child)
-                key = f"{child['kind']}/{child['metadata']['name']}"
-                version = applied["metadata"]["resourceVersion"]
-                seen = self.applied.get(f"{owner.namespace}/{key}")
-                if seen != version:  # first sight (created or adopted), a spec change, or drift reverted
-                    result.changed.append(key)
-                self.applied[f"{owner.namespace}/{key}"] = version
+                # An apply that changes nothing keeps the resourceVersion, so a new one means we
+                # created the child, rolled out a spec change, or reverted drift.
+                if before is None or before["metadata"]["resourceVersion"] != applied["metadata"]["resourceVersion"]:
+                    result.changed.append(f"{child['kind']}/{name}")
         self.cluster.patch_status(owner.name, owner.namespace, self.status(body, owner, spec, result))
         return result
 

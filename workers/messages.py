@@ -73,6 +73,7 @@ class PrefillJob:
     image_embeddings: list["torch.Tensor"]  # one [n_tokens, hidden] per image, prompt order
     image_sizes: list[ImageSize]
     sampling: SamplingParams
+    image_keys: list[str] = field(default_factory=list)  # content keys, prompt order (name prefix-cache blocks)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class KVHandoff:
     sampling: SamplingParams
     generator_state: bytes  # torch.Generator state after sampling the first token
     layers: list[tuple["torch.Tensor", "torch.Tensor"]] = field(default_factory=list)  # (key, value) [heads, seq, dim]
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (reported, not sent to decode)
 
 
 @dataclass(frozen=True)

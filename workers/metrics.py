@@ -19,6 +19,9 @@ ENCODED_ITEMS = Counter("epd_encode_items_total", "Images or tiles run through t
 CACHE_EVENTS = Counter("epd_mm_cache_events_total",
                        "Multimodal cache outcomes: hit (own memory), fetched (from the owner), "
                        "miss, recompute (fallback encode), evicted, redis_error", ["stage", "event"])
+PREFIX_CACHE_TOKENS = Counter("epd_prefix_cache_tokens_total",
+                              "Prompt tokens at prefill: hit (KV reused from the prefix cache) or computed",
+                              ["result"])
 TRANSFER_BYTES = Counter("epd_transfer_bytes_total", "Bytes sent between stages", ["kind"])
 TRANSFER_LATENCY = Histogram("epd_transfer_latency_seconds", "Time to send one embedding or KV cache", ["kind"],
                              buckets=LATENCY_BUCKETS)

@@ -79,7 +79,10 @@ class WorkerRegistration:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)  # periodic heartbeat, not synchronisation
-            await self.beat()
+            try:
+                await self.beat()
+            except Exception:  # a heartbeat loop that dies silently would drop the worker from routing
+                log.exception("heartbeat failed")
 
     async def stop(self) -> None:
         if self._task:

@@ -113,18 +113,26 @@ def test_same_image_twice_hits_the_cache_then_survives_losing_it(served, client)
     messages = image_message("What is this?", [image])
 
     def ask() -> str:
-        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
-                                               extra_body={"ignore_eos": True})
-        return reply.choices[0].message.content
+        return reply().choices[0].message.content
 
-    first = ask()
+    def reply():
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
+
+    miss = reply()
+    first = miss.choices[0].message.content
     encoded = served.stage_metric("encode", "epd_encode_items_total")
-    assert ask() == first
+    hit = reply()
+    assert hit.choices[0].message.content == first
+    # The prefill prefix cache also skips every full 16-token block of the repeated prompt (the
+    # first time, at most the chat template before the new image was cached).
+    assert hit.usage.prompt_tokens_details.cached_tokens == (hit.usage.prompt_tokens - 1) // 16 * 16
+    assert miss.usage.prompt_tokens_details.cached_tokens < hit.usage.prompt_tokens_details.cached_tokens
     assert served.stage_metric("encode", "epd_encode_items_total") == encoded  # no encode work on a hit
 
     # Redis flushed: metadata and registrations are gone until the next heartbeat; the request still succeeds.
     served.redis.client().flushall()
-    wait_until(lambda: len(served.workers("encode")) == 2 and served.workers("decode"), 15, message="re-registration")
+    wait_until(lambda: registered(served, encode=2, prefill=1, decode=1), 15, message="re-registration")
     assert ask() == first
 
     # The encode worker holding the embedding is killed: the request still succeeds (the prefill
@@ -156,6 +164,7 @@ def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
     ids = adapter.build_prompt([ChatMessage("user", (ImagePart(0), TextPart("Hi")))], [ImageSize(44, 36)])
     ref = pb.ImageRef(image_key=key, image=image, width=44, height=36,
                       items=[pb.EncodeItem(item_key=key, tile_index=-1, n_tokens=16, dispatched=False)])
+    wait_until(lambda: registered(served, prefill=1, decode=1), 15, message="prefill and decode registered")
     prefill, decode = served.workers("prefill")[0], served.workers("decode")[0]
     recomputed = served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute")
     with grpc.insecure_channel(prefill.address) as channel:
@@ -169,6 +178,11 @@ def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
     assert chunks[-1].finish_reason == "length" and chunks[0].token_ids[0] == reply.first_token
     assert served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute") == recomputed + 1
     assert served.redis.client().hget("epd:mm:" + key, "owner").decode() != "127.0.0.1:1"  # re-announced
+
+
+def registered(served, **counts: int) -> bool:
+    """Each named stage has this many registry records (they come back within a heartbeat of a flush)."""
+    return all(len(served.workers(stage)) == n for stage, n in counts.items())
 
 
 def _record_key(served, image: bytes) -> str:

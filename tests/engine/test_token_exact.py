@@ -33,9 +33,11 @@ def through_the_wire(handoff: KVHandoff) -> KVHandoff:
     return handoff
 
 
-def run_epd(stages: Stages, jobs: list[PrefillJob], join_every: int = 0) -> dict[str, list[int]]:
+def run_epd(stages: Stages, jobs: list[PrefillJob], join_every: int = 0,
+            prefill: PrefillEngine | None = None) -> dict[str, list[int]]:
     """Prefill all jobs in one batch, then decode; with join_every > 0 sequences join mid-way."""
-    handoffs = [through_the_wire(h) for h in PrefillEngine(stages.language, stages.adapter).run(jobs)]
+    prefill = prefill or PrefillEngine(stages.language, stages.adapter)
+    handoffs = [through_the_wire(h) for h in prefill.run(jobs)]
     decode = DecodeEngine(stages.language, stages.adapter, max_batch=16)
     tokens: dict[str, list[int]] = {job.request_id: [] for job in jobs}
     waiting = list(handoffs)

@@ -2,5 +2,6 @@
 
 from .decode import DecodeEngine
 from .prefill import PrefillEngine
+from .prefix_cache import PrefixKVCache
 
-__all__ = ["DecodeEngine", "PrefillEngine"]
+__all__ = ["DecodeEngine", "PrefillEngine", "PrefixKVCache"]

@@ -14,6 +14,7 @@ from ..messages import FinishReason, KVHandoff, SamplingParams, TokenEvent
 from ..models import LanguagePartBase, ModelAdapter
 from .detokenizer import IncrementalDetokenizer
 from .sampling import restore_generator, sample
+from .tensors import left_pad
 
 
 @dataclass
@@ -159,17 +160,10 @@ class DecodeEngine:
         width = max(seq.kv_len for seq in self.batch)
         self.cache = DynamicCache(config=self.adapter.text_config)
         for layer in range(len(kv[0])):
-            keys = [_left_pad(k, width) for k, _ in (row[layer] for row in kv)]
-            values = [_left_pad(v, width) for _, v in (row[layer] for row in kv)]
+            keys = [left_pad(k, width) for k, _ in (row[layer] for row in kv)]
+            values = [left_pad(v, width) for _, v in (row[layer] for row in kv)]
             self.cache.update(torch.stack(keys), torch.stack(values), layer)
         self.mask = torch.zeros((len(self.batch), width), dtype=torch.long, device=self.language.device)
         for row, seq in enumerate(self.batch):
             self.mask[row, width - seq.kv_len:] = 1
 
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """[heads, seq, dim] -> [heads, width, dim], zeros on the left."""
-    missing = width - tensor.shape[1]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor.new_zeros((tensor.shape[0], missing, tensor.shape[2])), tensor], dim=1)

@@ -1,5 +1,6 @@
 """Prefill: merge text and image embeddings, run one batched forward over
-several prompts, sample each first token, and cut out each request's KV cache."""
+several prompts (each starting after the prefix it finds in the prefix KV cache),
+sample each first token, and cut out each request's KV cache."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ from transformers import DynamicCache
 
 from ..messages import KVHandoff, PrefillJob
 from ..models import LanguagePartBase, ModelAdapter
+from .prefix_cache import PrefixKVCache, block_hashes
 from .sampling import generator_state, new_generator, sample
+from .tensors import left_pad
 
 
 class PrefillEngine:
     """Synchronous prefill over a language part; the server calls it from one thread."""
 
-    def __init__(self, language: LanguagePartBase, adapter: ModelAdapter) -> None:
+    def __init__(self, language: LanguagePartBase, adapter: ModelAdapter,
+                 prefix_cache: PrefixKVCache | None = None) -> None:
         self.language = language
         self.adapter = adapter
+        self.prefix_cache = prefix_cache
 
     def prompt_embeddings(self, job: PrefillJob) -> torch.Tensor:
         """[L, hidden] input embeddings with the image rows scattered at the placeholders."""
@@ -34,30 +39,55 @@ class PrefillEngine:
         embeds[slots] = rows
         return embeds
 
+    def _block_hashes(self, job: PrefillJob) -> list[str]:
+        if self.prefix_cache is None:
+            return []
+        return block_hashes(job.input_ids, self.adapter.image_token_id, job.image_keys,
+                            [e.shape[0] for e in job.image_embeddings], self.prefix_cache.block_size)
+
     @torch.no_grad()
     def run(self, jobs: Sequence[PrefillJob]) -> list[KVHandoff]:
-        """One forward over all jobs (left-padded); a KVHandoff per job, in order."""
+        """One forward over all jobs; a KVHandoff per job, in order.
+
+        Row layout: [pad | cached prefix KV | pad | prompt suffix], both parts left-padded to the
+        widest in the batch, so jobs with and without a prefix hit share the forward."""
+        hashes = [self._block_hashes(job) for job in jobs]
+        hits = [self.prefix_cache.lookup(h, len(job.input_ids)) if self.prefix_cache else None
+                for job, h in zip(jobs, hashes)]
+        cached = [hit.tokens if hit else 0 for hit in hits]
         lengths = [len(job.input_ids) for job in jobs]
-        width = max(lengths)
-        embeds = [self.prompt_embeddings(job) for job in jobs]
+        suffixes = [length - c for length, c in zip(lengths, cached)]
+        past, width = max(cached), max(suffixes)
+        embeds = [self.prompt_embeddings(job)[c:] for job, c in zip(jobs, cached)]
         positions, deltas = zip(*(self.language.prompt_positions(job.input_ids, job.image_sizes) for job in jobs))
         hidden = embeds[0].shape[-1]
         batch = embeds[0].new_zeros((len(jobs), width, hidden))
-        mask = torch.zeros((len(jobs), width), dtype=torch.long, device=batch.device)
+        mask = torch.zeros((len(jobs), past + width), dtype=torch.long, device=batch.device)
         pos = torch.zeros((*positions[0].shape[:-1], len(jobs), width), dtype=torch.long)
-        for row, (emb, p, length) in enumerate(zip(embeds, positions, lengths)):
-            batch[row, width - length:] = emb
-            mask[row, width - length:] = 1
-            pos[..., row, width - length:] = p
+        for row, (emb, p, c, n) in enumerate(zip(embeds, positions, cached, suffixes)):
+            batch[row, width - n:] = emb
+            mask[row, past - c:past] = 1
+            mask[row, past + width - n:] = 1
+            pos[..., row, width - n:] = p[..., c:]
         cache = DynamicCache(config=self.adapter.text_config)
+        if past:
+            reference = next(hit for hit in hits if hit).layers
+            for layer, (ref_keys, ref_values) in enumerate(reference):
+                keys = [left_pad(hit.layers[layer][0] if hit else ref_keys[:, :0], past) for hit in hits]
+                values = [left_pad(hit.layers[layer][1] if hit else ref_values[:, :0], past) for hit in hits]
+                cache.update(torch.stack(keys), torch.stack(values), layer)
         logits = self.language.forward(batch, mask, pos.to(batch.device), cache)
         handoffs = []
-        for row, (job, length, delta) in enumerate(zip(jobs, lengths, deltas)):
+        for row, (job, length, delta, c, n) in enumerate(zip(jobs, lengths, deltas, cached, suffixes)):
             generator = new_generator(job.sampling.seed)
             first = sample(logits[row], job.sampling, generator)
-            layers = [(layer.keys[row, :, width - length:].clone(), layer.values[row, :, width - length:].clone())
-                      for layer in cache.layers]
+            layers = [tuple(torch.cat((t[row, :, past - c:past], t[row, :, past + width - n:]), dim=1)
+                            for t in (layer.keys, layer.values)) for layer in cache.layers]
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(hashes[row], layers)
             handoffs.append(KVHandoff(request_id=job.request_id, prompt_tokens=length, first_token=first,
                                       next_position=length, rope_delta=delta, sampling=job.sampling,
-                                      generator_state=generator_state(generator), layers=layers))
+                                      generator_state=generator_state(generator), layers=layers,
+                                      cached_tokens=c))
         return handoffs
+

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     defaults = {f.name: f.default for f in fields(WorkerConfig)}
     for name in ("encode_max_batch", "encode_max_wait", "prefill_token_budget", "prefill_max_wait",
-                 "decode_max_batch", "decode_max_kv_tokens", "cache_bytes", "cache_ttl"):
+                 "decode_max_batch", "decode_max_kv_tokens", "cache_bytes", "cache_ttl", "prefix_cache_bytes",
+                 "prefix_block_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
 
 

@@ -174,7 +174,7 @@ class Router:
             "model": self.config.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                          "finish_reason": last.finish_reason or "length", "logprobs": None}],
-            "usage": _usage(len(prepared.input_ids), count)})
+            "usage": _usage(prepared, count)})
 
     async def _stream(self, request: web.Request, prepared: PreparedRequest, first, stream,
                       start: float) -> web.StreamResponse:
@@ -213,11 +213,13 @@ class Router:
         metrics.E2E.observe(time.perf_counter() - start)
         metrics.COMPLETION_TOKENS.inc(count)
         if prepared.chat.include_usage:
-            await response.write(event({}, usage=_usage(len(prepared.input_ids), count)))
+            await response.write(event({}, usage=_usage(prepared, count)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prepared: PreparedRequest, completion: int) -> dict:
+    prompt = len(prepared.input_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": prepared.cached_tokens}}

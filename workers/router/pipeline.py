@@ -38,6 +38,7 @@ class PreparedRequest:
     images: list[pb.ImageRef]
     chat: ChatRequest
     max_tokens: int
+    cached_tokens: int = 0  # prompt tokens prefill took from its prefix KV cache (usage reports them)
 
 
 def prepare(adapter: ModelAdapter, chat: ChatRequest, images: list[FetchedImage], default_max_tokens: int) -> PreparedRequest:
@@ -148,13 +149,15 @@ class StagePipeline:
                                     sampling=sampling_to_proto(request.chat.sampling(request.max_tokens)),
                                     decode_address=plan.decode.address)
         try:
-            return await stub.Prefill(message, timeout=self.timeout)
+            reply = await stub.Prefill(message, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 # prefill itself, or the decode worker it streams the KV cache to, is unreachable
                 self.planner.suspect(plan.decode.address if plan.decode.address in (exc.details() or "")
                                      else plan.prefill.address)
             raise _as_api_error(exc, "prefill", plan.prefill.address) from exc
+        request.cached_tokens = reply.cached_tokens
+        return reply
 
     @staticmethod
     async def _first_failure(prefill: asyncio.Task, encodes: list[asyncio.Task]) -> None:

@@ -92,7 +92,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             job = PrefillJob(request_id=request.request_id, input_ids=list(request.input_ids),
                              image_embeddings=list(images),
                              image_sizes=[ImageSize(ref.width, ref.height) for ref in request.images],
-                             sampling=sampling_from_proto(request.sampling))
+                             sampling=sampling_from_proto(request.sampling),
+                             image_keys=[ref.image_key for ref in request.images])
             future = asyncio.get_running_loop().create_future()
             self.batcher.submit(PrefillTask(job, future))
             try:
@@ -101,6 +102,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.outstanding_tokens -= tokens
             tokens = 0
+            metrics.PREFIX_CACHE_TOKENS.labels("hit").inc(handoff.cached_tokens)
+            metrics.PREFIX_CACHE_TOKENS.labels("computed").inc(handoff.prompt_tokens - handoff.cached_tokens)
             try:
                 await self.ctx.kv.send(request.decode_address, handoff)
             except grpc.aio.AioRpcError as exc:
@@ -109,7 +112,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             metrics.STAGE_LATENCY.labels("prefill").observe(time.perf_counter() - start)
             return pb.PrefillResponse(first_token=handoff.first_token, prompt_tokens=handoff.prompt_tokens,
                                       items_from_buffer=sources.buffer, items_fetched=sources.fetched,
-                                      items_recomputed=sources.recomputed)
+                                      items_recomputed=sources.recomputed, cached_tokens=handoff.cached_tokens)
         finally:
             self.outstanding_tokens -= tokens
             self.active_requests -= 1

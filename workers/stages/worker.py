@@ -21,7 +21,7 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from ..cache import MetadataStore
-from ..engine import DecodeEngine, PrefillEngine
+from ..engine import DecodeEngine, PrefillEngine, PrefixKVCache
 from ..models import load_adapter
 from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
 from ..transport.grpc_transport import CHANNEL_OPTIONS
@@ -54,13 +54,18 @@ class WorkerConfig:
     decode_max_kv_tokens: int = 1 << 20
     cache_bytes: int = 1 << 30
     cache_ttl: int = 3600
+    prefix_cache_bytes: int = 1 << 30  # prefill's prefix KV cache (0 turns it off)
+    prefix_block_size: int = 16
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens"):
+        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens",
+                     "prefix_block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError("prefix_cache_bytes must be >= 0")
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -122,7 +127,9 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
     if {"prefill", "decode"} & set(config.stages):
         language = adapter.load_language(config.device)
         if "prefill" in config.stages:
-            servicers.append(PrefillServicer(ctx, PrefillEngine(language, adapter), config.cache_bytes,
+            prefix = (PrefixKVCache(config.prefix_cache_bytes, config.prefix_block_size)
+                      if config.prefix_cache_bytes else None)
+            servicers.append(PrefillServicer(ctx, PrefillEngine(language, adapter, prefix), config.cache_bytes,
                                              config.prefill_token_budget, config.prefill_max_wait))
         if "decode" in config.stages:
             engine = DecodeEngine(language, adapter, config.decode_max_batch, config.decode_max_kv_tokens)
