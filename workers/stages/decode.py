@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -22,12 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
-    def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0) -> None:
+    def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
         self.engine = engine
         self.handoff_wait = handoff_wait
-        self.arrived: dict[str, KVHandoff] = {}  # KV received, Generate not yet called
-        self.arrival_events: dict[str, asyncio.Event] = {}
+        self.clock = clock
+        self.arrived: dict[str, tuple[KVHandoff, float]] = {}  # KV received, not yet taken by Generate
+        self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their KV
         self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
         self.joining: list[KVHandoff] = []
         self.cancelled: set[str] = set()
@@ -55,21 +58,31 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             handoff = handoff_from_chunks(request_id, header, layers)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.arrived[request_id] = handoff
-        self.arrival_events.setdefault(request_id, asyncio.Event()).set()
+        self._drop_orphans()
+        self.arrived[request_id] = (handoff, self.clock())
+        if request_id in self.arrival_events:
+            self.arrival_events[request_id].set()
         return pb.TransferAck(layers=len(layers))
+
+    def _drop_orphans(self) -> None:
+        """KV nobody will take: its Generate gave up (timed out, or the client left) before it came."""
+        deadline = self.clock() - self.handoff_wait
+        for request_id in [r for r, (_, at) in self.arrived.items() if at < deadline and r not in self.arrival_events]:
+            log.warning("dropping the KV cache of request %s: no Generate took it", request_id)
+            del self.arrived[request_id]
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id
-        event = self.arrival_events.setdefault(request_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), self.handoff_wait)
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no KV cache arrived for request {request_id} within {self.handoff_wait}s")
-        finally:
-            self.arrival_events.pop(request_id, None)
-        handoff = self.arrived.pop(request_id)
+        if request_id not in self.arrived:
+            event = self.arrival_events.setdefault(request_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), self.handoff_wait)
+            except asyncio.TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no KV cache arrived for request {request_id} within {self.handoff_wait}s")
+            finally:
+                self.arrival_events.pop(request_id, None)
+        handoff, _ = self.arrived.pop(request_id)
         queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
         self.streams[request_id] = queue
         metrics.IN_FLIGHT.labels("decode").inc()
