@@ -8,7 +8,7 @@ import hashlib
 import torch
 
 from epd.workers.engine import PrefillEngine, PrefixKVCache
-from epd.workers.engine.prefix_cache import block_hashes
+from epd.workers.cache import block_hashes
 
 from .conftest import Stages, png_bytes
 from .reference import reference_generate

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..cache import block_hashes
 from ..messages import KVHandoff, PrefillJob
 from ..models import LanguagePartBase, ModelAdapter
-from .prefix_cache import PrefixKVCache, block_hashes
+from .prefix_cache import PrefixKVCache
 from .sampling import generator_state, new_generator, sample
 from .tensors import left_pad
 

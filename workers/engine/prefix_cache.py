@@ -10,7 +10,6 @@ everything it has seen before, which an embedding cache alone cannot do
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,32 +18,6 @@ import torch
 from ..cache import ByteLRU
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([heads, seq, dim] keys, values)
-
-
-def block_hashes(input_ids: Sequence[int], image_token_id: int, image_keys: Sequence[str],
-                 image_rows: Sequence[int], block_size: int) -> list[str]:
-    """Chained hashes of the prompt's full blocks; a block holding image rows of an image
-    without a content key ends the chain (its content cannot be named)."""
-    owners: list[tuple[str, int]] = []  # (image key, row) of each placeholder, in prompt order
-    for key, rows in zip(image_keys, image_rows):
-        owners.extend((key, row) for row in range(rows))
-    slot = 0
-    hashes: list[str] = []
-    previous = b""
-    for start in range(0, len(input_ids) - block_size + 1, block_size):
-        digest = hashlib.blake2b(previous, digest_size=16)
-        for token in input_ids[start:start + block_size]:
-            if token == image_token_id:
-                if slot >= len(owners):
-                    return hashes
-                key, row = owners[slot]
-                digest.update(f"<{key}:{row}>".encode())
-                slot += 1
-            else:
-                digest.update(b"%d," % token)
-        previous = digest.digest()
-        hashes.append(previous.hex())
-    return hashes
 
 
 @dataclass

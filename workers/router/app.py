@@ -22,6 +22,7 @@ from ..transport import ChannelPool
 from .errors import APIError, bad_request
 from .images import FetchedImage, ImageFetcher, ImageLimits
 from .pipeline import PreparedRequest, StagePipeline, prepare
+from .prefix_affinity import PrefixAffinity
 from .routing import RoutePlanner
 from .schema import ChatRequest, parse_chat_request
 
@@ -36,10 +37,11 @@ class RouterConfig:
     max_images_per_request: int = 8
     default_max_tokens: int = 256
     limits: ImageLimits = ImageLimits()
+    prefix_block_size: int = 16  # the prefill workers' prefix-cache block size
 
     def __post_init__(self) -> None:
-        if self.max_images_per_request < 0 or self.default_max_tokens <= 0:
-            raise ValueError("max_images_per_request must be >= 0 and default_max_tokens > 0")
+        if self.max_images_per_request < 0 or self.default_max_tokens <= 0 or self.prefix_block_size <= 0:
+            raise ValueError("max_images_per_request must be >= 0, default_max_tokens and prefix_block_size > 0")
 
     @property
     def name(self) -> str:
@@ -53,7 +55,8 @@ class Router:
         self.redis = aioredis.from_url(config.redis_url)
         self.directory = WorkerDirectory(self.redis)
         self.channels = ChannelPool()
-        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), self.channels, RoutePlanner())
+        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), self.channels,
+                                      RoutePlanner(affinity=PrefixAffinity(config.prefix_block_size)))
         self.session: aiohttp.ClientSession | None = None
         self.created = int(time.time())
 
@@ -136,7 +139,8 @@ class Router:
                               f"{self.config.max_images_per_request}", "too_many_images", "messages")
         images = await self._fetch_images(chat)
         try:
-            prepared = prepare(self.adapter, chat, images, self.config.default_max_tokens)
+            prepared = prepare(self.adapter, chat, images, self.config.default_max_tokens,
+                               self.config.prefix_block_size)
         except ValueError as exc:
             raise bad_request(str(exc), param="messages") from exc
         metrics.IMAGES.inc(len(images))

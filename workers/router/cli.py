@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
     parser.add_argument("--image-fetch-timeout", type=float, default=ImageLimits.fetch_timeout)
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--prefix-block-size", type=int, default=16,
+                        help="prefill workers' prefix-cache block size (prefix-affinity routing)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         limits = ImageLimits(args.max_image_bytes, args.max_image_pixels, args.image_fetch_timeout)
         config = RouterConfig(model=args.model, redis_url=args.redis_url, served_model_name=args.served_model_name,
                               max_images_per_request=args.max_images_per_request,
-                              default_max_tokens=args.default_max_tokens, limits=limits)
+                              default_max_tokens=args.default_max_tokens, limits=limits,
+                              prefix_block_size=args.prefix_block_size)
         adapter = load_adapter(args.model)
     except (UnknownModelError, ValueError) as exc:
         print(f"epd router: {exc}", file=sys.stderr)

@@ -8,14 +8,14 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
-from ..cache import MetadataStore, image_key, item_key
+from ..cache import MetadataStore, block_hashes, image_key, item_key
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
 from ..transport import ChannelPool
@@ -38,10 +38,12 @@ class PreparedRequest:
     images: list[pb.ImageRef]
     chat: ChatRequest
     max_tokens: int
+    prefix_blocks: list[str] = field(default_factory=list)  # chained block hashes (prefix-affinity routing)
     cached_tokens: int = 0  # prompt tokens prefill took from its prefix KV cache (usage reports them)
 
 
-def prepare(adapter: ModelAdapter, chat: ChatRequest, images: list[FetchedImage], default_max_tokens: int) -> PreparedRequest:
+def prepare(adapter: ModelAdapter, chat: ChatRequest, images: list[FetchedImage], default_max_tokens: int,
+            prefix_block_size: int = 16) -> PreparedRequest:
     """Prompt ids with image placeholders expanded, and one ImageRef per image."""
     ids = adapter.build_prompt(list(chat.messages), [image.size for image in images])
     room = adapter.max_context - len(ids)
@@ -61,7 +63,9 @@ def prepare(adapter: ModelAdapter, chat: ChatRequest, images: list[FetchedImage]
                  for tile, n in zip(tiles, counts)]
         refs.append(pb.ImageRef(image_key=key, image=image.data, items=items, width=image.size.width,
                                 height=image.size.height))
-    return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, max_tokens)
+    blocks = block_hashes(ids, adapter.image_token_id, [ref.image_key for ref in refs],
+                          [adapter.image_tokens(image.size) for image in images], prefix_block_size)
+    return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, max_tokens, blocks)
 
 
 class StagePipeline:
@@ -77,7 +81,8 @@ class StagePipeline:
 
     async def run(self, request: PreparedRequest) -> AsyncIterator[pb.GenerateChunk]:
         to_encode, images = await self._dispatch_plan(request)
-        plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode))
+        plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode),
+                                 request.prefix_blocks)
         tasks: list[asyncio.Task] = []
         generate = None
         try:

@@ -1,15 +1,18 @@
-"""Route planning: prefill by outstanding tokens, decode by KV usage, and the
-items of one request spread over the least-loaded encode workers
-(intra-request parallelism: images, and the tiles of an anyres image)."""
+"""Route planning: prefill by outstanding tokens less the prompt prefix it
+probably holds, decode by KV usage, and the items of one request spread over
+the least-loaded encode workers (intra-request parallelism: images, and the
+tiles of an anyres image)."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..registry import WorkerInfo
 from .errors import APIError
+from .prefix_affinity import PrefixAffinity
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class RoutePlanner:
     """Chooses workers from the live set; keeps a local tally of what it has sent
     since the last load report so concurrent requests do not all pick the same one."""
 
-    def __init__(self, suspect_seconds: float = 10.0) -> None:
+    def __init__(self, suspect_seconds: float = 10.0, affinity: PrefixAffinity | None = None) -> None:
+        self.affinity = affinity or PrefixAffinity()
         self.sent_tokens: Counter[str] = Counter()
         self.sent_items: Counter[str] = Counter()
         self.sent_sequences: Counter[str] = Counter()
@@ -39,13 +43,16 @@ class RoutePlanner:
         self.suspects = {a: until for a, until in self.suspects.items() if until > now}
         return {stage: [w for w in infos if w.address not in self.suspects] for stage, infos in workers.items()}
 
-    def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str]) -> RoutePlan:
+    def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str],
+             prefix_blocks: Sequence[str] = ()) -> RoutePlan:
         workers = self._healthy(workers)
         for stage in ("prefill", "decode") + (("encode",) if items_to_encode else ()):
             if not workers.get(stage):
                 raise APIError(503, f"no live {stage} worker is registered", "stage_unavailable")
-        prefill = min(workers["prefill"],
-                      key=lambda w: (w.load.outstanding_tokens + self.sent_tokens[w.address], w.address))
+        cached = self.affinity.cached_tokens(prefix_blocks)  # tokens a worker need not recompute
+        prefill = min(workers["prefill"], key=lambda w: (w.load.outstanding_tokens + self.sent_tokens[w.address]
+                                                         - cached.get(w.address, 0), w.address))
+        self.affinity.record(prefix_blocks, prefill.address)
         decode = min(workers["decode"], key=lambda w: (w.load.kv_usage, w.load.in_flight
                                                        + self.sent_sequences[w.address], w.address))
         encode: dict[str, list[str]] = {}

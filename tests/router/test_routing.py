@@ -1,0 +1,57 @@
+"""Route planning without servers: prefill chosen by outstanding tokens less the
+prefix it probably holds, encode items spread over workers, suspects avoided."""
+
+from __future__ import annotations
+
+import pytest
+
+from epd.workers.registry import WorkerInfo, WorkerLoad
+from epd.workers.router.errors import APIError
+from epd.workers.router.prefix_affinity import PrefixAffinity
+from epd.workers.router.routing import RoutePlanner
+
+
+def worker(stage: str, address: str, outstanding: int = 0) -> WorkerInfo:
+    return WorkerInfo(stage, address, "tiny-llava", 8, load=WorkerLoad(outstanding_tokens=outstanding))
+
+
+def pool(p1_load: int = 0, p2_load: int = 0) -> dict[str, list[WorkerInfo]]:
+    return {"encode": [worker("encode", "e1"), worker("encode", "e2")],
+            "prefill": [worker("prefill", "p1", p1_load), worker("prefill", "p2", p2_load)],
+            "decode": [worker("decode", "d1")]}
+
+
+def test_a_repeated_prefix_follows_its_worker_unless_it_is_much_busier():
+    planner = RoutePlanner(affinity=PrefixAffinity(block_size=16))
+    chat = [f"b{i}" for i in range(10)]  # 160 tokens of blocks
+    first = planner.plan(pool(), 170, [], chat)
+    assert first.prefill.address == "p1"  # equal load: address order
+    planner.release(first, 170)
+    # p1 is busier, but by less than the 160 tokens it would not recompute
+    assert planner.plan(pool(p1_load=100), 180, [], chat + ["b10"]).prefill.address == "p1"
+    planner = RoutePlanner(affinity=PrefixAffinity(block_size=16))
+    planner.release(planner.plan(pool(), 170, [], chat), 170)
+    assert planner.plan(pool(p1_load=400), 180, [], chat).prefill.address == "p2"  # too busy: go elsewhere
+    # the blocks now point at p2, so the next turn goes there
+    assert planner.affinity.cached_tokens(chat) == {"p2": 160}
+
+
+def test_affinity_forgets_the_oldest_blocks_beyond_capacity():
+    affinity = PrefixAffinity(block_size=4, capacity=3)
+    affinity.record(["a", "b", "c"], "p1")
+    affinity.record(["x"], "p2")
+    assert affinity.cached_tokens(["a", "b", "c"]) == {"p1": 12}
+    assert affinity.cached_tokens(["a"]) == {}  # evicted
+    assert affinity.cached_tokens(["q", "x"]) == {"p2": 8}
+
+
+def test_items_spread_over_encode_workers_and_suspects_are_avoided():
+    planner = RoutePlanner()
+    plan = planner.plan(pool(), 10, ["i0", "i1", "i2", "i3"])
+    assert plan.encode == {"e1": ["i0", "i2"], "e2": ["i1", "i3"]}
+    planner.suspect("e1")
+    assert planner.plan(pool(), 10, ["j0", "j1"]).encode == {"e2": ["j0", "j1"]}
+    planner.suspect("d1")
+    with pytest.raises(APIError) as error:
+        planner.plan(pool(), 10, [])
+    assert error.value.status == 503 and "decode" in error.value.message
