@@ -96,6 +96,8 @@ def stage_statefulset(owner: Owner, spec: EPDDeploymentSpec, stage: str) -> dict
                "--host", "0.0.0.0", "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
                "--advertise", f"$(POD_NAME).{service}.{owner.namespace}.svc:{GRPC_PORT}",
                "--cache-bytes", str(spec.cache.cache_bytes), "--cache-ttl", str(spec.cache.ttl_seconds)]
+    if stage == "prefill":
+        command += ["--prefix-cache-bytes", str(spec.cache.prefix_cache_bytes)]
     if stage_spec.max_batch:
         command += [BATCH_FLAG[stage], str(stage_spec.max_batch)]
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *stage_spec.env]

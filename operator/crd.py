@@ -104,6 +104,8 @@ def spec_schema() -> dict:
                               "rule": "(has(self.managed) && self.managed) != has(self.urlSecret)",
                               "message": "give Redis exactly one way: managed: true or urlSecret"}]},
                 "cacheBytes": _int("Embedding cache bytes per worker.", 0, default=1 << 30),
+                "prefixCacheBytes": _int("Prefix KV cache bytes per prefill worker (0 turns it off).", 0,
+                                         default=1 << 30),
                 "ttlSeconds": _int("TTL of cache metadata records.", 1, default=3600),
             }},
             "slo": {"type": "object", "description": "Latency targets the scaler aims for.", "properties": {

@@ -43,6 +43,7 @@ class RouterSpec:
 class CacheSpec:
     redis_url_secret: str = ""  # Secret name with key `url`; empty = operator-managed Redis
     cache_bytes: int = 1 << 30
+    prefix_cache_bytes: int = 1 << 30  # prefill's prefix KV cache
     ttl_seconds: int = 3600
 
     @property
@@ -89,6 +90,7 @@ class EPDDeploymentSpec:
             router=RouterSpec(replicas=router.get("replicas", 1), service_type=router.get("serviceType", "ClusterIP"),
                               port=router.get("port", 8000)),
             cache=CacheSpec(redis_url_secret=redis.get("urlSecret", ""), cache_bytes=cache.get("cacheBytes", 1 << 30),
+                            prefix_cache_bytes=cache.get("prefixCacheBytes", 1 << 30),
                             ttl_seconds=cache.get("ttlSeconds", 3600)),
             slo=SLOSpec(ttft_seconds=slo.get("ttftSeconds", 2.0), tpot_seconds=slo.get("tpotSeconds", 0.1),
                         percentile=slo.get("percentile", 90)),

@@ -74,3 +74,12 @@ def test_status_conditions():
         {c["type"]: c["lastTransitionTime"] for c in status["conditions"]}
     degraded = compute_status(5, stages, WorkloadState(1, 1, 1, 1), "x", status, "SecretNotFound", "no secret")
     assert {c["type"]: c["reason"] for c in degraded["conditions"]}["Degraded"] == "SecretNotFound"
+
+
+def test_prefill_gets_its_prefix_cache_size_and_only_prefill():
+    children = by_key(build_children(OWNER, spec(cache={"redis": {"managed": True}, "prefixCacheBytes": 0})))
+    commands = {stage: children[f"StatefulSet/llava-{stage}"]["spec"]["template"]["spec"]["containers"][0]["command"]
+                for stage in ("encode", "prefill", "decode")}
+    flag = commands["prefill"].index("--prefix-cache-bytes")
+    assert commands["prefill"][flag + 1] == "0"
+    assert "--prefix-cache-bytes" not in commands["encode"] and "--prefix-cache-bytes" not in commands["decode"]

@@ -32,7 +32,7 @@ def test_schema_and_typed_model_agree():
     assert set(spec["model"]["properties"]) == {camel(f.name) for f in dataclasses.fields(ModelSpec)}
     assert set(spec["router"]["properties"]) == {camel(f.name) for f in dataclasses.fields(RouterSpec)}
     assert set(spec["slo"]["properties"]) == {camel(f.name) for f in dataclasses.fields(SLOSpec)}
-    assert {"cacheBytes", "ttlSeconds"} == {camel(f.name) for f in dataclasses.fields(CacheSpec)} - {"redisUrlSecret"}
+    assert {"cacheBytes", "prefixCacheBytes", "ttlSeconds"} == {camel(f.name) for f in dataclasses.fields(CacheSpec)} - {"redisUrlSecret"}
 
 
 def test_defaults_in_the_schema_match_the_model():
