@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
+    from .engine.prefix_cache import PrefixHit
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -70,10 +72,11 @@ class PrefillJob:
 
     request_id: str
     input_ids: list[int]
-    image_embeddings: list["torch.Tensor"]  # one [n_tokens, hidden] per image, prompt order
+    image_embeddings: list[torch.Tensor | None]  # [n_tokens, hidden] per image, prompt order; None: in `prefix`
     image_sizes: list[ImageSize]
     sampling: SamplingParams
     image_keys: list[str] = field(default_factory=list)  # content keys, prompt order (name prefix-cache blocks)
+    prefix: PrefixHit | None = None  # cached prefix found at admission (else the engine looks it up)
 
 
 @dataclass

@@ -136,7 +136,8 @@ def test_same_image_twice_hits_the_cache_then_survives_losing_it(served, client)
     assert ask() == first
 
     # The encode worker holding the embedding is killed: the request still succeeds (the prefill
-    # worker's own LRU, or a recompute on the surviving encode worker, provides it).
+    # worker's prefix cache or own LRU, or a recompute on the surviving encode worker, provides it;
+    # the recompute path alone is pinned down by the next test).
     owner = served.redis.client().hget(_record_key(served, image), "owner").decode()
     victim = next(w for w in served.workers("encode") if w.address == owner)
     os.kill(victim.pid, signal.SIGKILL)
@@ -144,40 +145,70 @@ def test_same_image_twice_hits_the_cache_then_survives_losing_it(served, client)
     assert served.pending_cache_keys() == []
 
 
-def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
-    """Deterministic fallback chain: not in the prefill buffer, the Redis record points at a dead
-    owner, so prefill re-encodes the image on a live encode worker."""
+def prefill_one_image(served, request_id: str, text: str, image: bytes, size: tuple[int, int], item_key: str,
+                      dispatched: bool):
+    """Send a one-image prompt straight to the prefill worker (as the router would, with the
+    image's single item given by hand), then drain its tokens from decode."""
     import grpc
 
     from epd.v1 import stages_pb2 as pb
     from epd.v1 import stages_pb2_grpc as pb_grpc
-    from epd.workers.cache import image_key
     from epd.workers.messages import ChatMessage, ImagePart, ImageSize, TextPart
+
+    ids = model_adapter().build_prompt([ChatMessage("user", (ImagePart(0), TextPart(text)))], [ImageSize(*size)])
+    ref = pb.ImageRef(image_key=image_key_of(image), image=image, width=size[0], height=size[1],
+                      items=[pb.EncodeItem(item_key=item_key, tile_index=-1, n_tokens=16, dispatched=dispatched)])
+    wait_until(lambda: registered(served, prefill=1, decode=1), 15, message="prefill and decode registered")
+    prefill, decode = served.workers("prefill")[0], served.workers("decode")[0]
+    with grpc.insecure_channel(prefill.address) as channel:
+        reply = pb_grpc.PrefillServiceStub(channel).Prefill(
+            pb.PrefillRequest(request_id=request_id, input_ids=ids, images=[ref], decode_address=decode.address,
+                              sampling=pb.SamplingParams(max_tokens=1)), timeout=60)
+    with grpc.insecure_channel(decode.address) as channel:
+        chunks = list(pb_grpc.DecodeServiceStub(channel).Generate(pb.GenerateRequest(request_id=request_id),
+                                                                  timeout=60))
+    return ids, reply, chunks
+
+
+def model_adapter():
     from epd.workers.models import load_adapter
 
-    adapter = load_adapter(MODEL)
+    return load_adapter(MODEL)
+
+
+def image_key_of(image: bytes) -> str:
+    from epd.workers.cache import image_key
+
+    adapter = model_adapter()
+    return image_key(adapter.model_id, adapter.processor_fingerprint, image)
+
+
+def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
+    """Deterministic fallback chain: not in the prefill buffer, the Redis record points at a dead
+    owner, so prefill re-encodes the image on a live encode worker."""
     image = png_bytes(44, 36, seed=4242)
-    key = image_key(adapter.model_id, adapter.processor_fingerprint, image)
+    key = image_key_of(image)
     served.redis.client().hset("epd:mm:" + key, mapping={"owner": "127.0.0.1:1", "n_tokens": 16, "hidden": 64,
                                                           "dtype": "float32", "bytes": 4096, "state": "ready",
                                                           "created": 0})
-    ids = adapter.build_prompt([ChatMessage("user", (ImagePart(0), TextPart("Hi")))], [ImageSize(44, 36)])
-    ref = pb.ImageRef(image_key=key, image=image, width=44, height=36,
-                      items=[pb.EncodeItem(item_key=key, tile_index=-1, n_tokens=16, dispatched=False)])
-    wait_until(lambda: registered(served, prefill=1, decode=1), 15, message="prefill and decode registered")
-    prefill, decode = served.workers("prefill")[0], served.workers("decode")[0]
     recomputed = served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute")
-    with grpc.insecure_channel(prefill.address) as channel:
-        reply = pb_grpc.PrefillServiceStub(channel).Prefill(
-            pb.PrefillRequest(request_id="recompute-1", input_ids=ids, images=[ref], decode_address=decode.address,
-                              sampling=pb.SamplingParams(max_tokens=1)), timeout=60)
-    with grpc.insecure_channel(decode.address) as channel:
-        chunks = list(pb_grpc.DecodeServiceStub(channel).Generate(pb.GenerateRequest(request_id="recompute-1"),
-                                                                  timeout=60))
+    _, reply, chunks = prefill_one_image(served, "recompute-1", "Hi", image, (44, 36), key, dispatched=False)
     assert (reply.items_recomputed, reply.items_fetched, reply.items_from_buffer) == (1, 0, 0)
     assert chunks[-1].finish_reason == "length" and chunks[0].token_ids[0] == reply.first_token
     assert served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute") == recomputed + 1
     assert served.redis.client().hget("epd:mm:" + key, "owner").decode() != "127.0.0.1:1"  # re-announced
+
+
+def test_prefill_needs_no_embedding_for_an_image_inside_a_cached_prefix(served, client):
+    """An image whose placeholders all lie in the cached prompt prefix is not waited for: here its
+    only item is announced as dispatched but never pushed, and prefill answers from the cache."""
+    image, text = png_bytes(52, 44, seed=5151), "Please describe every detail of this picture. " * 3
+    client.chat.completions.create(model=MODEL, messages=image_message(text, [image]), max_tokens=2)
+    ids, reply, chunks = prefill_one_image(served, "prefix-only-1", text, image, (52, 44), "never-pushed",
+                                           dispatched=True)
+    assert (reply.items_from_buffer, reply.items_fetched, reply.items_recomputed) == (0, 0, 0)
+    assert reply.cached_tokens == (len(ids) - 1) // 16 * 16 > ids.index(model_adapter().image_token_id) + 16
+    assert chunks[-1].finish_reason == "length"
 
 
 def registered(served, **counts: int) -> bool:
@@ -186,11 +217,7 @@ def registered(served, **counts: int) -> bool:
 
 
 def _record_key(served, image: bytes) -> str:
-    from epd.workers.cache import image_key
-    from epd.workers.models import load_adapter
-
-    adapter = load_adapter(MODEL)
-    return "epd:mm:" + image_key(adapter.model_id, adapter.processor_fingerprint, image)
+    return "epd:mm:" + image_key_of(image)
 
 
 HTTP_IMAGE = png_bytes(40, 36, seed=77)

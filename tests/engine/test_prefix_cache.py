@@ -8,6 +8,7 @@ import hashlib
 import torch
 
 from epd.workers.engine import PrefillEngine, PrefixKVCache
+from epd.workers.engine.prefix_cache import images_within
 from epd.workers.cache import block_hashes
 
 from .conftest import Stages, png_bytes
@@ -42,7 +43,14 @@ def test_lookup_leaves_a_token_to_compute_and_capacity_bounds_the_bytes():
     hit = cache.lookup(["x", "y", "z"], 12)
     assert hit.tokens == 8  # 12 prompt tokens: the last block is recomputed for the first token's logits
     assert all(torch.equal(k, ref_k[:, :8]) and torch.equal(v, ref_v[:, :8])
-               for (k, v), (ref_k, ref_v) in zip(hit.layers, layers))
+               for (k, v), (ref_k, ref_v) in zip(hit.layers(), layers))
+
+
+def test_images_wholly_inside_the_cached_prefix_need_no_embedding():
+    ids = [1, IMG, IMG, 2, IMG, IMG, IMG, 3, 4]  # image 0 at 1-2, image 1 at 4-6
+    assert images_within(ids, IMG, [2, 3], 4) == [True, False]
+    assert images_within(ids, IMG, [2, 3], 7) == [True, True]
+    assert images_within(ids, IMG, [2, 3], 2) == [False, False]
 
 
 def with_keys(job, images: list[bytes]):
@@ -71,4 +79,9 @@ def test_prefix_hits_are_token_exact_in_a_mixed_batch(stages: Stages):
     jobs = [(follow_up, images), (same, images), (fresh, other)]
     expected = {job.request_id: reference_generate(stages.adapter, stages.full, job.input_ids, imgs, MAX_NEW)
                 for job, imgs in jobs}
+    # As the server admits it: the prefix found first, and no embedding for an image inside it.
+    same.prefix = engine.find_prefix(same)
+    needed = engine.needed_images(same, same.prefix)
+    assert needed == [False, False]
+    same.image_embeddings = [None, None]
     assert run_epd(stages, [job for job, _ in jobs], prefill=engine) == expected  # now every row has a hit

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from ..cache import block_hashes
 from ..messages import KVHandoff, PrefillJob
 from ..models import LanguagePartBase, ModelAdapter
-from .prefix_cache import PrefixKVCache
+from .prefix_cache import PrefixHit, PrefixKVCache, images_within
 from .sampling import generator_state, new_generator, sample
 from .tensors import left_pad
 
@@ -27,11 +27,14 @@ class PrefillEngine:
         self.prefix_cache = prefix_cache
 
     def prompt_embeddings(self, job: PrefillJob) -> torch.Tensor:
-        """[L, hidden] input embeddings with the image rows scattered at the placeholders."""
+        """[L, hidden] input embeddings with the image rows scattered at the placeholders (zeros
+        for an image left out because the job's cached prefix covers it)."""
         ids = torch.tensor(job.input_ids, device=self.language.device)
         embeds = self.language.embed(ids)
         slots = (ids == self.adapter.image_token_id).nonzero().view(-1)
-        images = [e.to(embeds.device, embeds.dtype) for e in job.image_embeddings]
+        images = [e.to(embeds.device, embeds.dtype) if e is not None
+                  else embeds.new_zeros((self.adapter.image_tokens(size), embeds.shape[-1]))
+                  for e, size in zip(job.image_embeddings, job.image_sizes)]
         rows = torch.cat(images) if images else embeds.new_zeros((0, embeds.shape[-1]))
         if rows.shape[0] != slots.numel():
             raise ValueError(f"request {job.request_id}: {slots.numel()} image placeholders but "
@@ -40,11 +43,24 @@ class PrefillEngine:
         embeds[slots] = rows
         return embeds
 
-    def _block_hashes(self, job: PrefillJob) -> list[str]:
+    def block_hashes(self, job: PrefillJob) -> list[str]:
         if self.prefix_cache is None:
             return []
         return block_hashes(job.input_ids, self.adapter.image_token_id, job.image_keys,
-                            [e.shape[0] for e in job.image_embeddings], self.prefix_cache.block_size)
+                            [self.adapter.image_tokens(size) for size in job.image_sizes],
+                            self.prefix_cache.block_size)
+
+    def find_prefix(self, job: PrefillJob) -> PrefixHit | None:
+        """The job's longest cached prefix (none without a prefix cache)."""
+        return self.prefix_cache.lookup(self.block_hashes(job), len(job.input_ids)) if self.prefix_cache else None
+
+    def needed_images(self, job: PrefillJob, prefix: PrefixHit | None) -> list[bool]:
+        """Which images' embeddings the forward needs: those not wholly inside the cached prefix."""
+        if prefix is None:
+            return [True] * len(job.image_sizes)
+        within = images_within(job.input_ids, self.adapter.image_token_id,
+                               [self.adapter.image_tokens(size) for size in job.image_sizes], prefix.tokens)
+        return [not inside for inside in within]
 
     @torch.no_grad()
     def run(self, jobs: Sequence[PrefillJob]) -> list[KVHandoff]:
@@ -52,8 +68,8 @@ class PrefillEngine:
 
         Row layout: [pad | cached prefix KV | pad | prompt suffix], both parts left-padded to the
         widest in the batch, so jobs with and without a prefix hit share the forward."""
-        hashes = [self._block_hashes(job) for job in jobs]
-        hits = [self.prefix_cache.lookup(h, len(job.input_ids)) if self.prefix_cache else None
+        hashes = [self.block_hashes(job) for job in jobs]
+        hits = [job.prefix or (self.prefix_cache.lookup(h, len(job.input_ids)) if self.prefix_cache else None)
                 for job, h in zip(jobs, hashes)]
         cached = [hit.tokens if hit else 0 for hit in hits]
         lengths = [len(job.input_ids) for job in jobs]
@@ -72,10 +88,11 @@ class PrefillEngine:
             pos[..., row, width - n:] = p[..., c:]
         cache = DynamicCache(config=self.adapter.text_config)
         if past:
-            reference = next(hit for hit in hits if hit).layers
+            prefixes = [hit.layers() if hit else None for hit in hits]
+            reference = next(layers for layers in prefixes if layers)
             for layer, (ref_keys, ref_values) in enumerate(reference):
-                keys = [left_pad(hit.layers[layer][0] if hit else ref_keys[:, :0], past) for hit in hits]
-                values = [left_pad(hit.layers[layer][1] if hit else ref_values[:, :0], past) for hit in hits]
+                keys = [left_pad(kv[layer][0] if kv else ref_keys[:, :0], past) for kv in prefixes]
+                values = [left_pad(kv[layer][1] if kv else ref_values[:, :0], past) for kv in prefixes]
                 cache.update(torch.stack(keys), torch.stack(values), layer)
         logits = self.language.forward(batch, mask, pos.to(batch.device), cache)
         handoffs = []

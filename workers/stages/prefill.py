@@ -82,18 +82,21 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         metrics.IN_FLIGHT.labels("prefill").inc()
         try:
             sources = ItemSources()
+            job = PrefillJob(request_id=request.request_id, input_ids=list(request.input_ids), image_embeddings=[],
+                             image_sizes=[ImageSize(ref.width, ref.height) for ref in request.images],
+                             sampling=sampling_from_proto(request.sampling),
+                             image_keys=[ref.image_key for ref in request.images])
+            # An image wholly inside the cached prefix needs no embedding: do not wait for one.
+            job.prefix = self.engine.find_prefix(job)
+            needed = self.engine.needed_images(job, job.prefix)
             try:
-                images = await asyncio.gather(*(self._image_embedding(ref, request.request_id, sources)
-                                                for ref in request.images))
+                job.image_embeddings = list(await asyncio.gather(
+                    *(self._image_embedding(ref, request.request_id, sources) if need else _nothing()
+                      for ref, need in zip(request.images, needed))))
             except LookupError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            job = PrefillJob(request_id=request.request_id, input_ids=list(request.input_ids),
-                             image_embeddings=list(images),
-                             image_sizes=[ImageSize(ref.width, ref.height) for ref in request.images],
-                             sampling=sampling_from_proto(request.sampling),
-                             image_keys=[ref.image_key for ref in request.images])
             future = asyncio.get_running_loop().create_future()
             self.batcher.submit(PrefillTask(job, future))
             try:
@@ -199,3 +202,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         for task, handoff in zip(live, handoffs):
             if not task.future.done():
                 task.future.set_result(handoff)
+
+
+async def _nothing() -> None:
+    return None
