@@ -114,7 +114,10 @@ def spec_schema() -> dict:
                 "percentile": _int("Percentile the targets apply to.", 1, 100, default=90),
             }},
             "autoscaling": {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
-                "enabled": {"type": "boolean", "default": False, "description": "Let the scaler set replicas."},
+                "enabled": {"type": "boolean", "default": False,
+                            "description": "Let the scaler set replicas. Not acted on yet by this operator "
+                                           "version (condition AutoscalingActive=False says so); the policy "
+                                           "runs in `epd plan` and the simulator."},
                 "metricsSource": _string("Where metrics come from.", enum=["direct", "prometheus"], default="direct"),
                 "prometheusURL": _string("Prometheus base URL when metricsSource is prometheus."),
                 "windowSeconds": _int("Metrics window.", 1, default=60),

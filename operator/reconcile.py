@@ -65,4 +65,4 @@ class Reconciler:
         router = WorkloadState.of(self.cluster.get("apps/v1", "Deployment", child_name(owner, "router"),
                                                    owner.namespace), spec.router.replicas)
         return compute_status(body["metadata"].get("generation", 0), stages, router, endpoint(owner, spec),
-                              body.get("status") or {}, result.degraded, result.message)
+                              body.get("status") or {}, result.degraded, result.message, spec.autoscaling_enabled)

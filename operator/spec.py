@@ -66,6 +66,7 @@ class EPDDeploymentSpec:
     cache: CacheSpec
     slo: SLOSpec
     image: str
+    autoscaling_enabled: bool = False
 
     @classmethod
     def from_resource(cls, spec: dict[str, Any], default_image: str) -> "EPDDeploymentSpec":
@@ -94,7 +95,8 @@ class EPDDeploymentSpec:
                             ttl_seconds=cache.get("ttlSeconds", 3600)),
             slo=SLOSpec(ttft_seconds=slo.get("ttftSeconds", 2.0), tpot_seconds=slo.get("tpotSeconds", 0.1),
                         percentile=slo.get("percentile", 90)),
-            image=spec.get("image") or default_image)
+            image=spec.get("image") or default_image,
+            autoscaling_enabled=spec.get("autoscaling", {}).get("enabled", False))
 
     def secrets(self) -> list[str]:
         """Secrets the workloads reference (a missing one makes the deployment Degraded)."""

@@ -74,6 +74,11 @@ def test_status_conditions():
         {c["type"]: c["lastTransitionTime"] for c in status["conditions"]}
     degraded = compute_status(5, stages, WorkloadState(1, 1, 1, 1), "x", status, "SecretNotFound", "no secret")
     assert {c["type"]: c["reason"] for c in degraded["conditions"]}["Degraded"] == "SecretNotFound"
+    assert "AutoscalingActive" not in {c["type"] for c in degraded["conditions"]}
+    requested = compute_status(5, stages, WorkloadState(1, 1, 1, 1), "x", status,
+                               autoscaling_requested=spec(autoscaling={"enabled": True}).autoscaling_enabled)
+    scaling = next(c for c in requested["conditions"] if c["type"] == "AutoscalingActive")
+    assert (scaling["status"], scaling["reason"]) == ("False", "ScalerNotWired")
 
 
 def test_prefill_gets_its_prefix_cache_size_and_only_prefill():
