@@ -179,7 +179,9 @@ def start_control_plane(deadline_seconds: float = 120.0) -> ControlPlane:
               "--bind-address", "127.0.0.1", "--secure-port", str(free_port()))
         start("kwok", "--kubeconfig", str(kubeconfig),
               "--manage-nodes-with-annotation-selector", f"{KWOK_NODE_ANNOTATION}=fake",
-              "--node-ip", "10.0.0.1", "--cidr", "10.2.0.1/16")
+              # Pod IPs on loopback (all of 127/8 is local on Linux): a test can serve a simulated
+              # pod's /metrics on the pod's own address, where the operator's autoscaler reads it.
+              "--node-ip", "10.0.0.1", "--cidr", "127.2.0.1/16")
         _wait(lambda: _default_service_account(plane), deadline_seconds, "the default ServiceAccount", plane)
     except BaseException:
         plane.stop()

@@ -33,7 +33,8 @@ class Operator:
         leading = threading.Event()
         self.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "epd.cli", "operator", "--kubeconfig", str(self.kubeconfig),
-             "--lease-namespace", SYSTEM, "--drift-interval", "3", "--image", "epd-serve:test"],
+             "--lease-namespace", SYSTEM, "--drift-interval", "3", "--autoscale-interval", "0.5",
+             "--image", "epd-serve:test"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def read() -> None:
@@ -242,6 +243,71 @@ def test_restart_changes_nothing_and_delete_removes_everything(k8s_cluster, oper
     assert epd(k8s_cluster, namespace, "tiny")["metadata"]["generation"] == generation
     k8s_cluster.kubectl("delete", "epd", "tiny", "-n", namespace)
     wait_for(lambda: not children(k8s_cluster, namespace, "tiny"), 60, "garbage collection of every child")
+
+
+class SimulatedTraffic:
+    """Feeds the router and decode metrics as a loaded deployment would (this process's registry,
+    served at each pod's address by PodMetrics)."""
+
+    def __init__(self) -> None:
+        self.tpot, self.kv_usage = 0.5, 0.95
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "SimulatedTraffic":
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from epd.workers import metrics
+
+        metrics.IN_FLIGHT.labels("decode").set(0)
+        metrics.QUEUE_DEPTH.labels("decode").set(0)
+        while not self._stop.is_set():
+            metrics.REQUESTS.labels("ok").inc()
+            metrics.TTFT.observe(0.2)
+            metrics.TPOT.observe(self.tpot)
+            metrics.KV_USAGE.set(self.kv_usage)
+            self._stop.wait(0.05)  # the pace of the simulated traffic
+
+
+def test_autoscaler_reads_pod_metrics_and_scales_decode_on_tpot(k8s_cluster, operator, namespace):
+    from .pod_metrics import PodMetrics
+
+    manifest = {"apiVersion": "serving.epd.dev/v1alpha1", "kind": "EPDDeployment", "metadata": {"name": "auto"},
+                "spec": {"model": {"name": "tiny-llava"},
+                         "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 3, "maxBatch": 4},
+                         "slo": {"ttftSeconds": 2.0, "tpotSeconds": 0.1},
+                         "autoscaling": {"enabled": True, "windowSeconds": 1, "cooldownSeconds": 0}}}
+    k8s_cluster.apply(manifest, namespace=namespace)
+    wait_for(lambda: condition(epd(k8s_cluster, namespace, "auto"), "Ready") == "True", 90, "Ready=True")
+
+    def decode_replicas() -> int:
+        return k8s_cluster.get("statefulset", "auto-decode", "-n", namespace)["spec"]["replicas"]
+
+    with PodMetrics(k8s_cluster, namespace, "auto", {"router": 8000, **{s: 9090 for s in STAGES}}), \
+            SimulatedTraffic() as traffic:
+        # TPOT p90 0.5 s against 0.1 s, KV 95% full: decode grows to its maxReplicas, nothing else moves
+        wait_for(lambda: decode_replicas() == 3, 90, "decode scaled up to 3")
+        status = epd(k8s_cluster, namespace, "auto")["status"]
+        assert status["stages"]["decode"]["scaledReplicas"] == 3 and "TPOT" in status["stages"]["decode"][
+            "lastScaleReason"]
+        assert status["observed"]["tpotP90Seconds"] > 0.1
+        assert [h["stage"] for h in status["scalingHistory"]] == ["decode"] * len(status["scalingHistory"])
+        for stage in ("encode", "prefill"):
+            assert k8s_cluster.get("statefulset", f"auto-{stage}", "-n", namespace)["spec"]["replicas"] == 1
+        wait_for(lambda: [e for e in k8s_cluster.get("events", "-n", namespace)["items"]
+                          if e["reason"] == "Scaled" and e["involvedObject"]["name"] == "auto"], 30, "a Scaled event")
+        # the handlers' own logs (a timer succeeding every half second) are not posted as Events
+        assert not [e for e in k8s_cluster.get("events", "-n", namespace)["items"] if e["reason"] == "Logging"]
+
+        # load gone: decode steps back down, one replica at a time, to its minimum
+        traffic.tpot, traffic.kv_usage = 0.02, 0.1
+        wait_for(lambda: decode_replicas() == 1, 90, "decode scaled back to 1")
+        history = epd(k8s_cluster, namespace, "auto")["status"]["scalingHistory"]
+        assert [(h["from"], h["to"]) for h in history][-2:] == [(3, 2), (2, 1)]
 
 
 def test_a_second_replica_waits_for_the_lease_then_takes_over(k8s_cluster, operator):

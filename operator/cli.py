@@ -13,6 +13,7 @@ import uuid
 import kopf
 from kubernetes import client, config
 
+from .autoscale.controller import Autoscaler
 from .cluster import Cluster
 from .handlers import register
 from .leader import LeaderElection
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     parser.add_argument("--no-leader-election", action="store_true", help="run without a Lease (single replica)")
     parser.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift checks")
+    parser.add_argument("--autoscale-interval", type=float, default=5.0,
+                        help="seconds between looks at autoscaled deployments (each decides once per window)")
 
 
 def _api_client(kubeconfig: str) -> client.ApiClient:
@@ -53,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"epd operator: no Kubernetes credentials: {exc}", file=sys.stderr)
         return 2
     registry = kopf.OperatorRegistry()
-    register(Reconciler(Cluster(api), args.image), registry, args.drift_interval)
+    cluster = Cluster(api)
+    register(Reconciler(cluster, args.image), registry, args.drift_interval, Autoscaler(cluster),
+             args.autoscale_interval)
     stop, lost = threading.Event(), threading.Event()
     if not args.no_leader_election:
         identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     settings = kopf.OperatorSettings()
     settings.process.ultimate_exiting_timeout = 5  # never hang on shutdown
     settings.background.instant_exit_timeout = 0.1
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.INFO  # our own Events (Reconciled, Scaled, ...) are Normal ones
+    settings.posting.loggers = False  # but kopf's handler logs (a timer's "succeeded" every tick) are not Events
     kopf.run(registry=registry, settings=settings, standalone=True, stop_flag=stop, **scope)
     return 1 if lost.is_set() else 0
 

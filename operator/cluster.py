@@ -35,6 +35,11 @@ class Cluster:
         except NotFoundError:
             return None
 
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        labels = ",".join(f"{k}={v}" for k, v in selector.items())
+        pods = client.CoreV1Api(self.api_client).list_namespaced_pod(namespace, label_selector=labels)
+        return [self.api_client.sanitize_for_serialization(pod) for pod in pods.items]
+
     def patch_status(self, name: str, namespace: str, status: dict) -> None:
         client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status})

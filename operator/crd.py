@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from .sizing.architectures import ARCHITECTURES
+from .sizing.hardware import HARDWARE
+
 GROUP = "serving.epd.dev"
 VERSION = "v1alpha1"
 KIND = "EPDDeployment"
@@ -115,13 +118,18 @@ def spec_schema() -> dict:
             }},
             "autoscaling": {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
                 "enabled": {"type": "boolean", "default": False,
-                            "description": "Let the scaler set replicas. Not acted on yet by this operator "
-                                           "version (condition AutoscalingActive=False says so); the policy "
-                                           "runs in `epd plan` and the simulator."},
-                "metricsSource": _string("Where metrics come from.", enum=["direct", "prometheus"], default="direct"),
-                "prometheusURL": _string("Prometheus base URL when metricsSource is prometheus."),
-                "windowSeconds": _int("Metrics window.", 1, default=60),
+                            "description": "Let the scaler set each stage's replicas within minReplicas..maxReplicas "
+                                           "(a stage's replicas is then the starting point; editing it restarts "
+                                           "the scaler from the new value)."},
+                "metricsSource": _string("Where metrics come from: `direct` reads each pod's /metrics.",
+                                         enum=["direct"], default="direct"),
+                "windowSeconds": _int("Metrics window: the scaler decides once per window.", 1, default=60),
                 "cooldownSeconds": _int("Minimum time between steps of a stage.", 0, default=120),
+                "architecture": _string("Performance-model architecture for the predictive floor (optional; "
+                                        "without it the scaler follows observed load and SLOs only).",
+                                        enum=sorted(ARCHITECTURES)),
+                "hardware": _string("GPU of the node pools, for the performance model.", enum=sorted(HARDWARE),
+                                    default="h100"),
             }},
         },
     }
@@ -130,7 +138,9 @@ def spec_schema() -> dict:
 def status_schema() -> dict:
     stage_status = {"type": "object", "properties": {
         "replicas": {"type": "integer"}, "ready": {"type": "integer"}, "desired": {"type": "integer"},
-        "summary": {"type": "string"}, "lastScaleTime": {"type": "string"}, "lastScaleReason": {"type": "string"}}}
+        "summary": {"type": "string"}, "lastScaleTime": {"type": "string"}, "lastScaleReason": {"type": "string"},
+        "scaledReplicas": {"type": "integer", "description": "the autoscaler's choice"},
+        "scaledFrom": {"type": "integer", "description": "spec replicas when it chose (a later edit voids it)"}}}
     condition = {"type": "object", "required": ["type", "status"], "properties": {
         "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
         "reason": {"type": "string"}, "message": {"type": "string"}, "observedGeneration": {"type": "integer"},

@@ -8,7 +8,10 @@ import kopf
 
 from .builders import MANAGED_BY
 from .crd import GROUP, KIND, PLURAL, VERSION
+from .autoscale.controller import Autoscaler
+from .autoscale.status import scaling_status
 from .reconcile import Reconciler
+from .spec import EPDDeploymentSpec
 
 log = logging.getLogger(__name__)
 CHILD_KINDS = (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"), ("", "v1", "services"),
@@ -29,8 +32,9 @@ def connection_info(config) -> kopf.ConnectionInfo:
                                private_key_path=config.key_file)
 
 
-def register(reconciler: Reconciler, registry: kopf.OperatorRegistry, drift_interval: float = 30.0) -> None:
-    """Attach the handlers to `registry`, all driving `reconciler`."""
+def register(reconciler: Reconciler, registry: kopf.OperatorRegistry, drift_interval: float = 30.0,
+             autoscaler: Autoscaler | None = None, autoscale_interval: float = 5.0) -> None:
+    """Attach the handlers to `registry`, all driving `reconciler` (and `autoscaler`, if given)."""
 
     @kopf.on.login(registry=registry)
     def login(**_):
@@ -66,3 +70,27 @@ def register(reconciler: Reconciler, registry: kopf.OperatorRegistry, drift_inte
 
     for group, version, plural in CHILD_KINDS:
         kopf.on.event(group, version, plural, labels=OWNED, registry=registry)(on_child)
+
+    if autoscaler is None:
+        return
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=autoscale_interval, registry=registry)
+    def on_autoscale(body, **_):
+        body = dict(body)
+        spec = EPDDeploymentSpec.from_resource(body["spec"], reconciler.default_image)
+        outcome = autoscaler.tick(body, spec)
+        if outcome is None:
+            return
+        patch = scaling_status(outcome, spec, body.get("status") or {})
+        if not outcome.decisions:
+            meta = body["metadata"]
+            reconciler.cluster.patch_status(meta["name"], meta["namespace"], patch)
+            return
+        reconciler.reconcile(body, status_patch=patch)
+        kopf.info(body, reason="Scaled", message="; ".join(f"{d.stage} {d.current} -> {d.desired}: {d.reason}"
+                                                           for d in outcome.decisions))
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def on_deployment_event(event, body, **_):
+        if event["type"] == "DELETED":
+            autoscaler.forget(body["metadata"]["uid"])

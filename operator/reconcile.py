@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .builders import Owner, build_children, child_name, endpoint
 from .cluster import Cluster
@@ -14,6 +14,22 @@ from .spec import STAGES, EPDDeploymentSpec
 from .status import WorkloadState, compute_status
 
 log = logging.getLogger(__name__)
+
+
+def scaled(spec: EPDDeploymentSpec, status: dict) -> EPDDeploymentSpec:
+    """With autoscaling on, each stage runs the replicas the scaler last chose, kept in
+    status.stages.<stage>.scaledReplicas (so a restarted operator keeps them) within min..max.
+    A choice made from other spec replicas than today's is void: a user's edit wins, and the
+    scaler goes on from there."""
+    if not spec.autoscaling.enabled:
+        return spec
+    stages = {}
+    for stage, stage_spec in spec.stages.items():
+        record = status.get("stages", {}).get(stage, {})
+        chosen = record.get("scaledReplicas", stage_spec.replicas) if record.get("scaledFrom") == stage_spec.replicas \
+            else stage_spec.replicas
+        stages[stage] = replace(stage_spec, replicas=min(max(chosen, stage_spec.min_replicas), stage_spec.max_replicas))
+    return replace(spec, stages=stages)
 
 
 @dataclass
@@ -31,15 +47,22 @@ class Reconciler:
     # reconciles of the same EPDDeployment take turns so each reports exactly what it changed.
     locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
 
-    def reconcile(self, body: dict) -> ReconcileResult:
+    def reconcile(self, body: dict, status_patch: dict | None = None) -> ReconcileResult:
+        """Reconcile the deployment as it is now (the triggering event's body may be stale: the
+        scaler's choice lives in status), after recording `status_patch` under the same lock."""
         meta = body["metadata"]
         with self.locks[meta["uid"]]:
-            return self._reconcile(body)
+            if status_patch:
+                self.cluster.patch_status(meta["name"], meta["namespace"], status_patch)
+            current = self.cluster.get_deployment(meta["name"], meta["namespace"])
+            if current is None or current["metadata"].get("deletionTimestamp"):
+                return ReconcileResult()  # going away: garbage collection removes the children
+            return self._reconcile(current)
 
     def _reconcile(self, body: dict) -> ReconcileResult:
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        spec = EPDDeploymentSpec.from_resource(body["spec"], self.default_image)
+        spec = scaled(EPDDeploymentSpec.from_resource(body["spec"], self.default_image), body.get("status") or {})
         result = ReconcileResult()
         missing = [name for name in spec.secrets()
                    if self.cluster.get("v1", "Secret", name, owner.namespace) is None]
@@ -65,4 +88,5 @@ class Reconciler:
         router = WorkloadState.of(self.cluster.get("apps/v1", "Deployment", child_name(owner, "router"),
                                                    owner.namespace), spec.router.replicas)
         return compute_status(body["metadata"].get("generation", 0), stages, router, endpoint(owner, spec),
-                              body.get("status") or {}, result.degraded, result.message, spec.autoscaling_enabled)
+                              body.get("status") or {}, result.degraded, result.message,
+                              spec.autoscaling.enabled)

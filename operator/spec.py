@@ -59,6 +59,15 @@ class SLOSpec:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    enabled: bool = False
+    window_seconds: int = 60
+    cooldown_seconds: int = 120
+    architecture: str = ""  # performance model for the predictive floor; empty = none
+    hardware: str = "h100"
+
+
+@dataclass(frozen=True)
 class EPDDeploymentSpec:
     model: ModelSpec
     stages: dict[str, StageSpec]
@@ -66,7 +75,7 @@ class EPDDeploymentSpec:
     cache: CacheSpec
     slo: SLOSpec
     image: str
-    autoscaling_enabled: bool = False
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
 
     @classmethod
     def from_resource(cls, spec: dict[str, Any], default_image: str) -> "EPDDeploymentSpec":
@@ -83,6 +92,7 @@ class EPDDeploymentSpec:
         router = spec.get("router", {})
         cache = spec.get("cache", {})
         redis = cache.get("redis", {})
+        scaling = spec.get("autoscaling", {})
         slo = spec.get("slo", {})
         return cls(
             model=ModelSpec(name=model["name"], revision=model.get("revision", ""), dtype=model.get("dtype", "bfloat16"),
@@ -96,7 +106,11 @@ class EPDDeploymentSpec:
             slo=SLOSpec(ttft_seconds=slo.get("ttftSeconds", 2.0), tpot_seconds=slo.get("tpotSeconds", 0.1),
                         percentile=slo.get("percentile", 90)),
             image=spec.get("image") or default_image,
-            autoscaling_enabled=spec.get("autoscaling", {}).get("enabled", False))
+            autoscaling=AutoscalingSpec(enabled=scaling.get("enabled", False),
+                                        window_seconds=scaling.get("windowSeconds", 60),
+                                        cooldown_seconds=scaling.get("cooldownSeconds", 120),
+                                        architecture=scaling.get("architecture", ""),
+                                        hardware=scaling.get("hardware", "h100")))
 
     def secrets(self) -> list[str]:
         """Secrets the workloads reference (a missing one makes the deployment Degraded)."""

@@ -59,7 +59,7 @@ def merge_conditions(old: list[dict], new: list[Condition], generation: int) -> 
 
 def compute_status(generation: int, stages: dict[str, WorkloadState], router: WorkloadState, endpoint: str,
                    old_status: dict, degraded_reason: str = "", degraded_message: str = "",
-                   autoscaling_requested: bool = False) -> dict:
+                   autoscaling: bool = False) -> dict:
     conditions = [Condition(STAGE_CONDITIONS[stage], state.is_ready, "Ready" if state.is_ready else "Waiting",
                             f"{state.ready}/{state.desired} {stage} workers ready") for stage, state in stages.items()]
     all_ready = all(s.is_ready for s in stages.values()) and router.is_ready and not degraded_reason
@@ -74,10 +74,9 @@ def compute_status(generation: int, stages: dict[str, WorkloadState], router: Wo
         Condition("Degraded", bool(degraded_reason), degraded_reason or "AsExpected",
                   degraded_message or "no problem detected"),
     ]
-    if autoscaling_requested:  # say so rather than let a user believe the scaler is acting
-        conditions.append(Condition("AutoscalingActive", False, "ScalerNotWired",
-                                    "spec.autoscaling.enabled is set, but this operator version does not scale "
-                                    "yet: replicas follow spec.<stage>.replicas"))
+    if autoscaling:
+        conditions.append(Condition("AutoscalingActive", True, "Enabled",
+                                    "the scaler sets each stage's replicas within its min/max once per window"))
     return {
         "observedGeneration": generation,
         "conditions": merge_conditions(old_status.get("conditions", []), conditions, generation),

@@ -104,9 +104,10 @@ def predictive_floor(window: ObservedWindow, model: PerformanceModel, config: Po
             for stage, load in (("encode", encode), ("prefill", prefill), ("decode", decode))}
 
 
-def recommend(window: ObservedWindow, model: PerformanceModel, config: PolicyConfig) -> dict[str, tuple[int, str]]:
-    """Pure: desired replicas per stage and why, before hygiene."""
-    floor = predictive_floor(window, model, config)
+def recommend(window: ObservedWindow, model: PerformanceModel | None,
+              config: PolicyConfig) -> dict[str, tuple[int, str]]:
+    """Pure: desired replicas per stage and why, before hygiene (no predictive floor without a model)."""
+    floor = predictive_floor(window, model, config) if model else {stage: 0 for stage in STAGES}
     slo = config.slo
     ttft_breach = window.ttft_p90 > slo.ttft * (1 + config.up_tolerance)
     tpot_breach = window.tpot_p90 > slo.tpot * (1 + config.up_tolerance)
@@ -145,7 +146,7 @@ def survivors_absorb(stage: str, metrics: StageMetrics, config: PolicyConfig, re
 class StageScaler:
     """Stateful hygiene around `recommend`; one per EPDDeployment."""
 
-    model: PerformanceModel
+    model: PerformanceModel | None
     config: PolicyConfig
     started: float = 0.0
     last_change: dict[str, float] = field(default_factory=dict)

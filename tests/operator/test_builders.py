@@ -76,9 +76,9 @@ def test_status_conditions():
     assert {c["type"]: c["reason"] for c in degraded["conditions"]}["Degraded"] == "SecretNotFound"
     assert "AutoscalingActive" not in {c["type"] for c in degraded["conditions"]}
     requested = compute_status(5, stages, WorkloadState(1, 1, 1, 1), "x", status,
-                               autoscaling_requested=spec(autoscaling={"enabled": True}).autoscaling_enabled)
+                               autoscaling=spec(autoscaling={"enabled": True}).autoscaling.enabled)
     scaling = next(c for c in requested["conditions"] if c["type"] == "AutoscalingActive")
-    assert (scaling["status"], scaling["reason"]) == ("False", "ScalerNotWired")
+    assert (scaling["status"], scaling["reason"]) == ("True", "Enabled")
 
 
 def test_prefill_gets_its_prefix_cache_size_and_only_prefill():

@@ -1,0 +1,117 @@
+"""Per-EPDDeployment scaling: read every pod's metrics once per window, build the
+observed window, and let a StageScaler (kept across windows for its cooldowns
+and stabilisation) decide."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..builders import METRICS_PORT, Owner, child_name, selector
+from ..cluster import Cluster
+from ..sizing.architectures import get_architecture
+from ..sizing.hardware import get_hardware
+from ..sizing.perfmodel import roofline
+from ..sizing.results import SLO
+from ..sizing.scaling import STAGES, ObservedWindow, PolicyConfig, ScalingDecision, StageScaler
+from ..spec import EPDDeploymentSpec
+from .prom import Reading, scrape
+from .window import StageState, observe
+
+log = logging.getLogger(__name__)
+WORKER_DEFAULT_DECODE_BATCH = 64  # `epd worker --decode-max-batch` default
+
+
+@dataclass
+class Outcome:
+    window: ObservedWindow
+    decisions: list[ScalingDecision]
+
+
+@dataclass
+class Tracked:
+    """What the scaler of one EPDDeployment keeps between windows."""
+
+    spec: EPDDeploymentSpec
+    scaler: StageScaler
+    readings: dict[str, dict[str, Reading]]
+    taken: float
+
+
+def policy(spec: EPDDeploymentSpec) -> PolicyConfig:
+    scaling = spec.autoscaling
+    stages = spec.stages
+    return PolicyConfig(
+        slo=SLO(spec.slo.ttft_seconds, spec.slo.tpot_seconds),
+        min_replicas={s: stages[s].min_replicas for s in STAGES},
+        max_replicas={s: stages[s].max_replicas for s in STAGES},
+        up_cooldown=scaling.cooldown_seconds, down_cooldown=scaling.cooldown_seconds,
+        down_stabilization=max(scaling.cooldown_seconds, scaling.window_seconds),
+        warmup=0.0,  # the first window only starts the counters: it is never acted on
+        decode_batch=stages["decode"].max_batch or WORKER_DEFAULT_DECODE_BATCH)
+
+
+@dataclass
+class Autoscaler:
+    cluster: Cluster
+    clock: Callable[[], float] = time.monotonic
+    read: Callable[[str], Reading | None] = scrape
+    tracked: dict[str, Tracked] = field(default_factory=dict)  # EPDDeployment uid -> state
+
+    def tick(self, body: dict, spec: EPDDeploymentSpec) -> Outcome | None:
+        """One look at a deployment: None until a whole window has passed since the last reading."""
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        if not spec.autoscaling.enabled:
+            self.tracked.pop(owner.uid, None)
+            return None
+        now = self.clock()
+        state = self.tracked.get(owner.uid)
+        if state is not None and now - state.taken < spec.autoscaling.window_seconds:
+            return None
+        readings = self.readings(owner, spec)
+        if state is None or state.spec != spec:  # new, or its spec changed: start a fresh baseline
+            model = (roofline(get_architecture(spec.autoscaling.architecture), get_hardware(spec.autoscaling.hardware))
+                     if spec.autoscaling.architecture else None)
+            self.tracked[owner.uid] = Tracked(spec, StageScaler(model, policy(spec), started=now), readings, now)
+            return None
+        before, before_time = state.readings, state.taken
+        state.readings, state.taken = readings, now
+        states = self.stage_states(owner)
+        silent = [role for role, pods in readings.items()
+                  if not pods and (role == "router" or states[role].ready)]
+        if silent:  # never act on missing data: no metrics would read as no load
+            log.warning("%s/%s: no metrics from %s; not scaling this window", owner.namespace, owner.name,
+                        ", ".join(silent))
+            return None
+        window = observe(before, readings, now - before_time, now, states, policy(spec).decode_batch,
+                         spec.slo.percentile)
+        return Outcome(window, state.scaler.decide(window))
+
+    def forget(self, uid: str) -> None:
+        self.tracked.pop(uid, None)
+
+    def readings(self, owner: Owner, spec: EPDDeploymentSpec) -> dict[str, dict[str, Reading]]:
+        """The /metrics of every running pod of the router and of each stage, by pod name."""
+        ports = {"router": spec.router.port, **{stage: METRICS_PORT for stage in STAGES}}
+        out: dict[str, dict[str, Reading]] = {}
+        for role, port in ports.items():
+            out[role] = {}
+            for pod in self.cluster.list_pods(owner.namespace, selector(owner, role)):
+                ip = pod.get("status", {}).get("podIP")
+                if pod.get("status", {}).get("phase") != "Running" or not ip:
+                    continue
+                reading = self.read(f"http://{ip}:{port}/metrics")
+                if reading is not None:
+                    out[role][pod["metadata"]["name"]] = reading
+        return out
+
+    def stage_states(self, owner: Owner) -> dict[str, StageState]:
+        states = {}
+        for stage in STAGES:
+            sts = self.cluster.get("apps/v1", "StatefulSet", child_name(owner, stage), owner.namespace) or {}
+            states[stage] = StageState(replicas=sts.get("spec", {}).get("replicas", 0),
+                                       ready=sts.get("status", {}).get("readyReplicas", 0) or 0)
+        return states

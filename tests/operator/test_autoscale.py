@@ -1,0 +1,80 @@
+"""The operator's autoscaling, pure parts: Prometheus readings -> observed
+window (with the workers' real metric definitions), histogram quantiles, and
+which replicas a stage runs once the scaler has chosen."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from epd.operator.autoscale.prom import Reading
+from epd.operator.autoscale.window import StageState, observe, quantile
+from epd.operator.reconcile import scaled
+from epd.operator.spec import EPDDeploymentSpec
+from epd.workers import metrics
+
+
+def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile():
+    assert quantile(0.9, {0.1: 5, 0.5: 10, float("inf"): 10}) == pytest.approx(0.42)
+    assert quantile(0.5, {0.1: 0, 0.5: 0, float("inf"): 0}) == 0.0  # nothing observed
+    assert quantile(0.99, {0.1: 1, float("inf"): 10}) == 0.1  # beyond the last finite bound
+
+
+def reading() -> Reading:
+    return Reading.parse(generate_latest().decode())
+
+
+def test_two_readings_make_the_window_the_policy_reads():
+    for stage in ("encode", "prefill", "decode"):
+        metrics.QUEUE_DEPTH.labels(stage).set(0)
+        metrics.IN_FLIGHT.labels(stage).set(0)
+    before = reading()
+    metrics.REQUESTS.labels("ok").inc(10)
+    metrics.IMAGES.inc(40)
+    metrics.PROMPT_TOKENS.inc(5000)
+    metrics.COMPLETION_TOKENS.inc(1000)
+    for _ in range(10):
+        metrics.TTFT.observe(0.3)
+        metrics.TPOT.observe(0.2)
+        metrics.STAGE_LATENCY.labels("encode").observe(0.04)
+    metrics.BUSY_SECONDS.labels("encode").inc(1.5)
+    metrics.QUEUE_DEPTH.labels("encode").set(7)
+    metrics.KV_USAGE.set(0.95)
+    metrics.IN_FLIGHT.labels("decode").set(3)
+    after = reading()
+    roles = ("router", "encode", "prefill", "decode")
+    states = {"encode": StageState(1, 1), "prefill": StageState(1, 1), "decode": StageState(2, 1)}
+    window = observe({role: {"pod-0": before} for role in roles}, {role: {"pod-0": after} for role in roles},
+                     seconds=2.0, now=100.0, states=states, decode_batch=4, percentile=90)
+    assert (window.arrival_rate, window.images_per_request, window.prompt_tokens, window.output_tokens) == \
+        (5.0, 4.0, 500.0, 100.0)
+    assert window.ttft_p90 == pytest.approx(0.25 + 0.25 * 0.9)  # all in the (0.25, 0.5] bucket
+    assert window.tpot_p90 == pytest.approx(0.1 + 0.15 * 0.9)  # all in (0.1, 0.25]
+    encode, decode = window.stages["encode"], window.stages["decode"]
+    assert (encode.busy, encode.queue, encode.latency) == (0.75, 7, pytest.approx(0.025 + 0.025 * 0.9))
+    assert (decode.replicas, decode.pending, decode.kv_usage, decode.occupancy) == (2, 1, 0.95, 3 / 8)
+
+
+def test_a_pod_seen_once_counts_from_its_second_reading_and_a_reset_counts_all_it_has():
+    before = Reading({("epd_requests_total", (("outcome", "ok"),)): 50.0})
+    after = Reading({("epd_requests_total", (("outcome", "ok"),)): 4.0})  # the pod restarted
+    new = Reading({("epd_requests_total", (("outcome", "ok"),)): 9.0})
+    states = {s: StageState(1, 1) for s in ("encode", "prefill", "decode")}
+    window = observe({"router": {"a": before}}, {"router": {"a": after, "b": new}}, 1.0, 1.0, states, 4, 90)
+    assert window.arrival_rate == 4.0
+
+
+def deployment(**autoscaling) -> EPDDeploymentSpec:
+    return EPDDeploymentSpec.from_resource({"model": {"name": "tiny-llava"},
+                                            "decode": {"replicas": 2, "minReplicas": 1, "maxReplicas": 5},
+                                            "autoscaling": autoscaling}, "epd:1")
+
+
+def test_stages_run_the_scalers_choice_until_the_user_edits_replicas():
+    chose = {"stages": {"decode": {"scaledReplicas": 4, "scaledFrom": 2}}}
+    assert scaled(deployment(enabled=True), chose).stages["decode"].replicas == 4
+    assert scaled(deployment(enabled=False), chose).stages["decode"].replicas == 2  # scaler off: the spec
+    edited = {"stages": {"decode": {"scaledReplicas": 4, "scaledFrom": 3}}}  # chosen when spec said 3
+    assert scaled(deployment(enabled=True), edited).stages["decode"].replicas == 2
+    too_many = {"stages": {"decode": {"scaledReplicas": 9, "scaledFrom": 2}}}
+    assert scaled(deployment(enabled=True), too_many).stages["decode"].replicas == 5  # maxReplicas
