@@ -125,6 +125,9 @@ def spec_schema() -> dict:
                                          enum=["direct"], default="direct"),
                 "windowSeconds": _int("Metrics window: the scaler decides once per window.", 1, default=60),
                 "cooldownSeconds": _int("Minimum time between steps of a stage.", 0, default=120),
+                "maxTotalReplicas": _int("Most replicas of all stages together (a GPU budget when each replica "
+                                         "has one GPU); under it, replicas move between stages. 0 = no limit.",
+                                         0, default=0),
                 "architecture": _string("Performance-model architecture for the predictive floor (optional; "
                                         "without it the scaler follows observed load and SLOs only).",
                                         enum=sorted(ARCHITECTURES)),

@@ -63,6 +63,7 @@ class AutoscalingSpec:
     enabled: bool = False
     window_seconds: int = 60
     cooldown_seconds: int = 120
+    max_total_replicas: int = 0  # 0 = no limit across stages
     architecture: str = ""  # performance model for the predictive floor; empty = none
     hardware: str = "h100"
 
@@ -109,6 +110,7 @@ class EPDDeploymentSpec:
             autoscaling=AutoscalingSpec(enabled=scaling.get("enabled", False),
                                         window_seconds=scaling.get("windowSeconds", 60),
                                         cooldown_seconds=scaling.get("cooldownSeconds", 120),
+                                        max_total_replicas=scaling.get("maxTotalReplicas", 0),
                                         architecture=scaling.get("architecture", ""),
                                         hardware=scaling.get("hardware", "h100")))
 

@@ -47,6 +47,7 @@ def policy(spec: EPDDeploymentSpec) -> PolicyConfig:
         slo=SLO(spec.slo.ttft_seconds, spec.slo.tpot_seconds),
         min_replicas={s: stages[s].min_replicas for s in STAGES},
         max_replicas={s: stages[s].max_replicas for s in STAGES},
+        gpu_budget=scaling.max_total_replicas,
         up_cooldown=scaling.cooldown_seconds, down_cooldown=scaling.cooldown_seconds,
         down_stabilization=max(scaling.cooldown_seconds, scaling.window_seconds),
         warmup=0.0,  # the first window only starts the counters: it is never acted on

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
+from epd.operator.autoscale.controller import policy
 from epd.operator.autoscale.prom import Reading
 from epd.operator.autoscale.window import StageState, observe, quantile
 from epd.operator.reconcile import scaled
@@ -78,3 +79,11 @@ def test_stages_run_the_scalers_choice_until_the_user_edits_replicas():
     assert scaled(deployment(enabled=True), edited).stages["decode"].replicas == 2
     too_many = {"stages": {"decode": {"scaledReplicas": 9, "scaledFrom": 2}}}
     assert scaled(deployment(enabled=True), too_many).stages["decode"].replicas == 5  # maxReplicas
+
+
+def test_the_policy_follows_the_spec():
+    config = policy(deployment(enabled=True, windowSeconds=30, cooldownSeconds=45, maxTotalReplicas=6))
+    assert (config.min_replicas["decode"], config.max_replicas["decode"]) == (1, 5)
+    assert (config.up_cooldown, config.down_cooldown, config.down_stabilization) == (45, 45, 45)
+    assert config.gpu_budget == 6 and config.warmup == 0 and config.decode_batch == 64
+    assert (config.slo.ttft, config.slo.tpot) == (2.0, 0.1)
