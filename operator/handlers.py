@@ -63,9 +63,9 @@ def register(reconciler: Reconciler, registry: kopf.OperatorRegistry, drift_inte
         owners = [ref for ref in body.get("metadata", {}).get("ownerReferences", [])
                   if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP)]
         for ref in owners:
-            parent = reconciler.cluster.get_deployment(ref["name"], namespace)
-            if parent is None or parent["metadata"].get("deletionTimestamp"):
-                continue  # the owner is going away; garbage collection handles the children
+            # The reference is enough: reconcile reads the owner itself (and skips one going away).
+            parent = {"apiVersion": ref["apiVersion"], "kind": KIND,
+                      "metadata": {"name": ref["name"], "namespace": namespace, "uid": ref["uid"]}}
             run(parent, "DriftCorrected" if event["type"] == "DELETED" else "ChildChanged")
 
     for group, version, plural in CHILD_KINDS:

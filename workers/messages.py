@@ -77,6 +77,7 @@ class PrefillJob:
     sampling: SamplingParams
     image_keys: list[str] = field(default_factory=list)  # content keys, prompt order (name prefix-cache blocks)
     prefix: PrefixHit | None = None  # cached prefix found at admission (else the engine looks it up)
+    prefix_blocks: list[str] | None = None  # its prompt's block hashes, once computed
 
 
 @dataclass

@@ -87,7 +87,7 @@ class Autoscaler:
             log.warning("%s/%s: no metrics from %s; not scaling this window", owner.namespace, owner.name,
                         ", ".join(silent))
             return None
-        window = observe(before, readings, now - before_time, now, states, policy(spec).decode_batch,
+        window = observe(before, readings, now - before_time, now, states, state.scaler.config.decode_batch,
                          spec.slo.percentile)
         return Outcome(window, state.scaler.decide(window))
 

@@ -43,12 +43,17 @@ class PrefillEngine:
         embeds[slots] = rows
         return embeds
 
+    def _image_rows(self, job: PrefillJob) -> list[int]:
+        return [self.adapter.image_tokens(size) for size in job.image_sizes]
+
     def block_hashes(self, job: PrefillJob) -> list[str]:
+        """The job's prompt block hashes, computed once (at admission, or in `run`)."""
         if self.prefix_cache is None:
             return []
-        return block_hashes(job.input_ids, self.adapter.image_token_id, job.image_keys,
-                            [self.adapter.image_tokens(size) for size in job.image_sizes],
-                            self.prefix_cache.block_size)
+        if job.prefix_blocks is None:
+            job.prefix_blocks = block_hashes(job.input_ids, self.adapter.image_token_id, job.image_keys,
+                                             self._image_rows(job), self.prefix_cache.block_size)
+        return job.prefix_blocks
 
     def find_prefix(self, job: PrefillJob) -> PrefixHit | None:
         """The job's longest cached prefix (none without a prefix cache)."""
@@ -58,8 +63,7 @@ class PrefillEngine:
         """Which images' embeddings the forward needs: those not wholly inside the cached prefix."""
         if prefix is None:
             return [True] * len(job.image_sizes)
-        within = images_within(job.input_ids, self.adapter.image_token_id,
-                               [self.adapter.image_tokens(size) for size in job.image_sizes], prefix.tokens)
+        within = images_within(job.input_ids, self.adapter.image_token_id, self._image_rows(job), prefix.tokens)
         return [not inside for inside in within]
 
     @torch.no_grad()
