@@ -46,7 +46,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"cannot decode image: {exc}") from exc
     return image.convert("RGB")
 
@@ -220,6 +220,10 @@ class LanguagePartBase(ABC):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.adapter.text_config.hidden_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.get_input_embeddings()(input_ids)

@@ -1,31 +1,39 @@
 """Per-stage micro-batching: collect work until a cost budget is full or the
-oldest item has waited `max_wait` seconds, then run it as one batch."""
+oldest item has waited `max_wait` seconds, then run it as one batch.
+
+An exception from a batch fails exactly that batch (through `fail_batch`) and
+the loop goes on; the loop itself is supervised (see `supervision`)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from .. import metrics
+from .supervision import SupervisedLoop, WorkerHealth
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class MicroBatcher(Generic[T]):
     def __init__(self, stage: str, run_batch: Callable[[list[T]], Awaitable[None]], max_cost: int,
-                 max_wait: float, cost: Callable[[T], int] = lambda _: 1) -> None:
+                 max_wait: float, fail_batch: Callable[[list[T], Exception], None],
+                 cost: Callable[[T], int] = lambda _: 1, health: WorkerHealth | None = None) -> None:
         if max_cost <= 0:
             raise ValueError(f"{stage}: batch budget must be > 0, got {max_cost}")
         self.stage = stage
         self.run_batch = run_batch
+        self.fail_batch = fail_batch
         self.max_cost = max_cost
         self.max_wait = max_wait
         self.cost = cost
         self._queue: asyncio.Queue[T] = asyncio.Queue()
         self._carry: T | None = None
-        self._task: asyncio.Task | None = None
+        self._loop = SupervisedLoop(f"{stage} batcher", health)
 
     @property
     def depth(self) -> int:
@@ -36,11 +44,10 @@ class MicroBatcher(Generic[T]):
         metrics.QUEUE_DEPTH.labels(self.stage).set(self.depth)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._loop.start(self._run)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        await self._loop.stop()
 
     async def _next_batch(self) -> list[T]:
         first = self._carry if self._carry is not None else await self._queue.get()
@@ -60,9 +67,13 @@ class MicroBatcher(Generic[T]):
             used += self.cost(item)
         return batch
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
             metrics.QUEUE_DEPTH.labels(self.stage).set(self.depth)
             metrics.BATCH_SIZE.labels(self.stage).observe(len(batch))
-            await self.run_batch(batch)
+            try:
+                await self.run_batch(batch)
+            except Exception as exc:  # e.g. a device out-of-memory: fail this batch, keep serving
+                log.exception("%s batch of %d failed", self.stage, len(batch))
+                self.fail_batch(batch, exc)

@@ -16,6 +16,7 @@ from ..cache import MetadataStore
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
 from ..transport import ChannelPool, GrpcEmbeddingTransport, GrpcKVTransport
+from .supervision import WorkerHealth
 
 R = TypeVar("R")
 
@@ -30,6 +31,7 @@ class WorkerContext:
     metadata: MetadataStore
     directory: WorkerDirectory
     channels: ChannelPool = field(default_factory=ChannelPool)
+    health: WorkerHealth = field(default_factory=WorkerHealth)
     # One thread: the engines are synchronous and own the device. In colocated
     # mode all three stages share it, exactly like a single non-disaggregated server.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engine"))

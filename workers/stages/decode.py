@@ -18,6 +18,7 @@ from ..engine import DecodeEngine
 from ..messages import KVHandoff, TokenEvent
 from ..wire import handoff_from_chunks
 from .context import WorkerContext
+from .supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,13 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.joining: list[KVHandoff] = []
         self.cancelled: set[str] = set()
         self.wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._loop_task = SupervisedLoop("decode", ctx.health if ctx is not None else None)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._loop_task.start(self._loop)
+
+    async def stop(self) -> None:
+        await self._loop_task.stop()
 
     @property
     def in_flight(self) -> int:

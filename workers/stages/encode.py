@@ -37,12 +37,16 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
         self.ctx = ctx
         self.vision = vision
         self.lru = ByteLRU(cache_bytes)
-        self.batcher: MicroBatcher[EncodeTask] = MicroBatcher("encode", self._run_batch, max_batch, max_wait)
+        self.batcher: MicroBatcher[EncodeTask] = MicroBatcher("encode", self._run_batch, max_batch, max_wait,
+                                                              fail_batch=self._fail_batch, health=ctx.health)
         self.in_flight: dict[str, asyncio.Future] = {}  # item key -> embedding being computed
         self.active_requests = 0
 
     def start(self) -> None:
         self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         self.active_requests += 1
@@ -52,10 +56,10 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
             futures = [asyncio.shield(self._embedding(item)) for item in request.items]
             try:
                 tensors = await asyncio.gather(*futures)
-            except InvalidImageError as exc:
+            except ValueError as exc:  # InvalidImageError included: the client's image is bad
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:  # the batch failed on our side (e.g. out of device memory)
+                await context.abort(grpc.StatusCode.INTERNAL, f"encode failed: {exc!r}")
             keys = [item.item_key for item in request.items]
             if request.prefill_address:
                 await self.ctx.embeddings.push(request.prefill_address, request.request_id, self.ctx.address,
@@ -111,6 +115,13 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
                 await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
             if not task.future.done():
                 task.future.set_result(result)
+
+    def _fail_batch(self, tasks: list[EncodeTask], error: Exception) -> None:
+        for task in tasks:
+            self.in_flight.pop(task.key, None)
+            asyncio.ensure_future(self.ctx.metadata.forget(task.key, owner=self.ctx.address))
+            if not task.future.done():
+                task.future.set_exception(error)
 
     async def _announce(self, key: str, tensor) -> None:
         ok = await self.ctx.metadata.mark_ready(key, self.ctx.address, tensor.shape[0], tensor.shape[-1],

@@ -52,6 +52,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.arrived: dict[str, asyncio.Event] = {}
         self.embedding_wait = embedding_wait
         self.batcher: MicroBatcher[PrefillTask] = MicroBatcher("prefill", self._run_batch, token_budget, max_wait,
+                                                               fail_batch=_fail_tasks, health=ctx.health,
                                                                cost=lambda task: len(task.job.input_ids))
         self.outstanding_tokens = 0
         self.active_requests = 0
@@ -59,13 +60,27 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
     def start(self) -> None:
         self.batcher.start()
 
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
     # ---- embeddings in ---------------------------------------------------------
     async def PushEmbeddings(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.PushAck:
         received = 0
         async for chunk in request_iterator:
-            self._store(chunk.item_key, tensor_from_proto(chunk.embedding))
+            try:
+                tensor = self._validated(tensor_from_proto(chunk.embedding))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"embedding {chunk.item_key}: {exc}")
+            self._store(chunk.item_key, tensor)
             received += 1
         return pb.PushAck(received=received)
+
+    def _validated(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A pushed embedding must be [rows, hidden] floats of this model's width before it may touch a batch."""
+        hidden = self.engine.language.hidden_size
+        if tensor.dim() != 2 or tensor.shape[1] != hidden or not tensor.is_floating_point():
+            raise ValueError(f"expected a floating [rows, {hidden}] tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        return tensor
 
     def _store(self, key: str, tensor: torch.Tensor) -> None:
         for evicted in self.buffer.put(key, tensor):
@@ -103,6 +118,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 handoff: KVHandoff = await future
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:  # the batch failed on our side (e.g. out of device memory)
+                await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}")
             self.outstanding_tokens -= tokens
             tokens = 0
             metrics.PREFIX_CACHE_TOKENS.labels("hit").inc(handoff.cached_tokens)
@@ -126,15 +143,16 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         return self.engine.language.merge_image(ImageSize(ref.width, ref.height), items)
 
     async def _item(self, ref: pb.ImageRef, item: pb.EncodeItem, request_id: str, sources: ItemSources) -> torch.Tensor:
-        tensor = self.buffer.get(item.item_key)
+        tensor = self._buffered(item)
         if tensor is None and item.dispatched:
-            tensor = await self._wait_for_push(item.item_key, self.embedding_wait)
+            await self._wait_for_push(item.item_key, self.embedding_wait)
+            tensor = self._buffered(item)
         if tensor is not None:
             sources.buffer += 1
             metrics.CACHE_EVENTS.labels("prefill", "hit").inc()
             return tensor
         tensor = await self._fetch_from_owner(item.item_key)
-        if tensor is not None:
+        if tensor is not None and self._fits(tensor, item):
             sources.fetched += 1
             metrics.CACHE_EVENTS.labels("prefill", "fetched").inc()
             self._store(item.item_key, tensor)
@@ -143,13 +161,31 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         metrics.CACHE_EVENTS.labels("prefill", "recompute").inc()
         return await self._recompute(ref, item, request_id)
 
-    async def _wait_for_push(self, key: str, timeout: float) -> torch.Tensor | None:
+    def _fits(self, tensor: torch.Tensor, item: pb.EncodeItem) -> bool:
+        try:
+            self._validated(tensor)
+        except ValueError:
+            return False
+        return tensor.shape[0] == item.n_tokens
+
+    def _buffered(self, item: pb.EncodeItem) -> torch.Tensor | None:
+        """The buffered embedding of an item if it has the rows the prompt expects (else it is dropped,
+        and the item is fetched or recomputed)."""
+        tensor = self.buffer.get(item.item_key)
+        if tensor is not None and not self._fits(tensor, item):
+            log.warning("dropping embedding %s: %s rows, the prompt expects %d", item.item_key,
+                        tuple(tensor.shape), item.n_tokens)
+            self.buffer.pop(item.item_key)
+            self.arrived.pop(item.item_key, None)
+            return None
+        return tensor
+
+    async def _wait_for_push(self, key: str, timeout: float) -> None:
         event = self.arrived.setdefault(key, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
-            return None
-        return self.buffer.get(key)
+            pass
 
     async def _fetch_from_owner(self, key: str) -> torch.Tensor | None:
         record = await self.ctx.metadata.get(key)
@@ -178,7 +214,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     raise ValueError(exc.details()) from exc
                 failures.append(f"{worker.address}: {exc.code().name}")
                 continue
-            tensor = self.buffer.get(item.item_key)
+            tensor = self._buffered(item)
             if tensor is not None:
                 return tensor
             failures.append(f"{worker.address}: evicted before use")
@@ -202,6 +238,12 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         for task, handoff in zip(live, handoffs):
             if not task.future.done():
                 task.future.set_result(handoff)
+
+
+def _fail_tasks(tasks: list[PrefillTask], error: Exception) -> None:
+    for task in tasks:
+        if not task.future.done():
+            task.future.set_exception(error)
 
 
 async def _nothing() -> None:

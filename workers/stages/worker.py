@@ -72,49 +72,76 @@ class WorkerConfig:
         return ("encode", "prefill", "decode") if self.role == "colocated" else (self.role,)
 
 
-async def serve_worker(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
+class Worker:
+    """One worker process's servers and loops; `start()` returns once it serves and is registered."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.servicers: list = []
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        config = self.config
+        adapter = load_adapter(config.model)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = config.advertise or f"{config.host}:{port}"
+        self.redis = aioredis.from_url(config.redis_url)
+        self.ctx = ctx = WorkerContext(address=address, adapter=adapter, redis=self.redis,
+                                       metadata=MetadataStore(self.redis, config.cache_ttl),
+                                       directory=WorkerDirectory(self.redis))
+        self.servicers = _build_servicers(config, ctx)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        for servicer in self.servicers:
+            base = type(servicer).__bases__[0].__name__
+            getattr(pb_grpc, f"add_{base}_to_server")(servicer, self.server)
+            names.append(pb.DESCRIPTOR.services_by_name[base.removesuffix("Servicer")].full_name)
+            servicer.start()
+        reflection.enable_server_reflection(names, self.server)
+        await self.server.start()
+        self.metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
+        metrics_url = f"http://{config.host}:{self.metrics_server.server_port}/metrics"
+        infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
+                            metrics_url=metrics_url, pid=os.getpid())
+                 for stage in config.stages]
+        self.registration = WorkerRegistration(self.redis, infos, lambda: _load(self.servicers))
+        if "prefill" in config.stages:
+            await ctx.directory.start()  # prefill recomputes on encode workers it finds here
+        await self.registration.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._withdraw_when_dead())
+        log.info("%s worker for %s serving on %s", config.role, config.model, address)
+        print(f"EPD_WORKER_READY role={config.role} address={address} metrics={metrics_url}", flush=True)
+
+    async def _withdraw_when_dead(self) -> None:
+        """A stage loop died: stop advertising the worker (gRPC health NOT_SERVING, out of
+        discovery); the process stays up for its supervisor (a pod's probe) to restart it."""
+        await self.ctx.health.dead.wait()
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.registration.stop()
+        print(f"EPD_WORKER_NOT_SERVING {self.ctx.health.reason}", flush=True)
+
+    async def stop(self) -> None:
+        self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.registration.stop()
+        await self.server.stop(grace=5)
+        for servicer in self.servicers:
+            await servicer.stop()
+        await self.ctx.directory.stop()
+        await self.ctx.channels.close()
+        await self.redis.aclose()
+        self.metrics_server.shutdown()
+        self.ctx.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve_worker(config: WorkerConfig) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
-    adapter = load_adapter(config.model)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    address = config.advertise or f"{config.host}:{port}"
-    client = aioredis.from_url(config.redis_url)
-    ctx = WorkerContext(address=address, adapter=adapter, redis=client,
-                        metadata=MetadataStore(client, config.cache_ttl), directory=WorkerDirectory(client))
-    servicers = _build_servicers(config, ctx)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
-    for servicer in servicers:
-        add = getattr(pb_grpc, f"add_{type(servicer).__bases__[0].__name__}_to_server")
-        add(servicer, server)
-        names.append(pb.DESCRIPTOR.services_by_name[type(servicer).__bases__[0].__name__.removesuffix("Servicer")].full_name)
-        servicer.start()
-    reflection.enable_server_reflection(names, server)
-    await server.start()
-    metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
-    metrics_url = f"http://{config.host}:{metrics_server.server_port}/metrics"
-    infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
-                        metrics_url=metrics_url, pid=os.getpid())
-             for stage in config.stages]
-    registration = WorkerRegistration(client, infos, lambda: _load(servicers))
-    if "prefill" in config.stages:
-        await ctx.directory.start()  # prefill recomputes on encode workers it finds here
-    await registration.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s worker for %s serving on %s", config.role, config.model, address)
-    print(f"EPD_WORKER_READY role={config.role} address={address} metrics={metrics_url}", flush=True)
-    if ready is not None:
-        ready.set()
+    worker = Worker(config)
+    await worker.start()
     await _wait_for_signal()
-    await health_servicer.enter_graceful_shutdown()
-    await registration.stop()
-    await server.stop(grace=5)
-    await ctx.directory.stop()
-    await ctx.channels.close()
-    await client.aclose()
-    metrics_server.shutdown()
-    ctx.executor.shutdown(wait=False, cancel_futures=True)
+    await worker.stop()
 
 
 def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
