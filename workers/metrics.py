@@ -37,3 +37,9 @@ ROUTER_IN_FLIGHT = Gauge("epd_router_in_flight", "Requests in flight in the rout
 PROMPT_TOKENS = Counter("epd_prompt_tokens_total", "Prompt tokens admitted")
 COMPLETION_TOKENS = Counter("epd_completion_tokens_total", "Completion tokens generated")
 IMAGES = Counter("epd_request_images_total", "Images received by the router")
+ROUTER_CANCELS = Counter("epd_router_cancels_total",
+                         "Cancel RPCs a stage acknowledged (it held the request when the client left or the "
+                         "attempt was abandoned)", ["stage"])
+ROUTER_RECOVERIES = Counter("epd_router_recoveries_total",
+                            "Requests that survived a lost worker: retry (before the first token, on a sibling) "
+                            "or resume (decode lost mid-stream: re-prefilled and continued)", ["kind"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -45,8 +46,16 @@ class WorkerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "WorkerInfo":
-        data = json.loads(raw)
-        return cls(**{**data, "load": WorkerLoad(**data.get("load", {}))})
+        """Parse a record; ValueError if it is not one (anyone who can write to Redis could write it)."""
+        try:
+            data = json.loads(raw)
+            info = cls(**{**data, "load": WorkerLoad(**data.get("load", {}))})
+        except (TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed worker record: {exc}") from exc
+        host, sep, port = info.address.rpartition(":")
+        if info.stage not in STAGES or not sep or not host or not port.isdigit():
+            raise ValueError(f"malformed worker record: stage {info.stage!r}, address {info.address!r}")
+        return info
 
 
 class WorkerRegistration:
@@ -59,6 +68,7 @@ class WorkerRegistration:
         self.load = load
         self.ttl = ttl
         self.interval = interval
+        self.registered = False  # the last heartbeat reached Redis
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -66,6 +76,7 @@ class WorkerRegistration:
         self._task = asyncio.create_task(self._run())
 
     async def beat(self) -> None:
+        """Write the records; while Redis is away the worker keeps serving and re-registers on its return."""
         load = self.load()
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -74,7 +85,13 @@ class WorkerRegistration:
                     pipe.set(KEY_PREFIX + f"{info.stage}:{info.address}", record.to_json(), px=int(self.ttl * 1000))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("heartbeat to Redis failed: %s", exc)
+            if self.registered:
+                log.warning("heartbeat to Redis failed (%s); serving on, re-registering when it is back", exc)
+            self.registered = False
+            return
+        if not self.registered:
+            log.info("registered in Redis as %s", ", ".join(f"{i.stage} {i.address}" for i in self.infos))
+        self.registered = True
 
     async def _run(self) -> None:
         while True:
@@ -85,6 +102,7 @@ class WorkerRegistration:
                 log.exception("heartbeat failed")
 
     async def stop(self) -> None:
+        """Stop heartbeating and delete the records: peers stop choosing this worker."""
         if self._task:
             self._task.cancel()
         try:
@@ -96,30 +114,54 @@ class WorkerRegistration:
 class WorkerDirectory:
     """The router's view of live workers, refreshed from Redis in the background."""
 
-    def __init__(self, client: aioredis.Redis, interval: float = 0.5) -> None:
+    def __init__(self, client: aioredis.Redis, interval: float = 0.5, reset_grace: float = 5.0) -> None:
         self.client = client
         self.interval = interval
+        self.reset_grace = reset_grace  # how long workers take to re-register after Redis lost its data
         self.workers: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
         self.redis_ok = False
+        self._keep_until = 0.0  # until then, workers missing from Redis stay in the view
         self._task: asyncio.Task | None = None
 
     async def refresh(self) -> dict[str, list[WorkerInfo]]:
-        found: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
+        """Re-read the live set. While Redis is unreachable the last view is kept (`redis_ok` is False);
+        when it comes back empty (restarted, or flushed) the last view is kept for `reset_grace`
+        seconds, while the workers re-register, instead of routing to nobody."""
         try:
             keys = [k async for k in self.client.scan_iter(match=KEY_PREFIX + "*", count=500)]
             values = await self.client.mget(keys) if keys else []
-            self.redis_ok = True
         except (RedisError, OSError) as exc:
-            log.warning("cannot read workers from Redis: %s", exc)
+            if self.redis_ok:
+                log.warning("cannot read workers from Redis (%s); routing with the last view", exc)
             self.redis_ok = False
             return self.workers
-        for raw in values:
-            if raw:
-                info = WorkerInfo.from_json(raw)
-                found.setdefault(info.stage, []).append(info)
+        found = self._parse(keys, values)
+        now = time.monotonic()
+        lost_data = not any(found.values()) and any(self.workers.values())
+        if lost_data or not self.redis_ok:
+            self._keep_until = now + self.reset_grace
+        if now < self._keep_until:
+            for stage, infos in found.items():
+                known = {info.address for info in infos}
+                infos.extend(info for info in self.workers.get(stage, []) if info.address not in known)
         for stage in found:
             found[stage].sort(key=lambda info: info.address)
+        self.redis_ok = True
         self.workers = found
+        return found
+
+    @staticmethod
+    def _parse(keys: list, values: list) -> dict[str, list[WorkerInfo]]:
+        found: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
+        for key, raw in zip(keys, values):
+            if not raw:
+                continue
+            try:
+                info = WorkerInfo.from_json(raw)
+            except ValueError as exc:
+                log.warning("ignoring %s: %s", key, exc)
+                continue
+            found[info.stage].append(info)
         return found
 
     def live(self, stage: str) -> list[WorkerInfo]:
@@ -135,7 +177,10 @@ class WorkerDirectory:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)  # periodic refresh, not synchronisation
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a refresh loop that dies would freeze the view forever
+                log.exception("refreshing the worker directory failed")
 
     async def stop(self) -> None:
         if self._task:

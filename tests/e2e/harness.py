@@ -38,6 +38,7 @@ class Served:
     redis: RedisServer
     process: subprocess.Popen
     log: list[str] = field(default_factory=list)
+    router_metrics_url: str = ""  # from the ready line: the router serves /metrics on its own port
 
     def workers(self, stage: str) -> list[WorkerInfo]:
         client = self.redis.client()
@@ -62,7 +63,7 @@ class Served:
         return sum(self.metric(w.metrics_url, name, **labels) for w in self.workers(stage))
 
     def router_metric(self, name: str, **labels: str) -> float:
-        return self.metric(self.base_url.removesuffix("/v1") + "/metrics", name, **labels)
+        return self.metric(self.router_metrics_url, name, **labels)
 
     def pending_cache_keys(self) -> list[bytes]:
         client = self.redis.client()
@@ -87,6 +88,7 @@ def start_serve(model: str, redis_server: RedisServer, *extra: str) -> Served:
         for line in process.stdout:
             served.log.append(line)
             if "EPD_SERVE_READY" in line:
+                served.router_metrics_url = line.rsplit("router-metrics=", 1)[-1].strip()
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()

@@ -23,7 +23,8 @@ MODEL = "tiny-llava"
 def served(redis_server):
     server = start_serve(MODEL, redis_server, "--encode", "2", "--quiet",
                          "--router-arg=--max-images-per-request=4", "--router-arg=--max-image-bytes=200000",
-                         "--router-arg=--max-image-pixels=250000", "--router-arg=--image-fetch-timeout=2")
+                         "--router-arg=--max-image-pixels=250000", "--router-arg=--image-fetch-timeout=2",
+                         "--router-arg=--allow-private-image-urls")  # the test's image server is on loopback
     yield server
     server.stop()
 

@@ -13,6 +13,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..registry import WorkerDirectory
+
 KEY_PREFIX = "epd:mm:"
 State = Literal["pending", "ready"]
 
@@ -28,10 +30,22 @@ class CacheRecord:
     created: float
 
     @classmethod
-    def from_hash(cls, data: dict[bytes, bytes]) -> "CacheRecord":
-        d = {k.decode(): v.decode() for k, v in data.items()}
-        return cls(owner=d["owner"], n_tokens=int(d["n_tokens"]), hidden=int(d["hidden"]), dtype=d["dtype"],
-                   bytes=int(d["bytes"]), state=d["state"], created=float(d["created"]))  # type: ignore[arg-type]
+    def from_hash(cls, data: dict[bytes, bytes]) -> "CacheRecord | None":
+        """The record, or None if the hash is not a well-formed one (Redis content is not trusted)."""
+        try:
+            d = {k.decode(): v.decode() for k, v in data.items()}
+            record = cls(owner=d["owner"], n_tokens=int(d["n_tokens"]), hidden=int(d["hidden"]), dtype=d["dtype"],
+                         bytes=int(d["bytes"]), state=d["state"], created=float(d["created"]))  # type: ignore[arg-type]
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return None
+        if record.state not in ("pending", "ready") or min(record.n_tokens, record.hidden, record.bytes) < 0:
+            return None
+        return record
+
+    def fetchable_from(self, directory: WorkerDirectory) -> bool:
+        """Whether this record may direct a fetch: ready, and owned by an encode worker that discovery
+        lists right now (a record anyone wrote must not send a worker to an arbitrary address)."""
+        return self.state == "ready" and any(w.address == self.owner for w in directory.live("encode"))
 
 
 class MetadataStore:
@@ -65,7 +79,8 @@ class MetadataStore:
                 results = await pipe.execute()
         except (RedisError, OSError):
             return {}
-        return {key: CacheRecord.from_hash(data) for key, data in zip(keys, results) if data}
+        records = {key: CacheRecord.from_hash(data) for key, data in zip(keys, results) if data}
+        return {key: record for key, record in records.items() if record is not None}
 
     async def forget(self, key: str, owner: str | None = None) -> bool:
         """Delete the record (only if still owned by `owner`, when given)."""

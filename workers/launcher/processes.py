@@ -1,6 +1,7 @@
 """Child processes of `epd serve`: started in their own process group, their
-output echoed with a name prefix, readiness read from a marker line, and all
-of them stopped together (SIGTERM, then SIGKILL after a grace period)."""
+output echoed with a name prefix, readiness read from a marker line, restarted
+when they die (with back-off, giving up on a crash loop), and all of them
+stopped together (SIGTERM, then SIGKILL after a grace period)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+
+QUICK_EXIT = 30.0  # seconds: a child dying sooner than this after its start counts towards a crash loop
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,8 +34,13 @@ class Child:
     name: str
     process: subprocess.Popen
     ready_marker: str
+    command: list[str]
+    env: dict[str, str]
     ready: threading.Event = field(default_factory=threading.Event)
     ready_line: str = ""
+    started: float = field(default_factory=time.monotonic)
+    stop_last: bool = False  # stopped after the others (Redis: workers deregister on their way out)
+    quick_exits: int = 0  # consecutive exits soon after a start (a crash loop)
 
     def echo(self, quiet: bool) -> None:
         for raw in self.process.stdout:  # type: ignore[union-attr]
@@ -48,13 +57,26 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.quiet = quiet
 
-    def start(self, name: str, command: list[str], ready_marker: str, env: dict[str, str] | None = None) -> Child:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True, env={**os.environ, **(env or {})})
-        child = Child(name, process, ready_marker)
+    def start(self, name: str, command: list[str], ready_marker: str, env: dict[str, str] | None = None,
+              stop_last: bool = False) -> Child:
+        env = {**os.environ, **(env or {})}
+        child = Child(name, self._spawn(command, env), ready_marker, command, env, stop_last=stop_last)
         threading.Thread(target=child.echo, args=(self.quiet,), daemon=True).start()
         self.children.append(child)
         return child
+
+    @staticmethod
+    def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env=env)
+
+    def restart(self, child: Child) -> None:
+        """Start a dead child again with the same command (a worker gets a new port; Redis keeps its own)."""
+        child.quick_exits = child.quick_exits + 1 if time.monotonic() - child.started < QUICK_EXIT else 0
+        child.process = self._spawn(child.command, child.env)
+        child.started = time.monotonic()
+        child.ready = threading.Event()
+        threading.Thread(target=child.echo, args=(self.quiet,), daemon=True).start()
 
     def wait_ready(self, children: list[Child], timeout: float) -> None:
         """Block until every child printed its marker; raise naming the first one that died or timed out."""
@@ -73,15 +95,18 @@ class ProcessGroup:
         return next(iter(self.dead()), None)
 
     def stop(self, grace: float = 10.0) -> None:
-        for child in reversed(self.children):
-            _signal_group(child.process, signal.SIGTERM)
+        """SIGTERM (the router first, so no new work starts), then SIGKILL whatever outlives `grace`."""
         deadline = time.monotonic() + grace
-        for child in self.children:
-            try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(child.process, signal.SIGKILL)
-                child.process.wait()
+        for last in (False, True):
+            group = [c for c in reversed(self.children) if c.stop_last == last]
+            for child in group:
+                _signal_group(child.process, signal.SIGTERM)
+            for child in group:
+                try:
+                    child.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(child.process, signal.SIGKILL)
+                    child.process.wait()
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -9,13 +9,15 @@ import sys
 from dataclasses import fields
 
 from ..models import UnknownModelError
+from ..redis_connection import add_redis_argument, redis_url
+from ..security.tls import add_tls_arguments, tls_from_args
 from ..stages.worker import ROLES, WorkerConfig, serve_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", required=True, choices=ROLES)
     parser.add_argument("--model", default="tiny-llava", help="preset name, local model directory or hub id")
-    parser.add_argument("--redis-url", required=True)
+    add_redis_argument(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
     parser.add_argument("--advertise", default="", help="address other workers use to reach this one")
@@ -26,11 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "decode_max_batch", "decode_max_kv_tokens", "cache_bytes", "cache_ttl", "prefix_cache_bytes",
                  "prefix_block_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
+    add_tls_arguments(parser)
+    parser.add_argument("--grpc-reflection", action="store_true", help="serve gRPC reflection (off by default)")
+    parser.add_argument("--health-port", type=int, default=0,
+                        help="also serve gRPC health alone, without TLS, on this port (for kubelet probes)")
+    parser.add_argument("--drain-timeout", type=float, default=defaults.get("drain_timeout", 25.0),
+                        help="on SIGTERM, seconds to finish held requests after leaving discovery "
+                             "(keep it below the pod's terminationGracePeriodSeconds)")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
         config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
         asyncio.run(serve_worker(config))
     except (UnknownModelError, ValueError) as exc:

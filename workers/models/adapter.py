@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -104,12 +104,14 @@ class ModelAdapter(ABC):
         return sum(self.image_items(size))
 
     def build_prompt(self, messages: Sequence[ChatMessage], image_sizes: Sequence[ImageSize],
-                     add_generation_prompt: bool = True) -> list[int]:
-        """Apply the chat template and expand each image placeholder to its token count."""
+                     add_generation_prompt: bool = True,
+                     tokenize: Callable[[str], list[int]] | None = None) -> list[int]:
+        """Apply the chat template and expand each image placeholder to its token count.
+        `tokenize` turns the rendered text into ids (the router's keeps user text plain)."""
         rendered = [{"role": m.role, "content": [_template_part(p) for p in m.parts]} for m in messages]
         text = self.tokenizer.apply_chat_template(rendered, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenize(text) if tokenize else self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.tokenizer.bos_token_id is not None and (not ids or ids[0] != self.tokenizer.bos_token_id):
             ids = [self.tokenizer.bos_token_id, *ids]
         expanded: list[int] = []

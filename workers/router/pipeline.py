@@ -1,12 +1,14 @@
-"""One request through the stages: encode (only what the cache lacks, spread
-over encode workers, not awaited before prefill), prefill, then the decode
-stream. Yields decode chunks; raises APIError with the right status."""
+"""One attempt of a request through the stages: encode (only what the cache
+lacks, spread over encode workers, not awaited before prefill), prefill, then
+the decode stream. Yields decode chunks. A worker failing in a way another
+worker may not (gone, shutting down) raises `StageFailure`; bad input raises
+`APIError`. Whenever the attempt ends before its last token (the client left,
+or a stage failed) the stages still holding the request get a `Cancel`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -15,107 +17,140 @@ import grpc
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
-from ..cache import MetadataStore, block_hashes, image_key, item_key
-from ..models import ModelAdapter
+from .. import metrics
+from ..cache import MetadataStore
 from ..registry import WorkerDirectory
 from ..transport import ChannelPool
 from ..wire import sampling_to_proto
 from .errors import APIError
-from .images import FetchedImage
+from .prepare import PreparedRequest
 from .routing import RoutePlan, RoutePlanner
-from .schema import ChatRequest
 
 log = logging.getLogger(__name__)
 
 GRPC_TO_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                 grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+# A worker that is gone or shutting down fails this way; another worker may well succeed.
+WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 
 
 @dataclass
-class PreparedRequest:
-    request_id: str
-    input_ids: list[int]
-    images: list[pb.ImageRef]
-    chat: ChatRequest
-    max_tokens: int
-    prefix_blocks: list[str] = field(default_factory=list)  # chained block hashes (prefix-affinity routing)
-    cached_tokens: int = 0  # prompt tokens prefill took from its prefix KV cache (usage reports them)
+class StageFailure(Exception):
+    """A stage call failed; `retryable` when the worker was lost rather than the request bad."""
+
+    stage: str
+    address: str
+    detail: str
+    retryable: bool
+    status: int = 503
+
+    def __str__(self) -> str:
+        return f"{self.stage} worker {self.address}: {self.detail}"
+
+    @property
+    def lost(self) -> str:
+        """The worker to avoid (and not to send a Cancel to), if it was lost."""
+        return self.address if self.retryable else ""
+
+    def api_error(self) -> APIError:
+        return APIError(self.status, str(self), f"{self.stage}_failed")
 
 
-def prepare(adapter: ModelAdapter, chat: ChatRequest, images: list[FetchedImage], default_max_tokens: int,
-            prefix_block_size: int = 16) -> PreparedRequest:
-    """Prompt ids with image placeholders expanded, and one ImageRef per image."""
-    ids = adapter.build_prompt(list(chat.messages), [image.size for image in images])
-    room = adapter.max_context - len(ids)
-    if room <= 0:
-        raise APIError(400, f"the prompt is {len(ids)} tokens (images included), longer than the model's context "
-                            f"of {adapter.max_context} tokens", "context_length_exceeded", "messages")
-    max_tokens = chat.max_tokens if chat.max_tokens is not None else min(default_max_tokens, room)
-    if len(ids) + max_tokens > adapter.max_context:
-        raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
-                            f"of {adapter.max_context} tokens", "context_length_exceeded", "max_tokens")
-    refs = []
-    for image in images:
-        key = image_key(adapter.model_id, adapter.processor_fingerprint, image.data)
-        counts = adapter.image_items(image.size)
-        tiles = [-1] if len(counts) == 1 else list(range(len(counts)))
-        items = [pb.EncodeItem(item_key=item_key(key, tile), tile_index=tile, n_tokens=n)
-                 for tile, n in zip(tiles, counts)]
-        refs.append(pb.ImageRef(image_key=key, image=image.data, items=items, width=image.size.width,
-                                height=image.size.height))
-    blocks = block_hashes(ids, adapter.image_token_id, [ref.image_key for ref in refs],
-                          [adapter.image_tokens(image.size) for image in images], prefix_block_size)
-    return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, max_tokens, blocks)
+@dataclass
+class _Holders:
+    """Which stages may still hold the attempt (they get a Cancel if it ends early)."""
+
+    plan: RoutePlan
+    encodes: dict[str, asyncio.Task] = field(default_factory=dict)
+    prefill: asyncio.Task | None = None
+    lost: str = ""  # a worker that failed: no Cancel for it
+
+    def addresses(self) -> list[tuple[str, str]]:
+        held = [("encode", a) for a, task in self.encodes.items() if not task.done()]
+        if self.prefill is not None and not self.prefill.done():
+            held.append(("prefill", self.plan.prefill.address))
+        held.append(("decode", self.plan.decode.address))
+        return [(stage, address) for stage, address in held if address != self.lost]
 
 
 class StagePipeline:
     def __init__(self, directory: WorkerDirectory, metadata: MetadataStore, channels: ChannelPool,
-                 planner: RoutePlanner, timeout: float = 300.0) -> None:
+                 planner: RoutePlanner, timeout: float = 300.0, cancel_timeout: float = 2.0) -> None:
         self.directory = directory
         self.metadata = metadata
         self.channels = channels
         self.planner = planner
         self.timeout = timeout
+        self.cancel_timeout = cancel_timeout
         self.encoded_items = 0  # items this router sent to encode workers
         self.cached_items = 0  # items served from the multimodal cache
 
-    async def run(self, request: PreparedRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def attempt(self, request: PreparedRequest) -> AsyncIterator[pb.GenerateChunk]:
         to_encode, images = await self._dispatch_plan(request)
         plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode),
                                  request.prefix_blocks)
-        tasks: list[asyncio.Task] = []
+        holders = _Holders(plan)
         generate = None
+        finished = False
         try:
-            tasks = [asyncio.create_task(self._encode(address, request, [to_encode[k] for k in keys], plan))
-                     for address, keys in plan.encode.items()]
+            holders.encodes = {address: asyncio.create_task(
+                self._encode(address, request, [to_encode[k] for k in keys], plan))
+                for address, keys in plan.encode.items()}
             decode_stub = pb_grpc.DecodeServiceStub(self.channels.get(plan.decode.address))
-            generate = decode_stub.Generate(pb.GenerateRequest(request_id=request.request_id), timeout=self.timeout)
-            prefill = asyncio.create_task(self._prefill(request, images, plan))
-            await self._first_failure(prefill, tasks)
+            generate = decode_stub.Generate(pb.GenerateRequest(request_id=request.stage_request_id),
+                                            timeout=self.timeout)
+            holders.prefill = asyncio.create_task(self._prefill(request, images, plan))
+            await self._first_failure(holders.prefill, list(holders.encodes.values()))
             async for chunk in generate:
                 yield chunk
+                if chunk.finish_reason:
+                    finished = True
+                    return
+            raise StageFailure("decode", plan.decode.address, "the token stream ended before the last token", True)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                self.planner.suspect(plan.decode.address)
-            raise _as_api_error(exc, "decode", plan.decode.address) from exc
+            failure = _failure("decode", plan.decode.address, exc)
+            holders.lost = failure.lost
+            raise failure from exc
+        except StageFailure as failure:
+            holders.lost = failure.lost
+            raise
         finally:
-            for task in tasks:
+            if not finished:
+                await asyncio.shield(self._cancel(request.stage_request_id, holders.addresses()))
+            for task in [*holders.encodes.values(), *([holders.prefill] if holders.prefill else [])]:
                 task.cancel()
             if generate is not None:
                 generate.cancel()
             self.planner.release(plan, len(request.input_ids))
 
+    async def _cancel(self, request_id: str, held: list[tuple[str, str]]) -> None:
+        """Tell every stage that may hold the request to drop it; bounded, never raises."""
+        stubs = {"encode": pb_grpc.EncodeServiceStub, "prefill": pb_grpc.PrefillServiceStub,
+                 "decode": pb_grpc.DecodeServiceStub}
+
+        async def one(stage: str, address: str) -> None:
+            try:
+                reply = await stubs[stage](self.channels.get(address)).Cancel(
+                    pb.CancelRequest(request_id=request_id), timeout=self.cancel_timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("cancel of %s at %s %s: %s", request_id, stage, address, exc.code().name)
+                return
+            if reply.cancelled:
+                metrics.ROUTER_CANCELS.labels(stage).inc()
+
+        await asyncio.gather(*(one(stage, address) for stage, address in held))
+
     async def _dispatch_plan(self, request: PreparedRequest) -> tuple[dict[str, pb.EncodeItem], list[pb.ImageRef]]:
         """Items to encode now (cache misses), and the ImageRefs marked accordingly."""
         keys = [item.item_key for ref in request.images for item in ref.items]
-        records = await self.metadata.get_many(sorted(set(keys)))
+        records = await self.metadata.get_many(sorted(set(keys))) if keys and self.directory.redis_ok else {}
         to_encode: dict[str, pb.EncodeItem] = {}
         images = []
         for ref in request.images:
             items = []
             for item in ref.items:
                 record = records.get(item.item_key)
-                cached = record is not None and record.state == "ready" and self.directory.is_live(record.owner)
+                cached = record is not None and record.fetchable_from(self.directory)
                 dispatched = not cached
                 if dispatched and item.item_key not in to_encode:
                     to_encode[item.item_key] = pb.EncodeItem(item_key=item.item_key, image=ref.image,
@@ -134,12 +169,12 @@ class StagePipeline:
         for attempt in range(2):
             stub = pb_grpc.EncodeServiceStub(self.channels.get(address))
             try:
-                await stub.Encode(pb.EncodeRequest(request_id=request.request_id, items=items,
+                await stub.Encode(pb.EncodeRequest(request_id=request.stage_request_id, items=items,
                                                    prefill_address=plan.prefill.address), timeout=self.timeout)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise _as_api_error(exc, "encode", address) from exc
+                    raise APIError(400, f"encode worker {address}: {exc.details()}", "invalid_image") from exc
                 log.warning("encode on %s failed (%s)", address, exc.code().name)
                 self.planner.suspect(address)
                 others = [w.address for w in self.directory.live("encode")
@@ -148,21 +183,24 @@ class StagePipeline:
                     return  # prefill falls back to fetching or recomputing the items itself
                 address = others[0]
 
-    async def _prefill(self, request: PreparedRequest, images: list[pb.ImageRef], plan: RoutePlan) -> pb.PrefillResponse:
+    async def _prefill(self, request: PreparedRequest, images: list[pb.ImageRef], plan: RoutePlan) -> None:
         stub = pb_grpc.PrefillServiceStub(self.channels.get(plan.prefill.address))
-        message = pb.PrefillRequest(request_id=request.request_id, input_ids=request.input_ids, images=images,
-                                    sampling=sampling_to_proto(request.chat.sampling(request.max_tokens)),
+        message = pb.PrefillRequest(request_id=request.stage_request_id, input_ids=request.input_ids,
+                                    images=images, sampling=sampling_to_proto(request.sampling),
                                     decode_address=plan.decode.address)
         try:
             reply = await stub.Prefill(message, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                # prefill itself, or the decode worker it streams the KV cache to, is unreachable
-                self.planner.suspect(plan.decode.address if plan.decode.address in (exc.details() or "")
-                                     else plan.prefill.address)
-            raise _as_api_error(exc, "prefill", plan.prefill.address) from exc
+            # prefill itself, or the decode worker it streams the KV cache to, may be the one lost
+            lost = plan.decode.address if plan.decode.address in (exc.details() or "") else plan.prefill.address
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise APIError(400, f"prefill worker {plan.prefill.address}: {exc.details()}",
+                               "prefill_failed") from exc
+            failure = _failure("prefill", plan.prefill.address, exc)
+            if failure.retryable:
+                failure.address = lost
+            raise failure from exc
         request.cached_tokens = reply.cached_tokens
-        return reply
 
     @staticmethod
     async def _first_failure(prefill: asyncio.Task, encodes: list[asyncio.Task]) -> None:
@@ -176,7 +214,8 @@ class StagePipeline:
                     raise task.exception()
 
 
-def _as_api_error(exc: grpc.aio.AioRpcError, stage: str, address: str) -> APIError:
-    status = GRPC_TO_HTTP.get(exc.code(), 503 if exc.code() == grpc.StatusCode.UNAVAILABLE else 500)
-    code = "invalid_image" if stage == "encode" and status == 400 else f"{stage}_failed"
-    return APIError(status, f"{stage} worker {address}: {exc.details() or exc.code().name}", code)
+def _failure(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageFailure:
+    code = exc.code()
+    retryable = code in WORKER_LOST
+    return StageFailure(stage, address, exc.details() or code.name, retryable,
+                        GRPC_TO_HTTP.get(code, 503 if retryable else 500))

@@ -16,6 +16,7 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
 from ..cache import ByteLRU
+from ..cancellation import CancellableRequests
 from ..models import EncodeInput, InvalidImageError, VisionPartBase
 from ..wire import tensor_to_proto
 from .batching import MicroBatcher
@@ -31,7 +32,9 @@ class EncodeTask:
     future: asyncio.Future
 
 
-class EncodeServicer(pb_grpc.EncodeServiceServicer):
+class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
+    Cancel = CancellableRequests.Cancel  # the generated base's stub would shadow the mixin's
+
     def __init__(self, ctx: WorkerContext, vision: VisionPartBase, cache_bytes: int, max_batch: int,
                  max_wait: float) -> None:
         self.ctx = ctx
@@ -50,6 +53,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         self.active_requests += 1
+        self.track(request.request_id)  # Cancel ends this call; items it queued still finish, for the cache
         metrics.IN_FLIGHT.labels("encode").inc()
         start = time.perf_counter()
         try:
@@ -67,6 +71,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
             metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - start)
             return pb.EncodeResponse(item_keys=keys)
         finally:
+            self.untrack(request.request_id)
             self.active_requests -= 1
             metrics.IN_FLIGHT.labels("encode").dec()
 

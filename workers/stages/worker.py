@@ -1,5 +1,6 @@
 """One worker process: loads only its stage's part of the model, serves the
-stage over grpc.aio (with the standard health service and reflection),
+stage over grpc.aio (with the standard health service; mutual TLS and
+reflection when asked for; a drain on SIGTERM),
 exposes /metrics, and registers itself in Redis with a heartbeat."""
 
 from __future__ import annotations
@@ -7,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from typing import Literal
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -21,9 +20,13 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from ..cache import MetadataStore
+from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import DecodeEngine, PrefillEngine, PrefixKVCache
 from ..models import load_adapter
+from ..redis_connection import connect
 from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
+from ..security.tls import TLSFiles, bind, plaintext_health_server
+from ..transport import ChannelPool
 from ..transport.grpc_transport import CHANNEL_OPTIONS
 from .context import WorkerContext
 from .decode import DecodeServicer
@@ -56,6 +59,10 @@ class WorkerConfig:
     cache_ttl: int = 3600
     prefix_cache_bytes: int = 1 << 30  # prefill's prefix KV cache (0 turns it off)
     prefix_block_size: int = 16
+    tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
+    grpc_reflection: bool = False
+    health_port: int = 0  # > 0: also serve gRPC health alone, without TLS, here (for kubelet probes)
+    drain_timeout: float = 25.0  # on SIGTERM: seconds to finish the calls held (below the pod's grace period)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -83,13 +90,14 @@ class Worker:
     async def start(self) -> None:
         config = self.config
         adapter = load_adapter(config.model)
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.calls = ActiveCalls()
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[self.calls])
+        port = bind(self.server, f"{config.host}:{config.port}", config.tls)
         address = config.advertise or f"{config.host}:{port}"
-        self.redis = aioredis.from_url(config.redis_url)
+        self.redis = connect(config.redis_url)
         self.ctx = ctx = WorkerContext(address=address, adapter=adapter, redis=self.redis,
                                        metadata=MetadataStore(self.redis, config.cache_ttl),
-                                       directory=WorkerDirectory(self.redis))
+                                       directory=WorkerDirectory(self.redis), channels=ChannelPool(config.tls))
         self.servicers = _build_servicers(config, ctx)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -98,8 +106,11 @@ class Worker:
             getattr(pb_grpc, f"add_{base}_to_server")(servicer, self.server)
             names.append(pb.DESCRIPTOR.services_by_name[base.removesuffix("Servicer")].full_name)
             servicer.start()
-        reflection.enable_server_reflection(names, self.server)
+        if config.grpc_reflection:
+            reflection.enable_server_reflection(names, self.server)
         await self.server.start()
+        self.health_server = (await plaintext_health_server(self.health, config.host, config.health_port)
+                              if config.health_port else None)
         self.metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
         metrics_url = f"http://{config.host}:{self.metrics_server.server_port}/metrics"
         infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
@@ -125,8 +136,11 @@ class Worker:
     async def stop(self) -> None:
         self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.registration.stop()
+        await self.registration.stop()  # out of discovery first, then finish what is held
+        await drain(self.calls, self.config.drain_timeout)
         await self.server.stop(grace=5)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         for servicer in self.servicers:
             await servicer.stop()
         await self.ctx.directory.stop()
@@ -140,7 +154,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
     worker = Worker(config)
     await worker.start()
-    await _wait_for_signal()
+    await until_signalled()
     await worker.stop()
 
 
@@ -183,10 +197,3 @@ def _load(servicers: list) -> WorkerLoad:
                               outstanding_tokens=load.outstanding_tokens, kv_usage=s.engine.kv_usage)
     return load
 
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

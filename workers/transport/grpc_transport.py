@@ -12,6 +12,7 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
 from ..messages import KVHandoff
+from ..security.tls import TLSFiles
 from ..wire import handoff_to_chunks, tensor_from_proto, tensor_to_proto
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -20,22 +21,43 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 
 
 class ChannelPool:
-    """One insecure channel per peer address, reused across calls."""
+    """One channel per peer address, reused across calls: mutual TLS with `tls`, else plain
+    (loopback only). Renewed certificate files are noticed within `recheck` seconds; calls
+    after that use new channels, and calls already running finish on the old ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSFiles | None = None, recheck: float = 30.0) -> None:
+        self.tls = tls
+        self.recheck = recheck
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []
+        self._credentials = tls.channel_credentials() if tls else None
+        self._stamp = tls.stamp() if tls else None
+        self._checked = time.monotonic()
 
     def get(self, address: str) -> grpc.aio.Channel:
+        if self.tls is not None and time.monotonic() - self._checked > self.recheck:
+            self._reload_if_renewed()
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = (grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+                       if self._credentials else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
             self._channels[address] = channel
         return channel
 
+    def _reload_if_renewed(self) -> None:
+        self._checked = time.monotonic()
+        stamp = self.tls.stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        self._credentials, self._stamp = self.tls.channel_credentials(), stamp
+        self._retired.extend(self._channels.values())
+        self._channels = {}
+
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()
         self._channels.clear()
+        self._retired.clear()
 
 
 class GrpcEmbeddingTransport:
