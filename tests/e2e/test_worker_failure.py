@@ -1,5 +1,5 @@
-"""A worker killed mid-request: that request ends with a clear error, and the
-others keep being served by the surviving replicas."""
+"""A worker killed mid-request: the request is resumed on a surviving replica and
+completes as if nothing happened; the others keep being served."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def served(redis_server):
 
 
 def test_decode_worker_killed_mid_stream(served):
-    body = chat_body(MODEL, "Tell me a very long story.", [], max_tokens=3000, stream=True)
+    body = chat_body(MODEL, "Tell me a very long story.", [], max_tokens=400, stream=True)
+    undisturbed = httpx.post(served.base_url + "/chat/completions", json={**body, "stream": False}, timeout=120)
     events = []
     with httpx.stream("POST", served.base_url + "/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
@@ -40,11 +41,15 @@ def test_decode_worker_killed_mid_stream(served):
         os.kill(busy[0].pid, signal.SIGKILL)
         events.extend(line[6:] for line in lines if line.startswith("data: "))
     assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
-    assert error["code"] == "decode_failed" and busy[0].address in error["message"]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c]
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role") is None]
+    assert len(tokens) == 400 and tokens[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in tokens)
+    assert text == undisturbed.json()["choices"][0]["message"]["content"]  # greedy: as if undisturbed
+    assert served.router_metric("epd_router_recoveries_total", kind="resume") == 1
 
-    survivor = [w.address for w in served.workers("decode") if w.pid != busy[0].pid]
-    wait_until(lambda: [w.address for w in served.workers("decode")] == survivor, 15,
+    wait_until(lambda: busy[0].address not in [w.address for w in served.workers("decode")], 15,
                message="the dead decode worker to drop out of discovery")
     reply = httpx.post(served.base_url + "/chat/completions", json=chat_body(MODEL, "Still there?", []), timeout=60)
     assert reply.status_code == 200, reply.text
@@ -63,9 +68,9 @@ def test_requests_succeed_while_redis_is_unreachable(served):
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["message"]["content"] == before.json()["choices"][0]["message"]["content"]
     health_url = served.base_url.removesuffix("/v1") + "/health"
-    health = wait_until(lambda: (r := httpx.get(health_url, timeout=10)).status_code == 503 and r, 10,
-                        message="/health to report Redis down")
-    assert "Redis" in health.json()["reason"]
+    health = wait_until(lambda: (r := httpx.get(health_url, timeout=10)).json()["redis"] == "unreachable" and r,
+                        10, message="/health to report Redis down")
+    assert health.status_code == 200  # the router keeps serving from its last view of the workers
     served.stop()
     assert not [pid for pid in pids if _running(pid)]  # SIGTERM took every worker down
 
