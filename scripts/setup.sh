@@ -10,10 +10,10 @@ PYTHON=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> installing redis-server"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
+  echo "==> installing redis-server and g++ (the CPU paged-attention kernel is compiled on first use)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server g++ >/dev/null
 fi
 
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
@@ -25,3 +25,6 @@ fi
 
 echo "==> installing epd-serve (editable) and its test extras"
 "$PYTHON" -m pip install -q -e ".[test]"
+
+echo "==> building the CPU paged-attention kernel (cached under ~/.cache/torch_extensions)"
+"$PYTHON" -P -c "from epd.workers.engine.cpu_attention import kernel; import sys; sys.exit(kernel() is None)"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-    from .engine.prefix_cache import PrefixHit
+    from .engine.prefill import PrefixHit
 
 FinishReason = Literal["stop", "length"]
 

@@ -43,7 +43,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...workers.engine import DecodeEngine, PrefillEngine
+    from ...workers.engine import DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
     from ...workers.messages import ImageSize, PrefillJob, SamplingParams
     from ...workers.models import EncodeInput, UnknownModelError, load_adapter
 
@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         seconds = _median_seconds(lambda: vision.encode(items), args.repeats)
         encode.append({"images": images, "patch_tokens": images * tokens_per_image,
                        "megapixels": images * width * height / 1e6, "seconds": seconds})
-    prefill_engine = PrefillEngine(language, adapter)
+    # prefix caching off: every timed repeat computes its whole prompt
+    runtime = build_runtime(language, KVCacheConfig(prefix_cache_bytes=0))
+    prefill_engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator)
     greedy = SamplingParams(max_tokens=1)
     prefill = []
     for lengths in ([64], [256], [512], [256, 256], [128] * 4):
@@ -73,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         handoffs = prefill_engine.run([PrefillJob(f"d{i}", [7] * context, [], [],
                                                   SamplingParams(max_tokens=1000, ignore_eos=True))
                                        for i in range(sequences)])
-        engine = DecodeEngine(language, adapter, max_batch=sequences)
+        engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, max_batch=sequences)
         for handoff in handoffs:
             engine.add(handoff)
-        engine.step()  # lays out the batch
+        engine.step()  # admits the sequences into the pool
         seconds = _median_seconds(engine.step, args.repeats)
         decode.append({"sequences": sequences, "context_tokens": sequences * (context + 2), "seconds": seconds})
     document = profile_document(args.model, args.hardware, encode, prefill, decode)

@@ -1,19 +1,20 @@
-"""Prefix KV cache: block identity (text and image content), the byte bound,
-and token-exact prefill when some rows of a batch start from a cached prefix."""
+"""The prefix cache is the prefill pool itself: full blocks named by content,
+shared by reference, kept after their sequences finish and evicted least
+recently used; hits are token-exact in a mixed batch."""
 
 from __future__ import annotations
 
 import hashlib
 
-import torch
+import pytest
 
-from epd.workers.engine import PrefillEngine, PrefixKVCache
-from epd.workers.engine.prefix_cache import images_within
 from epd.workers.cache import block_hashes
+from epd.workers.engine.block_allocator import BlockAllocator, OutOfBlocks
+from epd.workers.engine.prefill import images_within
 
 from .conftest import Stages, png_bytes
+from .driver import MAX_NEW, Engines, make_job
 from .reference import reference_generate
-from .test_token_exact import MAX_NEW, make_job, run_epd
 
 IMG = 99  # image placeholder id in the hashing tests
 
@@ -31,19 +32,23 @@ def test_blocks_are_named_by_text_and_image_content():
     assert block_hashes(ids[:7], IMG, ["a", "b"], [3, 3], 4) == base[:1]  # only full blocks
 
 
-def test_lookup_leaves_a_token_to_compute_and_capacity_bounds_the_bytes():
-    layers = [(torch.randn(2, 12, 4), torch.randn(2, 12, 4)) for _ in range(3)]
-    block_bytes = 3 * 2 * 2 * 4 * 4 * 4  # [layers, 2, heads, block, dim] float32
-    cache = PrefixKVCache(capacity_bytes=2 * block_bytes, block_size=4)
-    cache.store(["x", "y", "z"], layers)
-    assert cache.blocks.bytes == 2 * block_bytes and "x" not in cache.blocks  # oldest block evicted
-    assert cache.lookup(["x", "y", "z"], 12) is None  # the chain starts at the evicted block
-    cache = PrefixKVCache(capacity_bytes=10 * block_bytes, block_size=4)
-    cache.store(["x", "y", "z"], layers)
-    hit = cache.lookup(["x", "y", "z"], 12)
-    assert hit.tokens == 8  # 12 prompt tokens: the last block is recomputed for the first token's logits
-    assert all(torch.equal(k, ref_k[:, :8]) and torch.equal(v, ref_v[:, :8])
-               for (k, v), (ref_k, ref_v) in zip(hit.layers(), layers))
+def test_named_blocks_are_shared_kept_when_free_and_evicted_least_recently_used():
+    allocator = BlockAllocator(4, max_cached_blocks=2)
+    first = allocator.allocate(3)
+    for block, name in zip(first, "xyz"):
+        allocator.name(block, name)
+    assert allocator.share_prefix(["x", "y", "q"], limit=3) == first[:2]  # shared: refs 2, no copy
+    allocator.free_blocks(first)
+    assert allocator.used == 2  # x and y are still held by the second user
+    allocator.free_blocks(first[:2])
+    assert allocator.used == 0 and allocator.cached_names() == 2  # z was dropped: only 2 may idle cached
+    assert allocator.share_prefix(["z"], limit=1) == []
+    fresh = allocator.allocate(3)  # 2 empty blocks + the least recently used cached one (x)
+    assert allocator.share_prefix(["x"], limit=1) == [] and allocator.cached_names() == 1
+    with pytest.raises(OutOfBlocks):
+        allocator.allocate(2)
+    allocator.free_blocks(fresh)
+    assert allocator.free == 4
 
 
 def test_images_wholly_inside_the_cached_prefix_need_no_embedding():
@@ -53,35 +58,42 @@ def test_images_wholly_inside_the_cached_prefix_need_no_embedding():
     assert images_within(ids, IMG, [2, 3], 2) == [False, False]
 
 
-def with_keys(job, images: list[bytes]):
-    job.image_keys = [hashlib.sha256(data).hexdigest() for data in images]
-    return job
+def keys(images: list[bytes]) -> list[str]:
+    return [hashlib.sha256(data).hexdigest() for data in images]
 
 
 def test_prefix_hits_are_token_exact_in_a_mixed_batch(stages: Stages):
     images = [png_bytes(40 + 9 * k, 32 + 5 * k, seed=700 + k) for k in range(2)]
-    cache = PrefixKVCache(capacity_bytes=1 << 28, block_size=4)
-    engine = PrefillEngine(stages.language, stages.adapter, cache)
-    first = with_keys(make_job(stages, "first", "Describe both images.", images), images)
-    assert engine.run([first])[0].cached_tokens == 0
+    engines = Engines.build(stages)
+    first = make_job(stages, "first", "Describe both images.", images, keys=keys(images))
+    assert engines.prefill_all([first])[0].cached_tokens == 0
+    assert engines.prefill.allocator.used == 0 and engines.prefill.allocator.cached_names() > 0
 
-    follow_up = with_keys(make_job(stages, "follow", "Which one is brighter, and why?", images), images)
-    same = with_keys(make_job(stages, "same", "Describe both images.", images), images)
+    follow_up = make_job(stages, "follow", "Which one is brighter, and why?", images, keys=keys(images))
+    same = make_job(stages, "same", "Describe both images.", images, keys=keys(images))
     other = [png_bytes(44, 30, seed=777)]
-    fresh = with_keys(make_job(stages, "fresh", "Describe both images.", other), other)
-    handoffs = {h.request_id: h for h in engine.run([follow_up, same, fresh])}
-    assert 0 < handoffs["follow"].cached_tokens < len(follow_up.input_ids)
-    assert handoffs["same"].cached_tokens == (len(same.input_ids) - 1) // 4 * 4
-    # another image: only the chat template before it is shared
-    assert handoffs["fresh"].cached_tokens <= fresh.input_ids.index(stages.adapter.image_token_id)
-    assert all(k.shape[1] == h.prompt_tokens for h in handoffs.values() for k, _ in h.layers)
-
+    fresh = make_job(stages, "fresh", "Describe both images.", other, keys=keys(other))
+    # As the server admits it: the prefix found first (pinned), and no embedding for an image inside it.
+    same.prefix = engines.prefill.find_prefix(same)
+    assert engines.prefill.needed_images(same, same.prefix) == [False, False]
+    same.image_embeddings = [None, None]
     jobs = [(follow_up, images), (same, images), (fresh, other)]
     expected = {job.request_id: reference_generate(stages.adapter, stages.full, job.input_ids, imgs, MAX_NEW)
                 for job, imgs in jobs}
-    # As the server admits it: the prefix found first, and no embedding for an image inside it.
-    same.prefix = engine.find_prefix(same)
-    needed = engine.needed_images(same, same.prefix)
-    assert needed == [False, False]
-    same.image_embeddings = [None, None]
-    assert run_epd(stages, [job for job, _ in jobs], prefill=engine) == expected  # now every row has a hit
+    named = [engines.prefill.allocator.by_name[name] for name in same.prefix_blocks[:len(same.prefix.blocks)]]
+    assert same.prefix.blocks == named  # a hit is the very blocks the first prompt computed: nothing copied
+    assert engines.run([job for job, _ in jobs]) == expected
+    assert engines.prefill.allocator.used == 0
+
+
+def test_cached_tokens_are_reported_and_count_only_full_blocks(stages: Stages):
+    images = [png_bytes(40, 32, seed=800)]
+    engines = Engines.build(stages)
+    first = make_job(stages, "a", "Describe the image.", images, keys=keys(images))
+    engines.prefill_all([first])
+    again = make_job(stages, "b", "Describe the image.", images, keys=keys(images))
+    follow = make_job(stages, "c", "And now in one word?", images, keys=keys(images))
+    handoffs = {h.request_id: h for h in engines.prefill_all([again, follow])}
+    assert handoffs["b"].cached_tokens == (len(again.input_ids) - 1) // 4 * 4  # all but the last token's block
+    assert 0 < handoffs["c"].cached_tokens < len(follow.input_ids)
+    assert all(k.shape[1] == h.prompt_tokens for h in handoffs.values() for k, _ in h.layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epd.workers.engine import DecodeEngine, PrefillEngine
+from epd.workers.engine import DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
 from epd.workers.engine.detokenizer import IncrementalDetokenizer
 from epd.workers.engine.sampling import generator_state, new_generator, restore_generator, sample
 from epd.workers.messages import ChatMessage, PrefillJob, SamplingParams, TextPart
@@ -20,8 +20,11 @@ def llava():
 
 def generate(adapter, language, sampling: SamplingParams, text: str = "Tell me a story.") -> list:
     ids = adapter.build_prompt([ChatMessage("user", (TextPart(text),))], [])
-    handoff = PrefillEngine(language, adapter).run([PrefillJob("r", ids, [], [], sampling)])[0]
-    decode = DecodeEngine(language, adapter)
+    runtime = build_runtime(language, KVCacheConfig(capacity_bytes=1 << 22))
+    prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator)
+    prefill.add(PrefillJob("r", ids, [], [], sampling))
+    handoff = prefill.step()[0].handoff
+    decode = DecodeEngine(runtime.decoder, adapter, runtime.allocator)
     events = [decode.add(handoff)]
     while decode.active:
         events.extend(decode.step())

@@ -1,56 +1,27 @@
-"""Greedy E->P->D (vision encode -> merge -> batched prefill -> KV bytes ->
-continuous-batching decode) equals `model.generate` token for token."""
+"""Greedy E->P->D (vision encode -> merge -> packed, chunked prefill into the
+paged pool -> KV bytes -> continuous-batching decode over its own pool) equals
+`model.generate` token for token, for every family."""
 
 from __future__ import annotations
 
-from epd.workers.engine import DecodeEngine, PrefillEngine
-from epd.workers.engine.tensors import pack, unpack
-from epd.workers.messages import ChatMessage, ImagePart, KVHandoff, PrefillJob, SamplingParams, TextPart
-from epd.workers.models import EncodeInput
+import pytest
 
 from .conftest import Stages, png_bytes
-from .reference import image_size, reference_generate
+from .driver import MAX_NEW, Engines, make_job
+from .reference import reference_generate
 
-MAX_NEW = 12
-
-
-def make_job(stages: Stages, request_id: str, text: str, images: list[bytes]) -> PrefillJob:
-    sizes = [image_size(data) for data in images]
-    parts = tuple([ImagePart(i) for i in range(len(images))] + [TextPart(text)])
-    ids = stages.adapter.build_prompt([ChatMessage("user", parts)], sizes)
-    embeddings = []
-    for data, size in zip(images, sizes):
-        items = [EncodeInput(data, tile) for tile in range(len(stages.adapter.image_items(size)))]
-        # encode each item on its own, as if spread over several encode workers
-        per_item = [stages.vision.encode([item])[0] for item in items]
-        embeddings.append(stages.language.merge_image(size, per_item))
-    sampling = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
-    return PrefillJob(request_id, ids, embeddings, sizes, sampling)
+TEXTS = ["What is shown?", "How many objects are there in this photo today?", "Hello", "Red, green, blue.",
+         "Describe the weather.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
 
 
-def through_the_wire(handoff: KVHandoff) -> KVHandoff:
-    handoff.layers = [(unpack(pack(k)), unpack(pack(v))) for k, v in handoff.layers]
-    return handoff
-
-
-def run_epd(stages: Stages, jobs: list[PrefillJob], join_every: int = 0,
-            prefill: PrefillEngine | None = None) -> dict[str, list[int]]:
-    """Prefill all jobs in one batch, then decode; with join_every > 0 sequences join mid-way."""
-    prefill = prefill or PrefillEngine(stages.language, stages.adapter)
-    handoffs = [through_the_wire(h) for h in prefill.run(jobs)]
-    decode = DecodeEngine(stages.language, stages.adapter, max_batch=16)
-    tokens: dict[str, list[int]] = {job.request_id: [] for job in jobs}
-    waiting = list(handoffs)
-    steps = 0
-    while waiting or decode.active:
-        if waiting and (join_every == 0 or steps % join_every == 0):
-            tokens[waiting[0].request_id].append(decode.add(waiting.pop(0)).token_id)
-            if join_every == 0:
-                continue
-        for event in decode.step():
-            tokens[event.request_id].append(event.token_id)
-        steps += 1
-    return tokens
+def mixed_jobs(stages: Stages, count: int = len(TEXTS)):
+    jobs, expected = [], {}
+    for i, text in enumerate(TEXTS[:count]):
+        images = [png_bytes(36 + 5 * i + 9 * k, 28 + 3 * k, seed=100 + 10 * i + k) for k in range(i % 3)]
+        job = make_job(stages, f"mix{i}", text, images)
+        jobs.append(job)
+        expected[job.request_id] = reference_generate(stages.adapter, stages.full, job.input_ids, images, MAX_NEW)
+    return jobs, expected
 
 
 def test_single_requests_match_generate(stages: Stages):
@@ -58,16 +29,38 @@ def test_single_requests_match_generate(stages: Stages):
         images = [png_bytes(40 + 13 * i, 30 + 7 * i, seed=i) for i in range(n_images)]
         job = make_job(stages, f"r{n_images}", "Describe the image in detail.", images)
         expected = reference_generate(stages.adapter, stages.full, job.input_ids, images, MAX_NEW)
-        assert run_epd(stages, [job])[job.request_id] == expected, f"{n_images} images"
+        assert Engines.build(stages).run([job])[job.request_id] == expected, f"{n_images} images"
 
 
-def test_mixed_batch_with_joins_matches_generate(stages: Stages):
-    texts = ["What is shown?", "How many objects are there in this photo today?", "Hello", "Red, green, blue.",
-             "Describe the weather.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
-    jobs, expected = [], {}
-    for i, text in enumerate(texts):
-        images = [png_bytes(36 + 5 * i + 9 * k, 28 + 3 * k, seed=100 + 10 * i + k) for k in range(i % 3)]
-        job = make_job(stages, f"mix{i}", text, images)
-        jobs.append(job)
-        expected[job.request_id] = reference_generate(stages.adapter, stages.full, job.input_ids, images, MAX_NEW)
-    assert run_epd(stages, jobs, join_every=3) == expected
+@pytest.mark.parametrize("attention", ["sdpa", "cpu-paged"])
+def test_mixed_batch_with_joins_and_leaves_matches_generate(stages: Stages, attention: str):
+    """Prompts of different lengths packed in one prefill; in decode they join every 3 steps and
+    leave at different steps (different max_tokens). Both CPU attention backends."""
+    jobs, expected = mixed_jobs(stages)
+    for index, job in enumerate(jobs):
+        job.sampling = type(job.sampling)(max_tokens=MAX_NEW - index, ignore_eos=True)
+        expected[job.request_id] = expected[job.request_id][:MAX_NEW - index]
+    engines = Engines.build(stages, attention=attention)
+    assert engines.decode_runtime.decoder.attention.name == attention
+    assert engines.run(jobs, join_every=3) == expected
+    assert engines.prefill.allocator.used == 0 and engines.decode.allocator.used == 0
+
+
+def test_chunked_prefill_of_prompts_longer_than_the_budget_matches_generate(stages: Stages):
+    jobs, expected = mixed_jobs(stages, 4)
+    budget = 13  # smaller than every prompt: each is prefilled in several chunks, packed with others
+    assert all(len(job.input_ids) > budget for job in jobs)
+    engines = Engines.build(stages, token_budget=budget)
+    assert engines.run(jobs) == expected
+
+
+def test_preemption_when_decode_runs_out_of_blocks_matches_generate(stages: Stages):
+    """A decode pool with room for about two sequences: growing sequences preempt the newest
+    (swapped out to host memory, back in later), and every output is still exact."""
+    jobs, expected = mixed_jobs(stages, 4)
+    longest = max(len(job.input_ids) for job in jobs) + MAX_NEW
+    block_bytes = Engines.build(stages).decode_runtime.pool.layout.bytes_per_block
+    engines = Engines.build(stages, decode_bytes=(2 * longest // 4 + 2) * block_bytes)
+    assert engines.run(jobs) == expected
+    assert engines.decode.stats.preemptions > 0
+    assert engines.decode.allocator.used == 0

@@ -97,18 +97,20 @@ async def test_bad_inputs_and_a_failed_batch_leave_the_worker_serving(worker, re
 
         # A CUDA out-of-memory cannot happen on this CPU machine: the engine raises one once instead.
         servicer = next(s for s in worker.servicers if isinstance(s, PrefillServicer))
-        real_run = servicer.engine.run
+        decoder = servicer.engine.decoder
+        real_forward = decoder.forward
 
-        def out_of_memory_once(jobs):
-            monkeypatch.setattr(servicer.engine, "run", real_run)
+        def out_of_memory_once(embeds, batch):
+            monkeypatch.setattr(decoder, "forward", real_forward)
             raise RuntimeError("CUDA out of memory")
-        monkeypatch.setattr(servicer.engine, "run", out_of_memory_once)
+        monkeypatch.setattr(decoder, "forward", out_of_memory_once)
         with pytest.raises(grpc.aio.AioRpcError) as oom:
             await prefill.Prefill(prefill_request(worker, "oom", [1, 10, 11, 12]), timeout=60)
         assert oom.value.code() == grpc.StatusCode.INTERNAL and "CUDA out of memory" in oom.value.details()
 
         tokens = await generate(worker, decode, prefill_request(worker, "after", [1, 10, 11, 12]), prefill)
         assert len(tokens) == 2
+        assert servicer.engine.allocator.used == 0  # the failed batch's blocks went back to the pool
 
         health = health_pb2_grpc.HealthStub(channel)
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
@@ -118,7 +120,7 @@ async def test_a_loop_that_ends_turns_the_worker_not_serving_and_out_of_discover
     client = redis.Redis(port=redis_server.port)
     assert client.keys(KEY_PREFIX + "prefill:*")
     servicer = next(s for s in worker.servicers if isinstance(s, PrefillServicer))
-    servicer.batcher._loop._task.cancel()  # the loop ends without stop(): a bug, from the worker's view
+    servicer._loop._task.cancel()  # the loop ends without stop(): a bug, from the worker's view
     await asyncio.wait_for(worker.ctx.health.dead.wait(), 10)
     async with grpc.aio.insecure_channel(worker.ctx.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -128,5 +130,5 @@ async def test_a_loop_that_ends_turns_the_worker_not_serving_and_out_of_discover
             await asyncio.sleep(0.05)  # polling a condition with a deadline
         else:
             pytest.fail("health never turned NOT_SERVING")
-    assert "prefill batcher loop ended" in worker.ctx.health.reason
+    assert "prefill scheduler loop ended" in worker.ctx.health.reason
     assert not client.keys(KEY_PREFIX + "*")

@@ -1,5 +1,5 @@
 """Tensor helpers of the engines: (shape, dtype name, raw bytes), the form tensors
-travel in over gRPC, and the left padding of per-sequence KV."""
+travel in over gRPC."""
 
 from __future__ import annotations
 
@@ -40,10 +40,3 @@ def unpack(packed: PackedTensor, device: str | torch.device = "cpu") -> torch.Te
     flat = torch.frombuffer(bytearray(packed.data), dtype=torch.uint8) if packed.data else torch.empty(0, dtype=torch.uint8)
     return flat.view(dtype).reshape(packed.shape).to(device)
 
-
-def left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """[heads, seq, dim] -> [heads, width, dim], zeros on the left."""
-    missing = width - tensor.shape[1]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor.new_zeros((tensor.shape[0], missing, tensor.shape[2])), tensor], dim=1)

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 
 from ..models import UnknownModelError
+from ..engine import ATTENTION_BACKENDS
 from ..redis_connection import add_redis_argument, redis_url
 from ..security.tls import add_tls_arguments, tls_from_args
 from ..stages.worker import ROLES, WorkerConfig, serve_worker
@@ -24,15 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = any free port)")
     parser.add_argument("--device", default="cpu")
     defaults = {f.name: f.default for f in fields(WorkerConfig)}
-    for name in ("encode_max_batch", "encode_max_wait", "prefill_token_budget", "prefill_max_wait",
-                 "decode_max_batch", "decode_max_kv_tokens", "cache_bytes", "cache_ttl", "prefix_cache_bytes",
-                 "prefix_block_size"):
+    for name in ("encode_max_batch", "encode_max_wait", "prefill_token_budget", "decode_max_batch",
+                 "decode_max_kv_tokens", "cache_bytes", "cache_ttl", "kv_cache_bytes", "gpu_memory_utilization",
+                 "block_size", "prefix_cache_bytes"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults["attention_backend"])
     add_tls_arguments(parser)
     parser.add_argument("--grpc-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     parser.add_argument("--health-port", type=int, default=0,
                         help="also serve gRPC health alone, without TLS, on this port (for kubelet probes)")
-    parser.add_argument("--drain-timeout", type=float, default=defaults.get("drain_timeout", 25.0),
+    parser.add_argument("--drain-timeout", type=float, default=defaults["drain_timeout"],
                         help="on SIGTERM, seconds to finish held requests after leaving discovery "
                              "(keep it below the pod's terminationGracePeriodSeconds)")
 

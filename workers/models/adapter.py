@@ -234,17 +234,17 @@ class LanguagePartBase(ABC):
         """Rows that fill one image's placeholders, from its items' embeddings (in order)."""
         return torch.cat(list(item_embeddings), dim=0)
 
+    position_rank = 1  # rows of a token's position id: 1 (RoPE) or 3 (M-RoPE: time, height, width)
+
     @abstractmethod
     def prompt_positions(self, input_ids: list[int], image_sizes: Sequence[ImageSize]) -> tuple[torch.Tensor, int]:
-        """Position ids of a prompt ([L] or [3, L] for M-RoPE) and the rope delta for later tokens."""
+        """Position ids of a prompt (`[L]`, or `[3, L]` for M-RoPE) and the rope delta for later tokens."""
 
-    @abstractmethod
-    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Position ids for one new token per row, from [B] absolute positions (delta applied)."""
+    def text_positions(self, start: int, count: int, rope_delta: int) -> torch.Tensor:
+        """Position ids of `count` text tokens after the prompt, the first at cache index `start`."""
+        positions = torch.arange(start + rope_delta, start + rope_delta + count)
+        return positions if self.position_rank == 1 else positions.expand(self.position_rank, count)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: Any) -> torch.Tensor:
-        """Run the decoder; returns the logits of each row's last position (float32)."""
-        out = self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              position_ids=position_ids, cache=cache, use_cache=True)
-        return self.lm_head(out.last_hidden_state[:, -1]).float()
+    def rotary_position_ids(self, packed: torch.Tensor) -> torch.Tensor:
+        """The rotary module's position ids for a packed batch: `[1, T]` or `[3, 1, T]`."""
+        return packed.view(1, -1) if self.position_rank == 1 else packed.view(self.position_rank, 1, -1)

@@ -94,9 +94,6 @@ class LlavaLanguage(LanguagePartBase):
     def prompt_positions(self, input_ids: list[int], image_sizes: Sequence[ImageSize]) -> tuple[torch.Tensor, int]:
         return torch.arange(len(input_ids)), 0
 
-    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions.view(-1, 1)
-
 
 class _ImageNewline(nn.Module):
     """Holds LLaVA-NeXT's learned end-of-row embedding (checkpoint key model.image_newline)."""

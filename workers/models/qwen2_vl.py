@@ -93,6 +93,7 @@ class Qwen2VLVision(VisionPartBase):
 
 class Qwen2VLLanguage(LanguagePartBase):
     adapter: Qwen2VLAdapter
+    position_rank = 3
 
     def prompt_positions(self, input_ids: list[int], image_sizes: Sequence[ImageSize]) -> tuple[torch.Tensor, int]:
         ids = torch.tensor([input_ids])
@@ -107,5 +108,3 @@ class Qwen2VLLanguage(LanguagePartBase):
         positions, deltas = model_cls.get_rope_index(holder, ids, token_types, image_grid_thw=grid)
         return positions[:, 0], int(deltas[0, 0])
 
-    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions.view(1, -1, 1).expand(3, -1, 1)

@@ -59,7 +59,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         if header is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV stream for {request_id!r} has no header")
         try:
-            handoff = handoff_from_chunks(request_id, header, layers)
+            handoff = self.engine.validated(handoff_from_chunks(request_id, header, layers))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._drop_orphans()
@@ -98,8 +98,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             self.wakeup.set()
             while True:
                 token = await queue.get()
+                if isinstance(token, ValueError):  # e.g. a sequence that can never fit
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(token))
                 if isinstance(token, Exception):
-                    await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token}")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token!r}")
                 completion += 1
                 yield pb.GenerateChunk(token_ids=[token.token_id], text=token.text,
                                        finish_reason=token.finish_reason or "", prompt_tokens=handoff.prompt_tokens,
@@ -134,20 +136,28 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 events = await self.ctx.compute("decode", self._step, joining, cancelled)
             except Exception as exc:  # a failed step must not kill the loop: fail its requests instead
                 log.exception("decode step failed")
-                for request_id, queue in self.streams.items():
-                    queue.put_nowait(exc)
-                    self.engine.cancel(request_id)
-                continue
-            for event in events:
-                queue = self.streams.get(event.request_id)
+                failed = await self.ctx.compute("decode", self.engine.fail_all)
+                events = [(request_id, exc) for request_id in failed]
+            for request_id, event in events:
+                queue = self.streams.get(request_id)
                 if queue is not None:
                     queue.put_nowait(event)
+            metrics.QUEUE_DEPTH.labels("decode").set(len(self.engine.waiting) + len(self.engine.swapped))
+            if self.engine.running:
+                metrics.BATCH_SIZE.labels("decode").observe(len(self.engine.running))
             metrics.KV_USAGE.set(self.engine.kv_usage)
             metrics.KV_TOKENS.set(self.engine.kv_tokens)
 
-    def _step(self, joining: list[KVHandoff], cancelled: set[str]) -> list[TokenEvent]:
+    def _step(self, joining: list[KVHandoff], cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
         for request_id in cancelled:
             self.engine.cancel(request_id)
-        events = [self.engine.add(handoff) for handoff in joining if handoff.request_id not in cancelled]
-        return events + self.engine.step()
+        events: list[tuple[str, TokenEvent | Exception]] = []
+        for handoff in joining:
+            if handoff.request_id in cancelled:
+                continue
+            try:
+                events.append((handoff.request_id, self.engine.add(handoff)))
+            except ValueError as exc:  # it could never fit: fail it alone
+                events.append((handoff.request_id, exc))
+        return events + [(event.request_id, event) for event in self.engine.step()]
 

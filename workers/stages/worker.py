@@ -21,7 +21,7 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
-from ..engine import DecodeEngine, PrefillEngine, PrefixKVCache
+from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
 from ..models import load_adapter
 from ..redis_connection import connect
 from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
@@ -51,14 +51,16 @@ class WorkerConfig:
     device: str = "cpu"
     encode_max_batch: int = 16
     encode_max_wait: float = 0.005
-    prefill_token_budget: int = 8192
-    prefill_max_wait: float = 0.002
+    prefill_token_budget: int = 8192  # tokens per prefill step; longer prompts are chunked
     decode_max_batch: int = 64
     decode_max_kv_tokens: int = 1 << 20
     cache_bytes: int = 1 << 30
     cache_ttl: int = 3600
-    prefix_cache_bytes: int = 1 << 30  # prefill's prefix KV cache (0 turns it off)
-    prefix_block_size: int = 16
+    kv_cache_bytes: int = 0  # the paged KV pool; 0: 1 GiB on CPU, gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16  # tokens per KV block (also the prefix cache's granularity)
+    prefix_cache_bytes: int = 1 << 30  # free KV blocks kept as prefill's prefix cache (0 turns it off)
+    attention_backend: str = "auto"
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
     health_port: int = 0  # > 0: also serve gRPC health alone, without TLS, here (for kubelet probes)
@@ -67,12 +69,18 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens",
-                     "prefix_block_size"):
+        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.prefix_cache_bytes < 0:
-            raise ValueError("prefix_cache_bytes must be >= 0")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
+        self.kv_cache  # validates the KV settings
+
+    @property
+    def kv_cache(self) -> KVCacheConfig:
+        return KVCacheConfig(capacity_bytes=self.kv_cache_bytes, block_size=self.block_size,
+                             prefix_cache_bytes=self.prefix_cache_bytes,
+                             gpu_memory_utilization=self.gpu_memory_utilization, attention=self.attention_backend)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -166,15 +174,14 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         servicers.append(EncodeServicer(ctx, vision, config.cache_bytes, config.encode_max_batch,
                                         config.encode_max_wait))
     if {"prefill", "decode"} & set(config.stages):
-        language = adapter.load_language(config.device)
+        # one pool per process: colocated prefill and decode share it, as a non-disaggregated server does
+        runtime = build_runtime(adapter.load_language(config.device), config.kv_cache)
         if "prefill" in config.stages:
-            prefix = (PrefixKVCache(config.prefix_cache_bytes, config.prefix_block_size)
-                      if config.prefix_cache_bytes else None)
-            servicers.append(PrefillServicer(ctx, PrefillEngine(language, adapter, prefix), config.cache_bytes,
-                                             config.prefill_token_budget, config.prefill_max_wait))
+            engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
+            servicers.append(PrefillServicer(ctx, engine, config.cache_bytes))
         if "decode" in config.stages:
-            engine = DecodeEngine(language, adapter, config.decode_max_batch, config.decode_max_kv_tokens)
-            servicers.append(DecodeServicer(ctx, engine))
+            servicers.append(DecodeServicer(ctx, DecodeEngine(runtime.decoder, adapter, runtime.allocator,
+                                                              config.decode_max_batch, config.decode_max_kv_tokens)))
     return servicers
 
 
@@ -190,7 +197,7 @@ def _load(servicers: list) -> WorkerLoad:
             load = WorkerLoad(queue=s.batcher.depth, in_flight=s.active_requests,
                               outstanding_tokens=load.outstanding_tokens, kv_usage=load.kv_usage)
         elif isinstance(s, PrefillServicer):
-            load = WorkerLoad(queue=load.queue + s.batcher.depth, in_flight=load.in_flight + s.active_requests,
+            load = WorkerLoad(queue=load.queue + s.queue_depth, in_flight=load.in_flight + s.active_requests,
                               outstanding_tokens=s.outstanding_tokens, kv_usage=load.kv_usage)
         elif isinstance(s, DecodeServicer):
             load = WorkerLoad(queue=load.queue, in_flight=load.in_flight + s.in_flight,

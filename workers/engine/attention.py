@@ -1,0 +1,98 @@
+"""Attention over the paged KV pool, one backend chosen at start-up.
+
+`SdpaAttention` (any device; the CPU path the tests pin) runs PyTorch's
+scaled-dot-product attention per sequence: a sequence with nothing cached
+attends over its own new tokens (causal), one that extends cached KV (a
+prefix-cache hit, a later chunk, a decode step) over its blocks.
+`CpuPagedAttention` runs decode steps through a C++ kernel that reads the
+blocks in place (`cpu_attention`); the CUDA decode kernel lives in
+`triton_attention`. `select_backend` picks the fastest that runs here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .batch import PackedBatch
+from .cpu_attention import kernel as cpu_kernel
+from .cpu_attention import paged_decode
+from .kv_pool import KVPool
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "cpu-paged", "triton")
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               batch: PackedBatch) -> torch.Tensor:
+        """`[T, heads, dim]` outputs for `[T, heads, dim]` queries; the batch's new `[T, kv_heads, dim]`
+        keys and values are already written to the pool."""
+
+
+class SdpaAttention:
+    name = "sdpa"
+
+    def __init__(self, pool: KVPool, scale: float) -> None:
+        self.pool = pool
+        self.scale = scale
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               batch: PackedBatch) -> torch.Tensor:
+        out = torch.empty_like(query)
+        for seq, table in zip(batch.sequences, batch.block_tables):
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            q = query[rows].transpose(0, 1).unsqueeze(0)
+            if seq.cached_len == 0:
+                k, v = keys[rows], values[rows]
+                mask = None
+                causal = seq.query_len > 1
+            else:
+                k, v = self.pool.read(layer, table, seq.context_len)
+                mask = _offset_causal_mask(seq.query_len, seq.context_len, query.device) if seq.query_len > 1 else None
+                causal = False
+            o = F.scaled_dot_product_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                                               attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1)
+        return out
+
+
+class CpuPagedAttention(SdpaAttention):
+    """Decode batches through the C++ paged kernel (keys and values read in place); prefill, whose
+    queries are many and compute-bound, through SDPA."""
+
+    name = "cpu-paged"
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               batch: PackedBatch) -> torch.Tensor:
+        if not batch.is_decode:
+            return super().attend(layer, query, keys, values, batch)
+        key_cache, value_cache = self.pool.kv[layer]
+        return paged_decode(query, key_cache, value_cache, batch.padded_tables, batch.context_lens, self.scale)
+
+
+def _offset_causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:
+    """Query i (absolute position context - queries + i) sees keys up to its own position."""
+    first = context - queries
+    return torch.ones((queries, context), dtype=torch.bool, device=device).tril(first)
+
+
+def select_backend(pool: KVPool, scale: float, preferred: str = "auto") -> AttentionBackend:
+    """The fastest backend that runs here; logged so an operator sees which one serves."""
+    backend: AttentionBackend = SdpaAttention(pool, scale)
+    if pool.device.type == "cpu" and preferred in ("auto", "cpu-paged") and cpu_kernel() is not None:
+        backend = CpuPagedAttention(pool, scale)
+    if pool.device.type == "cuda" and preferred in ("auto", "triton"):
+        try:
+            from .triton_attention import TritonPagedAttention
+        except ImportError as exc:
+            log.warning("Triton is not importable (%s); decode attention falls back to SDPA", exc)
+        else:
+            backend = TritonPagedAttention(pool, scale)
+    log.info("attention backend: %s on %s", backend.name, pool.device)
+    return backend

@@ -1,0 +1,72 @@
+"""What one forward of the packed decoder computes: all new tokens of all its
+sequences in one tensor, with per-sequence offsets into it and into the KV pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_pool import slot_mapping
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """One sequence's share of a packed batch: `query_len` new tokens at `query_start`, which
+    extend its KV to `context_len` tokens (those before them are already in its blocks)."""
+
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: list[int]
+
+    @property
+    def cached_len(self) -> int:
+        return self.context_len - self.query_len
+
+
+@dataclass
+class PackedBatch:
+    """A forward's inputs besides the embeddings; built with `add`, then `finish`."""
+
+    block_size: int
+    sequences: list[SequenceSlice] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)  # per sequence, [n] or [3, n]
+    logits_rows: list[int] = field(default_factory=list)  # packed rows whose next-token logits are needed
+    slots: torch.Tensor | None = None  # pool slot of every packed token
+    block_tables: list[torch.Tensor] = field(default_factory=list)
+    # decode batches (one new token per sequence), for paged kernels: [B, max_blocks] tables, [B] lengths
+    padded_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.query_len for s in self.sequences)
+
+    def add(self, block_table: list[int], cached: int, new: int, positions: torch.Tensor, wants_logits: bool) -> None:
+        start = self.num_tokens
+        self.sequences.append(SequenceSlice(start, new, cached + new, block_table))
+        self.positions.append(positions)
+        if wants_logits:
+            self.logits_rows.append(start + new - 1)
+
+    def finish(self, device: torch.device) -> "PackedBatch":
+        """Compute the slot mapping and block-table tensors on `device`."""
+        self.slots = torch.cat([slot_mapping(s.block_table, s.cached_len, s.context_len, self.block_size)
+                                for s in self.sequences]).to(device)
+        self.block_tables = [torch.tensor(s.block_table, dtype=torch.long, device=device) for s in self.sequences]
+        if self.is_decode:
+            width = max(len(s.block_table) for s in self.sequences)
+            self.padded_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
+                                               for s in self.sequences], dtype=torch.long, device=device)
+            self.context_lens = torch.tensor([s.context_len for s in self.sequences], dtype=torch.long,
+                                             device=device)
+        return self
+
+    @property
+    def is_decode(self) -> bool:
+        return all(s.query_len == 1 for s in self.sequences)
+
+    def packed_positions(self) -> torch.Tensor:
+        """`[T]` (1-D RoPE) or `[3, T]` (M-RoPE) position ids of every packed token."""
+        return torch.cat(self.positions, dim=-1)

@@ -1,0 +1,111 @@
+"""Paged decode attention on CPU: a small C++ kernel, compiled on first use.
+
+A decode step attends one query token per sequence over that sequence's blocks
+of the pool. PyTorch alone would have to gather each sequence's blocks into a
+contiguous tensor first (a copy of the whole context per layer per step, most
+of a step's time); the kernel reads keys and values in place, one thread per
+(sequence, KV head), with the query heads of a GQA group sharing each read.
+It is built with the machine's C++ compiler into torch's extension cache
+(`scripts/setup.sh` builds it ahead of time); without a compiler the SDPA path
+serves instead."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+template <typename T>
+static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                          const int64_t* lengths, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
+                          int64_t dim, int64_t block_size, int64_t max_blocks, float scale) {
+  const int64_t group = heads / kv_heads;
+  const int64_t token_stride = kv_heads * dim;  // one token's keys (all KV heads) in a block
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(group * dim), scores, acc(group * dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads, length = lengths[b];
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          query[g * dim + d] = static_cast<float>(q[(b * heads + kvh * group + g) * dim + d]) * scale;
+      scores.assign(group * length, 0.f);
+      for (int64_t t = 0; t < length; ++t) {
+        const T* key = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kvh * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = query.data() + g * dim;
+          float dot = 0.f;
+          #pragma omp simd reduction(+:dot)
+          for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(key[d]);
+          scores[g * length + t] = dot;
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> total(group, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * length;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < length; ++t) peak = std::max(peak, s[t]);
+        for (int64_t t = 0; t < length; ++t) { s[t] = std::exp(s[t] - peak); total[g] += s[t]; }
+      }
+      for (int64_t t = 0; t < length; ++t) {
+        const T* value = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kvh * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * length + t];
+          float* a = acc.data() + g * dim;
+          #pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(value[d]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          out[(b * heads + kvh * group + g) * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
+    }
+  });
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
+                           torch::Tensor lengths, double scale) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(tables.dtype() == torch::kInt64 && lengths.dtype() == torch::kInt64, "int64 tables and lengths");
+  auto out = torch::empty_like(q);
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
+    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                            tables.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                            batch, heads, kv_heads, dim, block_size, tables.size(1), static_cast<float>(scale));
+  });
+  return out;
+}
+"""
+
+
+@functools.cache
+def kernel():
+    """The compiled extension module (built once per machine and source); None if it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(name="epd_paged_decode_cpu", cpp_sources=_SOURCE, functions=["paged_decode"],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=False)
+    except Exception as exc:  # no compiler, no ninja, ...: the SDPA path still serves
+        log.warning("the CPU paged-attention kernel could not be built (%s); decode attention uses SDPA", exc)
+        return None
+
+
+def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                 lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """`[B, heads, dim]` outputs of one query per sequence over `[blocks, block_size, kv_heads, dim]`
+    paged keys and values, with `[B, max_blocks]` block tables and `[B]` context lengths."""
+    return kernel().paged_decode(query.contiguous(), keys, values, tables, lengths, scale)

@@ -1,0 +1,74 @@
+"""Our own decoder forward over packed batches.
+
+All new tokens of all sequences form one `[T, hidden]` tensor: projections,
+norms and MLPs run once over it with no padding, RoPE uses each token's own
+position (M-RoPE for Qwen2-VL), the new keys and values go straight into the
+paged pool, and attention reads each sequence's blocks. Weights are those of
+the family's transformers modules (loaded from the same safetensors), and the
+element-wise steps call the family's own functions, so results match
+`model.generate` token for token."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..models import LanguagePartBase
+from .attention import AttentionBackend
+from .batch import PackedBatch
+from .kv_pool import KVLayout, KVPool
+
+
+def kv_layout(language: LanguagePartBase, block_size: int, dtype: torch.dtype | None = None) -> KVLayout:
+    """The KV block shape of a language part."""
+    config = language.adapter.text_config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return KVLayout(num_layers=int(config.num_hidden_layers), num_kv_heads=int(config.num_key_value_heads),
+                    head_dim=head_dim, block_size=block_size, dtype=dtype or language.dtype)
+
+
+class PackedDecoder:
+    """The language model's forward for the prefill and decode engines."""
+
+    def __init__(self, language: LanguagePartBase, pool: KVPool, attention: AttentionBackend) -> None:
+        self.language = language
+        self.pool = pool
+        self.attention = attention
+        model = language.text_model
+        self.layers = list(model.layers)
+        self.norm = model.norm
+        self.rotary = model.rotary_emb
+        first = self.layers[0].self_attn
+        # the family's own rotary application (exactness); every layer uses the same function
+        self.apply_rotary = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self.head_dim = pool.layout.head_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.device
+
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Float32 next-token logits of `batch.logits_rows`, from `[T, hidden]` input embeddings."""
+        hidden = embeds.unsqueeze(0)
+        cos, sin = self.rotary(hidden, self.language.rotary_position_ids(batch.packed_positions().to(self.device)))
+        cos, sin = cos[0], sin[0]  # [T, head_dim]
+        tokens = embeds.shape[0]
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            states = layer.input_layernorm(hidden)[0]
+            attn = layer.self_attn
+            query = attn.q_proj(states).view(tokens, -1, self.head_dim)
+            keys = attn.k_proj(states).view(tokens, -1, self.head_dim)
+            values = attn.v_proj(states).view(tokens, -1, self.head_dim)
+            query, keys = self.apply_rotary(query, keys, cos, sin, unsqueeze_dim=1)
+            self.pool.write(index, batch.slots, keys, values)
+            out = self.attention.attend(index, query, keys, values, batch)
+            hidden = residual + attn.o_proj(out.reshape(1, tokens, -1))
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.norm(hidden)[0]
+        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=hidden.device)
+        return self.language.lm_head(hidden.index_select(0, rows)).float()
