@@ -35,7 +35,7 @@ def chat_body(model: str, text: str, images: list[bytes], max_tokens: int = 8, *
 class Served:
     model: str
     base_url: str
-    redis: RedisServer
+    redis: RedisServer | None  # None until `epd serve` reports the redis-server it started
     process: subprocess.Popen
     log: list[str] = field(default_factory=list)
     router_metrics_url: str = ""  # from the ready line: the router serves /metrics on its own port
@@ -75,10 +75,11 @@ class Served:
             self.process.wait(60)
 
 
-def start_serve(model: str, redis_server: RedisServer, *extra: str) -> Served:
+def start_serve(model: str, redis_server: RedisServer | None, *extra: str) -> Served:
+    """`epd serve` on `redis_server`, or (None) on the redis-server it starts and supervises itself."""
     port = free_port()
-    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), "--redis-url",
-                                           redis_server.url, *extra),
+    external = ["--redis-url", redis_server.url] if redis_server else []
+    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), *external, *extra),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
                                start_new_session=True)
     served = Served(model, f"http://127.0.0.1:{port}/v1", redis_server, process)
@@ -88,7 +89,10 @@ def start_serve(model: str, redis_server: RedisServer, *extra: str) -> Served:
         for line in process.stdout:
             served.log.append(line)
             if "EPD_SERVE_READY" in line:
-                served.router_metrics_url = line.rsplit("router-metrics=", 1)[-1].strip()
+                fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+                served.router_metrics_url = fields["router-metrics"]
+                if served.redis is None:
+                    served.redis = RedisServer(int(fields["redis"].rsplit(":", 1)[1].split("/")[0]), None)
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()

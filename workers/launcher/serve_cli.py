@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="epd-serve-") as scratch:
         try:
-            env = {REDIS_URL_ENV: args.redis_url or _start_redis(group)}  # kept off the command lines
+            own_redis = "" if args.redis_url else _start_redis(group)
+            env = {REDIS_URL_ENV: args.redis_url or own_redis}  # kept off the command lines
             tls = _tls_arguments(Path(scratch)) if args.tls else []
             roles = [("colocated", 1)] if args.colocated else list(counts.items())
             workers = [group.start(f"{role}-{i}", epd_command("worker", "--role", role, "--model", args.model,
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_url = router.ready_line.rsplit("metrics=", 1)[-1]
             shape = "colocated" if args.colocated else f"{args.encode}E{args.prefill}P{args.decode}D"
             print(f"EPD_SERVE_READY {endpoint}/v1 (model {args.model}, {shape}{', mTLS' if tls else ''}) "
-                  f"router-metrics={metrics_url}", flush=True)
+                  f"router-metrics={metrics_url}" + (f" redis={own_redis}" if own_redis else ""), flush=True)
             return _supervise(group, stop)
         except RuntimeError as exc:
             print(f"epd serve: {exc}", file=sys.stderr)

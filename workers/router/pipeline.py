@@ -101,7 +101,7 @@ class StagePipeline:
                                             timeout=self.timeout)
             holders.prefill = asyncio.create_task(self._prefill(request, images, plan))
             await self._first_failure(holders.prefill, list(holders.encodes.values()))
-            async for chunk in generate:
+            async for chunk in _read_until_told(generate):
                 yield chunk
                 if chunk.finish_reason:
                     finished = True
@@ -219,3 +219,19 @@ def _failure(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageFailur
     retryable = code in WORKER_LOST
     return StageFailure(stage, address, exc.details() or code.name, retryable,
                         GRPC_TO_HTTP.get(code, 503 if retryable else 500))
+
+
+async def _read_until_told(call) -> AsyncIterator[pb.GenerateChunk]:
+    """The stream's messages. Cancelling the reader (the client left) leaves the call open, so the
+    decode worker learns of it from a `Cancel` while it still holds the request; the call is
+    cancelled after that."""
+    while True:
+        read = asyncio.ensure_future(call.read())
+        try:
+            chunk = await asyncio.shield(read)
+        except asyncio.CancelledError:
+            read.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody reads it now
+            raise
+        if chunk is grpc.aio.EOF:
+            return
+        yield chunk
