@@ -57,7 +57,7 @@ def optimizer_vs_random(model_name: str = "minicpm-v-2.6", images: int = 8, samp
     slo = SLO(*SLOS[model_name][images])
     trace = poisson(0.5, 200, mix(images), seed=11)
     planner = Planner(model, trace, slo)
-    best = planner.best_epd(8)
+    best = planner.best("epd", 8)
     rng = random.Random(5)
     random_rates = []
     for _ in range(samples):

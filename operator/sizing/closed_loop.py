@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .perfmodel import PerformanceModel
-from .results import SLO, summarize
+from .results import SLO, report
 from .scaling import STAGES, ObservedWindow, ScalingDecision, StageMetrics
 from .simulator import Observation, ServingConfig, Simulation
 from .workload import SimRequest, rescale
@@ -69,7 +69,7 @@ def run_closed_loop(model: PerformanceModel, start: ServingConfig, requests: lis
         return {d.stage: d.desired for d in decisions}
 
     done = sim.run(rescale(requests, 1.0), controller=control, interval=interval)
-    summary = summarize(done, slo, sim.gpu_seconds)
+    summary = report(sim, done, slo)
     summary["scaling_history"] = history
     summary["final_replicas"] = {name: len(pool) for name, pool in sim.pools.items()}
     return summary

@@ -4,18 +4,17 @@ profile measured by `epd profile`. Both give the same linear forms:
 * encode batch:  a + b * vision patch tokens + c * megapixels (host preprocessing)
 * prefill batch: a + b * tokens + c * sum(tokens_i^2) (attention)
 * decode step:   a + b * sequences + c * context tokens in the batch (KV reads)
-"""
+
+and the memory forms of `memory.MemoryCosts` (weights, activations per batch,
+KV bytes per token, the runtime's reserve)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .architectures import Architecture
 from .hardware import Hardware
-
-PROFILE_VERSION = 1
+from .memory import InstanceMemory, MemoryCosts, plan_instance, roofline_memory
 
 
 @dataclass(frozen=True)
@@ -47,77 +46,43 @@ class PerformanceModel:
     hardware: Hardware
     costs: StageCosts
     source: str  # "roofline" or the profile path
+    memory: MemoryCosts
 
     def embedding_transfer_time(self, llm_tokens: int) -> float:
-        return llm_tokens * self.architecture.llm_hidden * self.architecture.bytes_per_param / self.hardware.link_bandwidth
+        return llm_tokens * self.architecture.llm.hidden * self.architecture.bytes_per_param / self.hardware.link_bandwidth
 
     def kv_transfer_time(self, tokens: int) -> float:
-        return tokens * self.architecture.kv_bytes_per_token / self.hardware.link_bandwidth
+        return tokens * self.memory.kv_per_token / self.hardware.link_bandwidth
 
-    def kv_capacity_tokens(self) -> int:
-        """KV tokens a decode GPU holds after the language weights (10% kept for activations)."""
-        free = self.hardware.memory_bytes * 0.9 - self.architecture.llm_weight_bytes
-        return max(0, int(free / self.architecture.kv_bytes_per_token))
+    def instance_memory(self, role: str, encode_batch: int = 16, prefill_budget: int = 16384,
+                        decode_batch: int = 128) -> InstanceMemory:
+        """The memory layout of one GPU serving `role` under these batch limits."""
+        return plan_instance(self.memory, self.architecture, self.hardware.memory_bytes, role, encode_batch,
+                             prefill_budget, decode_batch)
 
-    def stage_memory_bytes(self) -> dict[str, float]:
-        arch = self.architecture
-        return {"encode": arch.vision_weight_bytes, "prefill": arch.llm_weight_bytes, "decode": arch.llm_weight_bytes,
-                "colocated": arch.vision_weight_bytes + arch.llm_weight_bytes}
+    def kv_capacity_tokens(self, decode_batch: int = 128) -> int:
+        """KV tokens one decode GPU holds."""
+        return self.instance_memory("decode", decode_batch=decode_batch).kv_tokens
 
 
-def roofline(arch: Architecture, hw: Hardware) -> PerformanceModel:
+def roofline(arch: Architecture, hw: Hardware, vision_attention: str = "flash") -> PerformanceModel:
     """Compute-bound encode and prefill, memory-bound decode, at the hardware's efficiencies."""
     flops = hw.peak_flops * hw.compute_efficiency
     bandwidth = hw.memory_bandwidth * hw.memory_efficiency
-    vision_per_token = 2 * arch.vision_params / flops
-    attention_per_token_sq = 2 * arch.llm_layers * arch.llm_hidden / flops  # QK^T and AV, causal half
+    llm = arch.llm
+    vision_per_token = 2 * arch.vision.params / flops  # the projector's FLOPs are < 10% of the tower's
+    attention_per_token_sq = 2 * llm.layers * llm.hidden / flops  # QK^T and AV, causal half
     costs = StageCosts(
         encode_fixed=0.002 + arch.vision_weight_bytes / bandwidth, encode_per_patch_token=vision_per_token,
         encode_per_megapixel=0.02,  # JPEG decode + resize/slicing on the host (~0.25 s for a 12 MP photo)
-        prefill_fixed=0.003 + arch.llm_weight_bytes / bandwidth, prefill_per_token=2 * arch.llm_params / flops,
+        prefill_fixed=0.003 + arch.llm_weight_bytes / bandwidth, prefill_per_token=2 * llm.params / flops,
         prefill_per_token_squared=attention_per_token_sq,
-        decode_fixed=0.001 + arch.llm_weight_bytes / bandwidth, decode_per_sequence=2 * arch.llm_params / flops,
+        decode_fixed=0.001 + arch.llm_weight_bytes / bandwidth, decode_per_sequence=2 * llm.params / flops,
         decode_per_context_token=arch.kv_bytes_per_token / bandwidth)
-    return PerformanceModel(arch, hw, costs, "roofline")
-
-
-def load_profile(path: Path, arch: Architecture, hw: Hardware) -> PerformanceModel:
-    """Fit the cost forms to the samples of an `epd profile` JSON file."""
-    data = json.loads(Path(path).read_text())
-    if data.get("version") != PROFILE_VERSION:
-        raise ValueError(f"{path}: profile version {data.get('version')!r}, expected {PROFILE_VERSION}")
-    enc = _fit([[1, s["patch_tokens"], s["megapixels"]] for s in data["encode"]], [s["seconds"] for s in data["encode"]])
-    pre = _fit([[1, sum(s["tokens"]), sum(t * t for t in s["tokens"])] for s in data["prefill"]],
-               [s["seconds"] for s in data["prefill"]])
-    dec = _fit([[1, s["sequences"], s["context_tokens"]] for s in data["decode"]], [s["seconds"] for s in data["decode"]])
-    return PerformanceModel(arch, hw, StageCosts(*enc, *pre, *dec), str(path))
-
-
-def _fit(rows: list[list[float]], seconds: list[float]) -> list[float]:
-    """Non-negative least squares for three coefficients (a tiny projected-gradient-free version:
-    solve, then drop negative terms and re-solve)."""
-    import numpy as np
-
-    if len(rows) < 3:
-        raise ValueError("a profile needs at least 3 samples per stage")
-    x, y = np.asarray(rows, dtype=float), np.asarray(seconds, dtype=float)
-    active = [0, 1, 2]
-    while True:
-        coef = np.zeros(3)
-        solution, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-        coef[active] = solution
-        negative = [i for i in active if coef[i] < 0]
-        if not negative:
-            return [float(c) for c in coef]
-        active = [i for i in active if i not in negative]
-
-
-def profile_document(model: str, hardware: str, encode: list[dict], prefill: list[dict], decode: list[dict]) -> dict:
-    """The JSON `epd profile` writes (and `load_profile` reads)."""
-    return {"version": PROFILE_VERSION, "model": model, "hardware": hardware,
-            "encode": encode, "prefill": prefill, "decode": decode}
+    source = "roofline" + ("" if vision_attention == "flash" else f" (vision attention {vision_attention})")
+    return PerformanceModel(arch, hw, costs, source, roofline_memory(arch, vision_attention))
 
 
 def describe(model: PerformanceModel) -> dict:
     return {"model": model.architecture.name, "hardware": model.hardware.name, "source": model.source,
-            "costs": asdict(model.costs)}
+            "costs": asdict(model.costs), "memory": asdict(model.memory)}

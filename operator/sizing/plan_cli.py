@@ -1,4 +1,4 @@
-"""`epd plan`: pick stage sizes for the most goodput within the SLOs."""
+"""`epd plan`: the serving mode and sizes with the most goodput within the SLOs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import yaml
 from tqdm import tqdm
 
 from .architectures import ARCHITECTURES, get_architecture
+from .explain import bound, breakdown, plan_name, statement
 from .hardware import HARDWARE, get_hardware
-from .perfmodel import load_profile, roofline
-from .planner import Planner, check_fits, deployment_manifest
+from .memory import ATTENTION_KINDS
+from .perfmodel import roofline
+from .planner import MINIMUM_GPUS, Planner, Recommendation, check_fits, deployment_manifest
+from .profile import load_profile
 from .results import SLO
+from .simulator import MODES
 from .workload import WorkloadMix, load_trace, poisson
 
 
@@ -30,9 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", default="1024x1024")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per request")
     parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--mode", choices=("any", *MODES), default="any",
+                        help="plan for one serving mode only (default: recommend the best of all)")
     parser.add_argument("--target-rate", type=float, default=0.0,
                         help="instead of the most goodput, the fewest GPUs reaching this rate")
     parser.add_argument("--profile", default="", help="an `epd profile` JSON to use instead of the roofline")
+    parser.add_argument("--vision-attention", choices=ATTENTION_KINDS, default="flash",
+                        help="the vision tower's attention kernel, for its activation memory (roofline only)")
+    parser.add_argument("--explain", action="store_true", help="print the chosen plan's per-stage time and memory")
     parser.add_argument("--name", default="epd", help="metadata.name of the printed EPDDeployment")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--seed", type=int, default=0)
@@ -42,38 +51,58 @@ def run(args: argparse.Namespace) -> int:
     try:
         arch, hw = get_architecture(args.model), get_hardware(args.hardware)
         slo = SLO(args.slo_ttft, args.slo_tpot)
-        model = load_profile(args.profile, arch, hw) if args.profile else roofline(arch, hw)
+        model = load_profile(args.profile, arch, hw) if args.profile else roofline(arch, hw, args.vision_attention)
         check_fits(model, args.gpus)
-        if args.trace:
-            requests = load_trace(args.trace)
-        else:
-            width, height = (int(v) for v in args.image_size.lower().split("x"))
-            mix = WorkloadMix(args.images_per_request, (width, height), args.prompt_tokens, args.output_tokens)
-            requests = poisson(args.rate, args.requests, mix, args.seed)
+        if args.mode != "any" and args.gpus < MINIMUM_GPUS[args.mode]:
+            raise ValueError(f"GPU budget {args.gpus} is too small for {args.mode}: it needs {MINIMUM_GPUS[args.mode]}")
+        requests = load_trace(args.trace) if args.trace else poisson(args.rate, args.requests, _mix(args), args.seed)
         with tqdm(desc="simulated plans", unit="plan", file=sys.stderr, disable=args.format == "json" and
                   not sys.stderr.isatty()) as bar:
             planner = Planner(model, requests, slo, progress=bar.update)
-            best = planner.fewest_gpus(args.target_rate, args.gpus) if args.target_rate else planner.best_epd(args.gpus)
-            gpus = best.config.gpus
-            bundled = planner.best_bundled(gpus)
-            colocated = planner.best_colocated(gpus)
+            recommendation = _search(planner, args)
     except (ValueError, OSError) as exc:
         print(f"epd plan: {exc}", file=sys.stderr)
         return 2
-    manifest = deployment_manifest(best, args.model, slo, args.name)
-    result = {"model": arch.name, "hardware": hw.name, "gpus": gpus, "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot},
-              "performance_model": model.source, "evaluations": planner.evaluations,
-              "plan": best.as_dict(), "bundled": bundled.as_dict(), "colocated": colocated.as_dict(),
+    best = recommendation.best
+    manifest = deployment_manifest(best, args.model, slo, args.name) if best.config.mode == "epd" else None
+    plans = {mode: {**plan.as_dict(), "bound": bound(plan, slo)} for mode, plan in recommendation.by_mode.items()}
+    result = {"model": arch.name, "hardware": hw.name, "gpus": best.config.gpus,
+              "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot}, "performance_model": model.source,
+              "evaluations": planner.evaluations, "recommended_mode": best.config.mode,
+              "plan": plans[best.config.mode], "plans": plans, "statement": statement(recommendation),
               "epddeployment": manifest}
+    if args.explain:
+        result["explain"] = {k: best.summary[k] for k in ("stages", "phases_s", "limits") if k in best.summary}
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{arch.name} on {gpus}x {hw.name}, SLO TTFT {slo.ttft}s / TPOT {slo.tpot}s (p90 attainment >= 90%)")
-    print(f"{'plan':<22}{'goodput req/s':>15}{'attainment':>12}{'TTFT p90':>10}{'TPOT p90':>10}")
-    for label, plan in (("EPD " + best.config.label(), best), ("bundled " + bundled.config.label(), bundled),
-                        ("colocated " + colocated.config.label(), colocated)):
-        d = plan.as_dict()
-        print(f"{label:<22}{d['goodput_rps']:>15.3f}{d['slo_attainment']:>12.1%}{d['ttft_p90_s']:>10.2f}"
-              f"{d['tpot_p90_s']:>10.3f}")
-    print("\n# kubectl apply -f -\n" + yaml.safe_dump(manifest, sort_keys=False))
+    print(f"{arch.name} on {best.config.gpus}x {hw.name}, SLO TTFT {slo.ttft}s / TPOT {slo.tpot}s "
+          f"(p90 attainment >= 90%), {model.source} model")
+    print(f"{'plan':<22}{'goodput req/s':>15}{'attainment':>12}{'TTFT p90':>10}{'TPOT p90':>10}  bound by")
+    for mode, plan in recommendation.by_mode.items():
+        d = plans[mode]
+        print(f"{plan_name(plan):<22}{d['goodput_rps']:>15.3f}{d['slo_attainment']:>12.1%}{d['ttft_p90_s']:>10.2f}"
+              f"{d['tpot_p90_s']:>10.3f}  {d['bound']}")
+    print("\n" + result["statement"])
+    if args.explain:
+        print("\n" + "\n".join(breakdown(best)))
+    if manifest is not None:
+        print("\n# kubectl apply -f -\n" + yaml.safe_dump(manifest, sort_keys=False))
     return 0
+
+
+def _mix(args: argparse.Namespace) -> WorkloadMix:
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-size must be WIDTHxHEIGHT, got {args.image_size!r}") from None
+    return WorkloadMix(args.images_per_request, (width, height), args.prompt_tokens, args.output_tokens)
+
+
+def _search(planner: Planner, args: argparse.Namespace) -> Recommendation:
+    if args.target_rate:
+        return planner.fewest_gpus(args.target_rate, args.gpus, None if args.mode == "any" else args.mode)
+    if args.mode == "any":
+        return planner.recommend(args.gpus)
+    plan = planner.best(args.mode, args.gpus)
+    return Recommendation(plan, {args.mode: plan})

@@ -1,19 +1,24 @@
-"""`epd plan`'s search: the EPD configuration (stage counts, batch limits,
-intra-request parallelism) with the most goodput under the SLOs within a GPU
-budget, plus the best encode+prefill-bundled and co-located plans to compare.
+"""`epd plan`'s search: for each serving mode (EPD, encode+prefill bundled,
+co-located) the configuration with the most goodput under the SLOs within a
+GPU budget (placements, batch limits, intra-request parallelism), and the
+recommendation of the best of them.
 
-Successive halving rather than a plain grid: every stage split is scored with
-a short simulation, the best few are re-scored on the full workload, and those
-are refined by a local search over batch limits and the scheduling policy."""
+Successive halving rather than a plain grid: every placement is scored with a
+short simulation, the best few are re-scored on the full workload, and each of
+those is refined by coordinate descent over the batch limits and the
+scheduling policy. Configurations whose GPUs cannot hold their weights, runtime
+reserve and activation reserve score zero without being simulated.
+`exhaustive` scores every configuration of the space (tests compare the two)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 from .perfmodel import PerformanceModel
-from .results import SLO, goodput
-from .simulator import ServingConfig
+from .results import SLO, empty_summary, goodput
+from .simulator import MODES, ServingConfig, instance_memory
 from .workload import SimRequest
 
 ENCODE_BATCHES = (4, 8, 16, 32)
@@ -22,10 +27,48 @@ DECODE_BATCHES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    encode_batches: tuple[int, ...] = ENCODE_BATCHES  # bundled / co-located: images per prefill batch
+    prefill_budgets: tuple[int, ...] = PREFILL_BUDGETS
+    decode_batches: tuple[int, ...] = DECODE_BATCHES
+    intra_request_parallel: tuple[bool, ...] = (True, False)
+
+    def axes(self, mode: str) -> list[tuple[str, tuple]]:
+        axes: list[tuple[str, tuple]] = [("encode_batch", self.encode_batches), ("prefill_budget", self.prefill_budgets),
+                                         ("decode_batch", self.decode_batches)]
+        if mode == "epd":
+            axes.insert(1, ("intra_request_parallel", self.intra_request_parallel))
+        return axes
+
+    def every_config(self, mode: str, gpus: int) -> Iterator[ServingConfig]:
+        names = [name for name, _ in self.axes(mode)]
+        for base in placements(mode, gpus):
+            for values in itertools.product(*(values for _, values in self.axes(mode))):
+                yield replace(base, **dict(zip(names, values)))
+
+
+def stage_splits(gpus: int) -> list[tuple[int, int, int]]:
+    return [(e, p, gpus - e - p) for e in range(1, gpus - 1) for p in range(1, gpus - e)]
+
+
+def placements(mode: str, gpus: int) -> list[ServingConfig]:
+    """Every way to give `gpus` GPUs to the mode's pools (default batch limits)."""
+    if mode == "epd":
+        return [ServingConfig("epd", e, p, d) for e, p, d in stage_splits(gpus)]
+    if mode == "bundled":
+        return [ServingConfig("bundled", encode=ep, decode=gpus - ep) for ep in range(1, gpus)]
+    return [ServingConfig("colocated", colocated=gpus)] if gpus >= 1 else []
+
+
+MINIMUM_GPUS = {"epd": 3, "bundled": 2, "colocated": 1}
+
+
+@dataclass(frozen=True)
 class ScoredPlan:
     config: ServingConfig
     goodput_rps: float
     summary: dict
+    problem: str = ""  # why the configuration does not fit its GPUs ('' when it does)
 
     def as_dict(self) -> dict:
         c = self.config
@@ -35,64 +78,97 @@ class ScoredPlan:
                 "goodput_rps": round(self.goodput_rps, 4),
                 "slo_attainment": round(self.summary["slo_attainment"], 4),
                 "ttft_p90_s": round(self.summary["ttft_s"]["p90"], 4),
-                "tpot_p90_s": round(self.summary["tpot_s"]["p90"], 5)}
+                "tpot_p90_s": round(self.summary["tpot_s"]["p90"], 5), "problem": self.problem}
 
 
-def check_fits(model: PerformanceModel, gpus: int) -> None:
-    """Refuse budgets no plan can use, with the reason."""
-    arch, hw = model.architecture, model.hardware
-    if gpus < 1:
-        raise ValueError(f"GPU budget must be >= 1, got {gpus}")
-    need = arch.llm_weight_bytes + arch.vision_weight_bytes
-    if need > hw.memory_bytes * 0.9:
-        raise ValueError(f"{arch.name} needs {need / 1e9:.1f} GB of weights; one {hw.name} holds "
-                         f"{hw.memory_bytes / 1e9:.0f} GB (tensor parallelism is not modelled)")
+@dataclass(frozen=True)
+class Recommendation:
+    best: ScoredPlan
+    by_mode: dict[str, ScoredPlan] = field(default_factory=dict)
+
+    @property
+    def epd(self) -> ScoredPlan | None:
+        return self.by_mode.get("epd")
 
 
-def stage_splits(gpus: int) -> list[tuple[int, int, int]]:
-    return [(e, p, gpus - e - p) for e in range(1, gpus - 1) for p in range(1, gpus - e)]
+def rank(plan: ScoredPlan) -> tuple[float, bool]:
+    """More goodput first; on a tie EPD, the mode the operator deploys."""
+    return plan.goodput_rps, plan.config.mode == "epd"
 
 
 class Planner:
     def __init__(self, model: PerformanceModel, requests: list[SimRequest], slo: SLO,
-                 progress: Callable[[int], None] = lambda n: None) -> None:
+                 space: SearchSpace = SearchSpace(), progress: Callable[[int], None] = lambda n: None) -> None:
         self.model = model
         self.requests = requests
         self.slo = slo
+        self.space = space
         self.progress = progress
         self.evaluations = 0
+        self._scored: dict[tuple[ServingConfig, int, int], ScoredPlan] = {}
 
     def score(self, config: ServingConfig, requests: list[SimRequest] | None = None,
               iterations: int = 10) -> ScoredPlan:
-        rate, summary = goodput(self.model, config, requests or self.requests, self.slo, iterations)
-        self.evaluations += 1
-        self.progress(1)
-        return ScoredPlan(config, rate, summary)
+        requests = requests or self.requests
+        key = (config, len(requests), iterations)
+        if key not in self._scored:
+            problem = self._memory_problem(config)
+            if problem:
+                plan = ScoredPlan(config, 0.0, empty_summary(), problem)
+            else:
+                rate, summary = goodput(self.model, config, requests, self.slo, iterations)
+                plan = ScoredPlan(config, rate, summary)
+                self.evaluations += 1
+                self.progress(1)
+            self._scored[key] = plan
+        return self._scored[key]
 
-    def best_epd(self, gpus: int, keep: int = 4) -> ScoredPlan:
-        if gpus < 3:
-            raise ValueError(f"GPU budget {gpus} is too small for EPD: it needs one GPU per stage (3)")
-        quick = self.requests[: max(50, len(self.requests) // 4)]
-        coarse = sorted((self.score(ServingConfig("epd", e, p, d), quick, 6) for e, p, d in stage_splits(gpus)),
-                        key=lambda s: -s.goodput_rps)
-        finalists = [self.score(s.config) for s in coarse[:keep]]
-        return self._refine(max(finalists, key=lambda s: s.goodput_rps))
+    def best(self, mode: str, gpus: int, keep: int = 4, refine: int = 3) -> ScoredPlan:
+        """The mode's best plan on `gpus` GPUs: placements (with batch limits that fit their memory) scored
+        on a quarter of the workload, the `keep` best re-scored on all of it, the `refine` best of those
+        refined."""
+        if gpus < MINIMUM_GPUS[mode]:
+            raise ValueError(f"GPU budget {gpus} is too small for {'EPD' if mode == 'epd' else mode}: "
+                             f"it needs {MINIMUM_GPUS[mode]}")
+        candidates = [self.fit_to_memory(c) for c in placements(mode, gpus)]
+        if len(candidates) > keep:
+            quick = self.requests[: max(50, len(self.requests) // 4)]
+            candidates = [s.config for s in sorted((self.score(c, quick, 6) for c in candidates), key=rank,
+                                                   reverse=True)[:keep]]
+        finalists = sorted((self.score(c) for c in candidates), key=rank, reverse=True)
+        return max((self._refine(f) for f in finalists[:refine]), key=rank)
 
-    def best_bundled(self, gpus: int) -> ScoredPlan:
-        if gpus < 2:
-            raise ValueError(f"GPU budget {gpus} is too small for a bundled plan (needs 2)")
-        scored = [self.score(ServingConfig("bundled", encode=ep, decode=gpus - ep), self.requests, 8)
-                  for ep in range(1, gpus)]
-        return self._refine(max(scored, key=lambda s: s.goodput_rps))
+    def recommend(self, gpus: int, keep: int = 4, modes: tuple[str, ...] = MODES) -> Recommendation:
+        """The best plan of every mode the budget allows, and the best of all."""
+        by_mode = {mode: self.best(mode, gpus, keep) for mode in modes if gpus >= MINIMUM_GPUS[mode]}
+        if not by_mode:
+            raise ValueError(f"GPU budget {gpus} is too small for {', '.join(modes)}")
+        return Recommendation(max(by_mode.values(), key=rank), by_mode)
 
-    def best_colocated(self, gpus: int) -> ScoredPlan:
-        return self._refine(self.score(ServingConfig("colocated", colocated=gpus), self.requests, 8))
+    def fit_to_memory(self, config: ServingConfig) -> ServingConfig:
+        """`config`, or the variant with batch limits from the space nearest to its own that fits every
+        pool's memory (no simulation needed to tell)."""
+        axes = self.space.axes(config.mode)
+        names = [name for name, _ in axes]
+
+        def distance(values: tuple) -> tuple:
+            return tuple(abs(values[i] - getattr(config, name)) if isinstance(values[i], int) else 0
+                         for i, name in enumerate(names))
+
+        variants = [config] + [replace(config, **dict(zip(names, values)))
+                               for values in sorted(itertools.product(*(v for _, v in axes)), key=distance)]
+        return next((v for v in variants if not self._memory_problem(v)), config)
+
+    def _memory_problem(self, config: ServingConfig) -> str:
+        return next((p for p in (layout.problem() for layout in instance_memory(self.model, config).values()) if p), "")
+
+    def exhaustive(self, mode: str, gpus: int) -> ScoredPlan:
+        """Every configuration of the space for the mode, each on the full workload."""
+        return max((self.score(c) for c in self.space.every_config(mode, gpus)), key=rank)
 
     def _refine(self, best: ScoredPlan) -> ScoredPlan:
         """Coordinate descent over batch limits and (EPD) intra-request parallelism."""
-        axes: list[tuple[str, tuple]] = [("prefill_budget", PREFILL_BUDGETS), ("decode_batch", DECODE_BATCHES)]
-        if best.config.mode == "epd":
-            axes = [("encode_batch", ENCODE_BATCHES), ("intra_request_parallel", (True, False)), *axes]
+        axes = self.space.axes(best.config.mode)
         improved = True
         while improved:
             improved = False
@@ -101,17 +177,28 @@ class Planner:
                     if getattr(best.config, name) == value:
                         continue
                     candidate = self.score(replace(best.config, **{name: value}))
-                    if candidate.goodput_rps > best.goodput_rps * 1.01:
+                    if candidate.goodput_rps > best.goodput_rps:
                         best, improved = candidate, True
         return best
 
-    def fewest_gpus(self, target_rate: float, max_gpus: int) -> ScoredPlan:
-        """The smallest EPD plan whose goodput reaches `target_rate`."""
-        for gpus in range(3, max_gpus + 1):
-            plan = self.best_epd(gpus, keep=2)
-            if plan.goodput_rps >= target_rate:
-                return plan
-        raise ValueError(f"no EPD plan within {max_gpus} GPUs reaches {target_rate} req/s under the SLOs")
+    def fewest_gpus(self, target_rate: float, max_gpus: int, mode: str | None = None) -> Recommendation:
+        """The smallest budget on which some mode's (or `mode`'s) goodput reaches `target_rate`."""
+        modes = (mode,) if mode else MODES
+        for gpus in range(min(MINIMUM_GPUS[m] for m in modes), max_gpus + 1):
+            recommendation = self.recommend(gpus, keep=2, modes=modes)
+            if recommendation.best.goodput_rps >= target_rate:
+                return recommendation
+        raise ValueError(f"no plan within {max_gpus} GPUs reaches {target_rate} req/s under the SLOs")
+
+
+def check_fits(model: PerformanceModel, gpus: int) -> None:
+    """Refuse budgets no plan can use, with the reason."""
+    if gpus < 1:
+        raise ValueError(f"GPU budget must be >= 1, got {gpus}")
+    problems = [model.instance_memory(role).problem() for role in ("prefill", "encode+prefill")]
+    if all(problems):
+        raise ValueError(f"{model.architecture.name} does not fit one {model.hardware.name}: {problems[0]} "
+                         "(tensor parallelism is not modelled)")
 
 
 def deployment_manifest(plan: ScoredPlan, model_name: str, slo: SLO, name: str = "epd") -> dict:

@@ -1,5 +1,7 @@
-"""`epd profile`: time the real stages of a model on this machine and write
-the profile JSON that `epd plan --profile` fits its cost model to."""
+"""`epd profile`: time the real stages of a model on this machine, measure
+their peak memory per batch shape (CUDA: the allocator's peak; CPU: the
+resident set's), and write the profile JSON that `epd plan --profile` fits its
+cost and memory model to."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .perfmodel import profile_document
+from .peak_memory import PeakMeter, parameter_bytes
+from .profile import profile_document
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +45,14 @@ def _median_seconds(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _kv_bytes_per_token(adapter, dtype) -> int:
+    """Keys and values of every layer for one token, from the language model's config."""
+    text = adapter.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * adapter.num_layers * kv_heads * head_dim * dtype.itemsize
+
+
 def run(args: argparse.Namespace) -> int:
     from ...workers.engine import DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
     from ...workers.messages import ImageSize, PrefillJob, SamplingParams
@@ -53,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, UnknownModelError) as exc:
         print(f"epd profile: {exc}", file=sys.stderr)
         return 2
+    meter = PeakMeter(args.device)
+    before_weights = meter.in_use()
     vision, language = adapter.load_vision(args.device), adapter.load_language(args.device)
     size = ImageSize(width, height)
     tokens_per_image = sum(adapter.image_items(size))
@@ -61,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         items = [EncodeInput(_png(width, height, seed)) for seed in range(images)]
         seconds = _median_seconds(lambda: vision.encode(items), args.repeats)
         encode.append({"images": images, "patch_tokens": images * tokens_per_image,
-                       "megapixels": images * width * height / 1e6, "seconds": seconds})
+                       "megapixels": images * width * height / 1e6, "seconds": seconds,
+                       "peak_bytes": meter.peak_above_start(lambda batch=items: vision.encode(batch))})
     # prefix caching off: every timed repeat computes its whole prompt
     runtime = build_runtime(language, KVCacheConfig(prefix_cache_bytes=0))
     prefill_engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator)
@@ -69,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     prefill = []
     for lengths in ([64], [256], [512], [256, 256], [128] * 4):
         jobs = [PrefillJob(f"p{i}", [7] * n, [], [], greedy) for i, n in enumerate(lengths)]
-        prefill.append({"tokens": lengths, "seconds": _median_seconds(lambda: prefill_engine.run(jobs), args.repeats)})
+        prefill.append({"tokens": lengths, "seconds": _median_seconds(lambda: prefill_engine.run(jobs), args.repeats),
+                        "peak_bytes": meter.peak_above_start(lambda batch=jobs: prefill_engine.run(batch))})
     decode = []
     for sequences, context in ((1, 128), (4, 128), (8, 256), (16, 512)):
         handoffs = prefill_engine.run([PrefillJob(f"d{i}", [7] * context, [], [],
@@ -80,8 +95,14 @@ def run(args: argparse.Namespace) -> int:
             engine.add(handoff)
         engine.step()  # admits the sequences into the pool
         seconds = _median_seconds(engine.step, args.repeats)
-        decode.append({"sequences": sequences, "context_tokens": sequences * (context + 2), "seconds": seconds})
-    document = profile_document(args.model, args.hardware, encode, prefill, decode)
+        decode.append({"sequences": sequences, "context_tokens": sequences * (context + 2), "seconds": seconds,
+                       "peak_bytes": meter.peak_above_start(engine.step)})
+    memory = {"method": meter.method, "vision_weight_bytes": parameter_bytes(vision.parts.values()),
+              "language_weight_bytes": parameter_bytes(language.parts.values()),
+              "runtime_reserve_bytes": meter.runtime_reserve(before_weights),
+              "kv_bytes_per_token": _kv_bytes_per_token(adapter, language.dtype)}
+    document = profile_document(args.model, args.hardware, encode, prefill, decode, memory)
     Path(args.out).write_text(json.dumps(document, indent=2))
-    print(f"wrote {args.out}: {len(encode)} encode, {len(prefill)} prefill, {len(decode)} decode samples")
+    print(f"wrote {args.out}: {len(encode)} encode, {len(prefill)} prefill, {len(decode)} decode samples; "
+          f"memory by {meter.method}")
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .perfmodel import PerformanceModel
 from .simulator import ServingConfig, Simulation
+from .stage_report import phases, pool_report, rejections, workload_limits
 from .workload import SimRequest, rescale
 
 
@@ -40,16 +41,33 @@ def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
     done = [r for r in requests if r.finish >= 0]
     span = max(r.finish for r in done) - min(r.arrival for r in requests) if done else 0.0
     return {"requests": len(requests), "completed": len(done),
+            "rejected": sum(1 for r in requests if r.rejected), "rejections": dict(list(rejections(requests).items())[:3]),
             "ttft_s": _dist([r.ttft for r in done]), "tpot_s": _dist([r.tpot for r in done if r.output_tokens > 1]),
             "e2e_s": _dist([r.e2e for r in done]),
             "throughput_rps": len(done) / span if span else 0.0,
-            "slo_attainment": sum(slo.met(r) for r in requests) / len(requests), "gpu_seconds": gpu_seconds}
+            "slo_attainment": sum(slo.met(r) for r in requests) / len(requests) if requests else 0.0,
+            "missed": {"ttft": sum(1 for r in done if r.ttft > slo.ttft), "tpot": sum(1 for r in done if r.tpot > slo.tpot)},
+            "gpu_seconds": gpu_seconds}
+
+
+def empty_summary() -> dict:
+    """The summary of a configuration that was not simulated (it does not fit its GPUs)."""
+    zero = _dist([])
+    return {"requests": 0, "completed": 0, "rejected": 0, "rejections": {}, "ttft_s": zero, "tpot_s": zero,
+            "e2e_s": zero, "throughput_rps": 0.0, "slo_attainment": 0.0, "missed": {"ttft": 0, "tpot": 0},
+            "gpu_seconds": 0.0, "stages": {},
+            "phases_s": {}, "limits": {}}
+
+
+def report(sim: Simulation, requests: list[SimRequest], slo: SLO) -> dict:
+    """The summary of a finished run plus what each pool did and held, and where requests spent time."""
+    return {**summarize(requests, slo, sim.gpu_seconds), "stages": pool_report(sim), "phases_s": phases(requests, sim.config.mode),
+            "limits": workload_limits(sim, requests)}
 
 
 def simulate(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO) -> dict:
     sim = Simulation(model, config)
-    done = sim.run(rescale(requests, 1.0))
-    return summarize(done, slo, sim.gpu_seconds)
+    return report(sim, sim.run(rescale(requests, 1.0)), slo)
 
 
 def goodput(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO,

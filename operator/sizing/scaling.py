@@ -98,8 +98,12 @@ def predictive_floor(window: ObservedWindow, model: PerformanceModel, config: Po
         load[stage] = (rate + backlog / config.drain_seconds) * seconds
     encode, prefill = load["encode"], load["prefill"]
     batch = max(1, min(config.decode_batch, math.ceil(window.arrival_rate * window.output_tokens * config.slo.tpot)))
-    step = costs.decode_time(batch, int(batch * (window.prompt_tokens + window.output_tokens / 2)))
+    context = window.prompt_tokens + window.output_tokens / 2
+    step = costs.decode_time(batch, int(batch * context))
     decode = window.arrival_rate * window.output_tokens * step / batch
+    # the sequences decoding at once must also fit the decode GPUs' KV pools
+    held = window.arrival_rate * window.output_tokens * step * context
+    decode = max(decode, held / max(1, model.kv_capacity_tokens(config.decode_batch)))
     return {stage: math.ceil(load / config.target_busy - 1e-9)
             for stage, load in (("encode", encode), ("prefill", prefill), ("decode", decode))}
 

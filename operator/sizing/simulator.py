@@ -2,14 +2,21 @@
 
 * `epd`: separate encode, prefill and decode pools (images of a request spread
   over encode instances with intra-request parallelism, or kept on one);
-* `bundled`: encode+prefill instances (vision runs inside the prefill batch) and
-  a decode pool;
+* `bundled`: encode+prefill instances (vision runs inside the prefill batch, over
+  all the batch's images at once) and a decode pool;
 * `colocated`: every instance runs everything, prefill batches pausing decode.
 
-Batching mirrors the workers: encode takes up to `encode_batch` images, prefill
-up to `prefill_budget` tokens, decode continuous batching up to `decode_batch`
-sequences within the instance's KV capacity. Pools can be resized while running
-(the autoscaler's closed loop) with a start-up delay for new instances."""
+Batching mirrors the workers, and every batch must fit its GPU's memory
+(`memory.plan_instance`): encode takes up to `encode_batch` images whose
+activations fit next to the vision weights; prefill up to `prefill_budget`
+tokens whose KV fits the free part of the instance's pool (held until decode
+takes the request over) and, bundled, whose images' activations fit the
+reserve; decode batches continuously up to `decode_batch` sequences, and when
+the pool cannot grow every sequence by a token it preempts the newest ones,
+which later recompute their context, as the engines do. A request that can
+never fit (an image larger than an encode GPU's room, a prompt larger than a
+KV pool, more tokens than the context) is rejected at arrival. Pools can be
+resized while running (the autoscaler's closed loop) with a start-up delay."""
 
 from __future__ import annotations
 
@@ -17,79 +24,19 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from .batching import StageBatching
+from .memory import gb
 from .perfmodel import PerformanceModel
-from .workload import SimRequest, prompt_tokens
+from .serving import MODES, ROLES, ImageCost, Instance, Observation, ServingConfig, instance_memory
+from .workload import ImageShape, SimRequest, prompt_tokens
 
-MODES = ("epd", "bundled", "colocated")
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    mode: str
-    encode: int = 0  # instances (GPUs) per pool; `encode` counts E+P instances in bundled mode
-    prefill: int = 0
-    decode: int = 0
-    colocated: int = 0
-    intra_request_parallel: bool = True
-    encode_batch: int = 16
-    prefill_budget: int = 16384
-    decode_batch: int = 128
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if min(self.encode_batch, self.prefill_budget, self.decode_batch) <= 0:
-            raise ValueError("batch limits must be positive")
-
-    @property
-    def gpus(self) -> int:
-        return {"epd": self.encode + self.prefill + self.decode, "bundled": self.encode + self.decode,
-                "colocated": self.colocated}[self.mode]
-
-    def label(self) -> str:
-        if self.mode == "epd":
-            return f"{self.encode}E{self.prefill}P{self.decode}D" + ("" if self.intra_request_parallel else "-noIRP")
-        if self.mode == "bundled":
-            return f"{self.encode}EP{self.decode}D"
-        return f"{self.colocated}x(EPD)"
+__all__ = ["MODES", "ROLES", "Observation", "ServingConfig", "Simulation", "instance_memory"]
 
 
-@dataclass
-class Instance:
-    pool: str
-    ready_at: float = 0.0
-    busy_until: float = 0.0
-    busy_time: float = 0.0
-    draining: bool = False
-    queue: deque = field(default_factory=deque)  # encode: (request, image index); prefill: requests
-    active: list = field(default_factory=list)  # decode: [request, generated, context]
-    waiting: list = field(default_factory=list)  # colocated: requests to prefill
-    running: bool = False
+class Simulation(StageBatching):
+    """Runs one configuration over a workload; `run` returns the requests with their timings."""
 
-    def load(self) -> float:
-        return len(self.queue) + len(self.active) + len(self.waiting) + (1 if self.running else 0)
-
-
-@dataclass
-class Observation:
-    """What the autoscaler sees at a control tick (the window since the last one)."""
-
-    time: float
-    window: float
-    arrivals: int
-    images: int
-    completed: list[SimRequest]
-    queue: dict[str, int]
-    busy: dict[str, float]
-    replicas: dict[str, int]
-    pending: dict[str, int]
-    kv_usage: float
-    occupancy: float  # decode sequences active or waiting / (decode instances x batch limit); > 1 = queued
-
-
-class Simulation:
     def __init__(self, model: PerformanceModel, config: ServingConfig, startup_delay: float = 60.0) -> None:
         self.model = model
         self.config = config
@@ -97,13 +44,17 @@ class Simulation:
         self.events: list = []
         self.counter = itertools.count()
         self.now = 0.0
-        pools = {"epd": {"encode": config.encode, "prefill": config.prefill, "decode": config.decode},
-                 "bundled": {"prefill": config.encode, "decode": config.decode},
-                 "colocated": {"colocated": config.colocated}}[config.mode]
-        self.pools: dict[str, list[Instance]] = {name: [Instance(name) for _ in range(n)] for name, n in pools.items()}
-        self.kv_capacity = model.kv_capacity_tokens()
+        self.memory = instance_memory(model, config)
+        self.pools: dict[str, list[Instance]] = {name: [Instance(name, self.memory[name]) for _ in range(n)]
+                                                 for name, n in config.pool_sizes().items()}
+        self.retired: list[Instance] = []
+        self._handlers: dict[str, Callable[[Instance], None]] = {
+            "encode": self._encode_batch, "prefill": self._prefill_batch, "decode": self._decode_step,
+            "colocated": self._colocated_work}
         self.gpu_seconds = 0.0
         self._last_accounting = 0.0
+        self._images: dict[tuple[int, int], ImageCost] = {}
+        self._request_images: dict[int, list[ImageCost]] = {}
         self._window: dict = {"arrivals": 0, "images": 0, "completed": []}
 
     # ---- event loop ------------------------------------------------------------------
@@ -120,20 +71,46 @@ class Simulation:
         self._done = 0
         while self.events:
             time, _, action, args = heapq.heappop(self.events)
-            self._account(time)
             self.now = time
             action(*args)
+        self._account()
         return requests
 
-    def _account(self, time: float) -> None:
+    def _account(self) -> None:
+        """GPU-seconds so far; called whenever the number of instances is about to change."""
         instances = sum(len(pool) for pool in self.pools.values())
-        self.gpu_seconds += instances * (time - self._last_accounting)
-        self._last_accounting = time
+        self.gpu_seconds += instances * (self.now - self._last_accounting)
+        self._last_accounting = self.now
+
+    def image(self, shape: ImageShape) -> ImageCost:
+        key = (shape.width, shape.height)
+        cost = self._images.get(key)
+        if cost is None:
+            arch = self.model.architecture
+            cost = ImageCost(arch.vision_patch_tokens(shape.width, shape.height),
+                             arch.tile_token_squares(shape.width, shape.height), shape.width * shape.height / 1e6,
+                             arch.image_tokens(shape.width, shape.height))
+            self._images[key] = cost
+        return cost
+
+    def images_of(self, request: SimRequest) -> list[ImageCost]:
+        costs = self._request_images.get(id(request))
+        if costs is None:
+            costs = self._request_images[id(request)] = [self.image(i) for i in request.images]
+        return costs
+
+    def _vision_activation(self, costs: list[ImageCost]) -> float:
+        return self.model.memory.encode_activation(sum(c.patch_tokens for c in costs),
+                                                   sum(c.tile_token_squares for c in costs))
 
     # ---- arrival and routing -----------------------------------------------------------
     def _arrive(self, request: SimRequest) -> None:
         self._window["arrivals"] += 1
         self._window["images"] += len(request.images)
+        request.rejected = self._rejection(request)
+        if request.rejected:
+            self._done += 1
+            return
         mode = self.config.mode
         if mode == "epd" and request.images:
             pool = self._live("encode")
@@ -153,6 +130,29 @@ class Simulation:
         else:
             self._to_prefill(request)
 
+    def _rejection(self, request: SimRequest) -> str:
+        """Why `request` can never be served by this configuration ('' when it can)."""
+        arch, memory = self.model.architecture, self.memory
+        total = request.prompt_tokens + request.output_tokens
+        if total > arch.max_context:
+            return f"{total} tokens exceed the {arch.max_context}-token context"
+        last = memory["colocated" if self.config.mode == "colocated" else "decode"]
+        if total > last.kv_tokens:
+            return f"its {total} tokens exceed the {last.kv_tokens}-token KV pool of {_gpu(last.role)}"
+        first = memory["colocated" if self.config.mode == "colocated" else "prefill"]
+        if request.prompt_tokens > first.kv_tokens:
+            return f"its {request.prompt_tokens}-token prompt exceeds the {first.kv_tokens}-token KV pool of {_gpu(first.role)}"
+        if self.config.mode == "epd":
+            need = max((self._vision_activation([c]) for c in self.images_of(request)), default=0.0)
+            if need > memory["encode"].activation:
+                return f"one image needs {gb(need)} of vision activations; an encode GPU has {gb(memory['encode'].activation)}"
+        else:
+            need = self._vision_activation(self.images_of(request))
+            if need > first.activation:
+                return (f"its {len(request.images)} images need {gb(need)} of vision activations in one forward; "
+                        f"{_gpu(first.role)} reserves {gb(first.activation)}")
+        return ""
+
     def _live(self, pool: str) -> list[Instance]:
         live = [i for i in self.pools[pool] if not i.draining and i.ready_at <= self.now]
         return live or [i for i in self.pools[pool] if not i.draining] or self.pools[pool]
@@ -168,130 +168,48 @@ class Simulation:
 
     # ---- work on an instance -----------------------------------------------------------
     def _kick(self, instance: Instance) -> None:
-        if instance.running:
+        if instance.running or instance.retired_at >= 0:
             return
         start = max(self.now, instance.ready_at)
         if start > self.now:
             self.at(start, self._kick, instance)
             return
-        handler = {"encode": self._encode_batch, "prefill": self._prefill_batch, "decode": self._decode_step,
-                   "colocated": self._colocated_work}[instance.pool]
-        handler(instance)
+        self._handlers[instance.pool](instance)
 
-    def _busy(self, instance: Instance, duration: float, done: Callable, *args) -> None:
+    def _busy(self, instance: Instance, duration: float, items: int, activation: float, done: Callable,
+              *args) -> None:
+        if instance.blocked_since >= 0:
+            instance.blocked_time += self.now - instance.blocked_since
+            instance.blocked_since = -1.0
         instance.running = True
         instance.busy_time += duration
+        instance.busy_total += duration
+        instance.batches += 1
+        instance.items += items
+        instance.largest_batch = max(instance.largest_batch, items)
+        instance.peak_activation = max(instance.peak_activation, activation)
         instance.busy_until = self.now + duration
         self.at(self.now + duration, self._finish_work, instance, done, args)
+
+    def _blocked(self, instance: Instance) -> None:
+        """Work is queued but memory keeps it out until something frees KV."""
+        if instance.blocked_since < 0:
+            instance.blocked_since = self.now
 
     def _finish_work(self, instance: Instance, done: Callable, args) -> None:
         instance.running = False
         done(*args)
-        if instance.draining and instance.load() == 0:
-            self.pools[instance.pool].remove(instance)  # drained: the GPU is released
-            return
-        self._kick(instance)
+        if not self._retire_if_drained(instance):
+            self._kick(instance)
 
-    def _encode_batch(self, instance: Instance) -> None:
-        if not instance.queue:
-            return
-        batch = [instance.queue.popleft() for _ in range(min(self.config.encode_batch, len(instance.queue)))]
-        arch = self.model.architecture
-        patch = sum(arch.vision_patch_tokens(r.images[i].width, r.images[i].height) for r, i in batch)
-        megapixels = sum(r.images[i].width * r.images[i].height for r, i in batch) / 1e6
-        self._busy(instance, self.model.costs.encode_time(patch, megapixels), self._encoded, batch)
-
-    def _encoded(self, batch: list) -> None:
-        arch = self.model.architecture
-        for request, _ in batch:
-            request.pending_items -= 1
-            if request.pending_items == 0:
-                tokens = sum(arch.image_tokens(i.width, i.height) for i in request.images)
-                self.at(self.now + self.model.embedding_transfer_time(tokens), self._to_prefill, request)
-
-    def _prefill_batch(self, instance: Instance) -> None:
-        if not instance.queue:
-            return
-        batch, used = [], 0
-        while instance.queue and (not batch or used + instance.queue[0].prompt_tokens <= self.config.prefill_budget):
-            request = instance.queue.popleft()
-            batch.append(request)
-            used += request.prompt_tokens
-        duration = self.model.costs.prefill_time([r.prompt_tokens for r in batch])
-        if self.config.mode == "bundled":
-            duration += self._encode_time_of(batch)
-        self._busy(instance, duration, self._prefilled, batch)
-
-    def _encode_time_of(self, batch: list[SimRequest]) -> float:
-        arch = self.model.architecture
-        images = [image for r in batch for image in r.images]
-        if not images:
-            return 0.0
-        return self.model.costs.encode_time(sum(arch.vision_patch_tokens(i.width, i.height) for i in images),
-                                            sum(i.width * i.height for i in images) / 1e6)
-
-    def _prefilled(self, batch: list[SimRequest]) -> None:
-        for request in batch:
-            request.first_token = self.now
-            if request.output_tokens <= 1:
-                self._complete(request)
-                continue
-            self.at(self.now + self.model.kv_transfer_time(request.prompt_tokens), self._to_decode, request)
-
-    def _to_decode(self, request: SimRequest) -> None:
-        pool = self._live("decode")
-        target = min(pool, key=lambda i: (sum(a[2] for a in i.active) + len(i.queue) * request.prompt_tokens,
-                                          i.busy_until))
-        target.queue.append(request)
-        self._kick(target)
-
-    def _decode_step(self, instance: Instance) -> None:
-        used = sum(a[2] for a in instance.active)
-        while instance.queue and len(instance.active) < self.config.decode_batch and \
-                used + instance.queue[0].prompt_tokens + instance.queue[0].output_tokens <= max(self.kv_capacity, 1):
-            request = instance.queue.popleft()
-            instance.active.append([request, 1, request.prompt_tokens + 1])
-            used += request.prompt_tokens + 1
-        if not instance.active:
-            return
-        duration = self.model.costs.decode_time(len(instance.active), used)
-        self._busy(instance, duration, self._stepped, instance)
-
-    def _stepped(self, instance: Instance) -> None:
-        still = []
-        for entry in instance.active:
-            entry[1] += 1
-            entry[2] += 1
-            if entry[1] >= entry[0].output_tokens:
-                self._complete(entry[0])
-            else:
-                still.append(entry)
-        instance.active = still
-
-    def _colocated_work(self, instance: Instance) -> None:
-        if instance.waiting:  # prefill (with its encode) first: decode pauses meanwhile
-            batch, used = [], 0
-            while instance.waiting and (not batch or used + instance.waiting[0].prompt_tokens <= self.config.prefill_budget):
-                request = instance.waiting.pop(0)
-                batch.append(request)
-                used += request.prompt_tokens
-            duration = self.model.costs.prefill_time([r.prompt_tokens for r in batch]) + self._encode_time_of(batch)
-            self._busy(instance, duration, self._colocated_prefilled, instance, batch)
-        elif instance.queue or instance.active:
-            self._decode_step(instance)
-
-    def _colocated_prefilled(self, instance: Instance, batch: list[SimRequest]) -> None:
-        for request in batch:
-            request.first_token = self.now
-            if request.output_tokens <= 1:
-                self._complete(request)
-            else:
-                instance.queue.append(request)
-
-    def _complete(self, request: SimRequest) -> None:
-        request.finish = self.now
-        self._done += 1
-        self._window["completed"].append(request)
+    def _retire_if_drained(self, instance: Instance) -> bool:
+        if not instance.draining or instance.running or instance.load() or instance.kv_used:
+            return False
+        self._account()
+        self.pools[instance.pool].remove(instance)  # drained: the GPU is released
+        instance.retired_at = self.now
+        self.retired.append(instance)
+        return True
 
     # ---- closed loop -------------------------------------------------------------------------
     def _control(self, controller: Callable[[Observation], dict[str, int]], interval: float, total: int) -> None:
@@ -312,7 +230,7 @@ class Simulation:
             replicas[name] = len([i for i in pool if not i.draining])
             pending[name] = len([i for i in pool if i.ready_at > self.now])
         decode = self.pools.get("decode") or self.pools.get("colocated") or []
-        kv = sum(sum(a[2] for a in i.active) for i in decode) / max(1, self.kv_capacity * len(decode))
+        kv = sum(i.kv_used for i in decode) / max(1, sum(i.memory.kv_tokens for i in decode))
         occupancy = sum(len(i.active) + len(i.queue) for i in decode) / max(1, self.config.decode_batch * len(decode))
         observation = Observation(self.now, window, self._window["arrivals"], self._window["images"],
                                   self._window["completed"], queue, busy, replicas, pending, kv, occupancy)
@@ -320,16 +238,18 @@ class Simulation:
         return observation
 
     def resize(self, pool_name: str, desired: int) -> None:
+        self._account()
         pool = self.pools[pool_name]
         serving = [i for i in pool if not i.draining]
         for _ in range(desired - len(serving)):
-            pool.append(Instance(pool_name, ready_at=self.now + self.startup_delay))
+            pool.append(Instance(pool_name, self.memory[pool_name], ready_at=self.now + self.startup_delay))
         if desired < len(serving):
             # drain the least loaded; a draining instance finishes its work, takes no new work
             for instance in sorted(serving, key=lambda i: i.load())[:len(serving) - desired]:
                 instance.draining = True
                 self._requeue(instance)
-        self.pools[pool_name] = [i for i in pool if not (i.draining and not i.running and i.load() == 0)]
+        for instance in [i for i in pool if i.draining]:
+            self._retire_if_drained(instance)
 
     def _requeue(self, instance: Instance) -> None:
         """Work not started on a draining instance moves to the others."""
@@ -346,3 +266,7 @@ class Simulation:
             self._least_loaded(self._live(instance.pool)).waiting.append(request)
         for other in self._live(instance.pool):
             self._kick(other)
+
+
+def _gpu(role: str) -> str:
+    return f"{'an' if role[0] in 'aeiou' else 'a'} {role} GPU"

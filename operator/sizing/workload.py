@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import Architecture
@@ -28,7 +28,14 @@ class SimRequest:
     finish: float = -1.0
     pending_items: int = 0
     prompt_tokens: int = 0
-    tags: dict = field(default_factory=dict)
+    rejected: str = ""  # why the request can never be served where it was sent ("" when it can)
+    encoded: float = -1.0  # when its last image was encoded (EPD)
+    prefill_start: float = -1.0
+    decode_start: float = -1.0
+    generated: int = 0  # output tokens so far (the first comes from prefill)
+    context: int = 0  # tokens of this request in a KV pool now
+    kv_holder: object = None  # the instance whose KV pool holds them
+    preemptions: int = 0
 
     @property
     def ttft(self) -> float:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from epd.operator.sizing.architectures import get_architecture
+from epd.operator.sizing.hardware import get_hardware
+from epd.operator.sizing.limits import memory_limits
+from epd.operator.sizing.perfmodel import roofline
 from epd.operator.sizing.results import SLO, goodput, simulate
 from epd.operator.sizing.simulator import ServingConfig, Simulation
-from epd.operator.sizing.workload import WorkloadMix, poisson
+from epd.operator.sizing.stage_report import pool_report
+from epd.operator.sizing.workload import ImageShape, SimRequest, WorkloadMix, poisson
 
 from .scenarios import MINICPM_A100
 
@@ -44,3 +49,59 @@ def _scaled(requests, rate):
 
     base = len(requests) / (requests[-1].arrival - requests[0].arrival)
     return rescale(requests, rate / base)
+
+
+def _burst(count: int, images: int, size: tuple[int, int], text: int, output: int) -> list[SimRequest]:
+    """`count` requests arriving at once, so that queues hold more than any batch limit."""
+    return [SimRequest(i, 0.0, [ImageShape(*size)] * images, text, output) for i in range(count)]
+
+
+def test_an_encode_batch_that_does_not_fit_is_never_formed():
+    model = roofline(get_architecture("minicpm-v-2.6"), get_hardware("a100-80gb"), "eager")
+    config = ServingConfig("epd", 1, 1, 1, intra_request_parallel=False, encode_batch=256)
+    fits = memory_limits(model, config, ImageShape(4032, 3024), 22, 10).encode_batch
+    assert 8 < fits < 256  # memory, not the batch limit, bounds the encode batch (1.3 GB per photo)
+    sim = Simulation(model, config)
+    done = sim.run(_burst(20, 8, (4032, 3024), 22, 10))
+    encode = pool_report(sim)["encode"]
+    assert encode["largest_batch"] == fits and encode["memory_limited_batches"] > 0
+    assert encode["peak_activation_gb"] <= encode["activation_gb"]  # both rounded to MB
+    assert all(r.finish > 0 for r in done)
+
+
+def test_a_bundled_gpu_never_encodes_more_images_than_its_reserve_holds():
+    model = roofline(get_architecture("minicpm-v-2.6"), get_hardware("a100-80gb"), "eager")
+    sim = Simulation(model, ServingConfig("bundled", 1, decode=1, encode_batch=8))
+    requests = _burst(6, 8, (4032, 3024), 22, 10) + [SimRequest(6, 0.0, [ImageShape(4032, 3024)] * 9, 22, 10)]
+    done = sim.run(requests)
+    holder = pool_report(sim)["prefill"]
+    assert holder["largest_batch"] == 1 and holder["memory_limited_batches"] > 0  # two requests' 16 photos never fit
+    assert holder["peak_activation_gb"] <= holder["activation_gb"]
+    assert [r.finish > 0 for r in done] == [True] * 6 + [False]
+    assert done[6].rejected == ("its 9 images need 11.4 GB of vision activations in one forward; "
+                                "an encode+prefill GPU reserves 10.2 GB")
+
+
+def test_kv_exhaustion_preempts_and_every_sequence_still_finishes():
+    model = roofline(get_architecture("llava-1.5-7b"), get_hardware("l40s"))
+    requests = _burst(60, 1, (336, 336), 64, 2000)
+    sim = Simulation(model, ServingConfig("epd", 1, 1, 1, decode_batch=64))
+    done = sim.run(requests)
+    decode = pool_report(sim)["decode"]
+    capacity = sim.memory["decode"].kv_tokens
+    assert 640 * 64 < capacity < 2640 * 64  # every sequence fits when it joins, not when it has grown
+    assert decode["preemptions"] > 0 and decode["peak_kv_tokens"] <= capacity
+    assert all(r.finish > 0 and r.generated == 2000 for r in done)
+    assert any(r.preemptions for r in done)
+    roomy = Simulation(roofline(get_architecture("llava-1.5-7b"), get_hardware("h200")),
+                       ServingConfig("epd", 1, 1, 1, decode_batch=64))
+    roomy.run(_burst(60, 1, (336, 336), 64, 2000))
+    assert pool_report(roomy)["decode"]["preemptions"] == 0
+
+
+def test_requests_that_can_never_fit_are_rejected_with_the_reason():
+    model = roofline(get_architecture("llava-1.5-7b"), get_hardware("a100-80gb"))
+    too_long = SimRequest(0, 0.0, [ImageShape(336, 336)], 3600, 100)
+    summary = simulate(model, ServingConfig("epd", 1, 1, 1), [too_long], SLO(2.0, 0.05))
+    assert summary["completed"] == 0 and summary["rejected"] == 1
+    assert summary["rejections"] == {"4276 tokens exceed the 4096-token context": 1}
