@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,8 @@ from .workload import WorkloadSpec, parse_size
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""),
+                        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
     parser.add_argument("--model", default="", help="model name (default: the first of GET /models)")
     parser.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0 = all at once)")
     parser.add_argument("--fixed-rate", action="store_true", help="evenly spaced arrivals instead of Poisson")
@@ -37,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model = args.model or _first_model(args.base_url)
+        model = args.model or _first_model(args.base_url, args.api_key)
         spec = WorkloadSpec(model=model, requests=args.requests, duration=args.duration, rate=args.rate,
                             fixed_rate=args.fixed_rate, images_per_request=args.images_per_request,
                             image_size=parse_size(args.image_size), prompt_tokens=args.prompt_tokens,
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"epd bench: {exc}", file=sys.stderr)
         return 2
     summary = asyncio.run(run_workload(args.base_url.rstrip("/"), spec, SLO(args.slo_ttft, args.slo_tpot),
-                                       args.concurrency, args.timeout, progress=not args.no_progress))
+                                       args.concurrency, args.timeout, progress=not args.no_progress,
+                                       api_key=args.api_key))
     print(table(summary))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -58,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["completed"] else 1
 
 
-def _first_model(base_url: str) -> str:
+def _first_model(base_url: str, api_key: str) -> str:
+    request = urllib.request.Request(base_url.rstrip("/") + "/models",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)["data"][0]["id"]
     except (OSError, KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"cannot list models at {base_url}: {exc}") from exc

@@ -14,7 +14,7 @@ from .workload import RequestFactory, WorkloadSpec, arrival_times
 
 
 async def run_workload(base_url: str, spec: WorkloadSpec, slo: SLO, concurrency: int = 64,
-                       timeout: float = 600.0, progress: bool = True) -> dict:
+                       timeout: float = 600.0, progress: bool = True, api_key: str = "") -> dict:
     """Send the workload (arrivals on schedule, at most `concurrency` in flight); returns the summary."""
     count = spec.requests if spec.duration <= 0 else max(1, int(spec.rate * spec.duration) if spec.rate else spec.requests)
     factory = RequestFactory(spec)
@@ -24,7 +24,8 @@ async def run_workload(base_url: str, spec: WorkloadSpec, slo: SLO, concurrency:
     results: list[RequestResult] = []
     bar = tqdm(total=count, desc="requests", unit="req", disable=not progress)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         start = time.perf_counter()
 
         async def one(offset: float, body: dict) -> None:

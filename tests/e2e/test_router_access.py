@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import socket
 import threading
 from urllib.parse import urlsplit
@@ -183,3 +184,19 @@ def test_waiting_for_health_while_a_huge_prompt_is_refused(served):
     thread.join(60)
     assert results == {"huge": 400, "health": 200}
     wait_until(lambda: served.router_metric("epd_router_in_flight") == 0, 10, message="nothing left in flight")
+
+
+def test_epd_bench_sends_the_api_key(served, tmp_path):
+    import subprocess
+
+    from epd.workers.launcher.processes import epd_command
+
+    out = tmp_path / "bench.json"
+    command = epd_command("bench", "--base-url", served.base_url, "--requests", "2", "--images-per-request", "0",
+                          "--max-tokens", "4", "--no-progress", "--out", str(out))
+    result = subprocess.run([*command, "--api-key", KEY], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["completed"] == 2
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"})
+    assert refused.returncode == 2 and "401" in refused.stderr

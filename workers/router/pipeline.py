@@ -112,6 +112,9 @@ class StagePipeline:
             holders.lost = failure.lost
             raise failure from exc
         except StageFailure as failure:
+            if failure.stage == "prefill" and failure.retryable and generate is not None and generate.done() \
+                    and await generate.code() in WORKER_LOST:
+                failure.address = plan.decode.address  # prefill failed because decode is gone
             holders.lost = failure.lost
             raise
         finally:
@@ -119,6 +122,7 @@ class StagePipeline:
                 await asyncio.shield(self._cancel(request.stage_request_id, holders.addresses()))
             for task in [*holders.encodes.values(), *([holders.prefill] if holders.prefill else [])]:
                 task.cancel()
+                task.add_done_callback(_retrieve)  # a call failing after the attempt ended is no news
             if generate is not None:
                 generate.cancel()
             self.planner.release(plan, len(request.input_ids))
@@ -230,8 +234,14 @@ async def _read_until_told(call) -> AsyncIterator[pb.GenerateChunk]:
         try:
             chunk = await asyncio.shield(read)
         except asyncio.CancelledError:
-            read.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody reads it now
+            read.add_done_callback(_retrieve)  # nobody reads it now
             raise
         if chunk is grpc.aio.EOF:
             return
         yield chunk
+
+
+def _retrieve(done: asyncio.Future) -> None:
+    """Mark a future's outcome as seen (asyncio would log an exception nobody retrieved)."""
+    if not done.cancelled():
+        done.exception()
