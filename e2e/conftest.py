@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from .controlplane import ControlPlane, MissingBinaries, start_control_plane
+from .controlplane import ControlPlane, MissingBinaries, start_control_plane, wait_for
+from .operator_process import SERVICE_ACCOUNT, SYSTEM, Operator
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "epd-serve"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +44,21 @@ def gpu_pools(k8s_cluster: ControlPlane) -> dict[str, str]:
                                       taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
         pools[stage] = pool
     return pools
+
+
+@pytest.fixture(scope="session")
+def operator(k8s_cluster: ControlPlane, gpu_pools, tmp_path_factory) -> Iterator[Operator]:
+    """The chart installed (CRDs, ServiceAccount, RBAC; its Deployment at 0 replicas) and the operator
+    run here as that ServiceAccount. A test that stops it starts it again before it ends."""
+    k8s_cluster.kubectl("create", "namespace", SYSTEM)
+    k8s_cluster.add_fake_node("cpu-0", {"epd.dev/pool": "cpu"})  # untainted: routers, Redis, untargeted stages
+    k8s_cluster.helm("install", "epd", str(CHART), "--namespace", SYSTEM, "--set", "operator.replicas=0",
+                     "--wait", "--timeout", "60s")
+    for crd in ("epddeployments.serving.epd.dev", "epdstages.serving.epd.dev"):
+        wait_for(lambda: k8s_cluster.kubectl("get", "crd", crd, check=False).returncode == 0, 30, crd)
+    kubeconfig = k8s_cluster.service_account_kubeconfig(SYSTEM, SERVICE_ACCOUNT,
+                                                        tmp_path_factory.mktemp("sa") / "operator.kubeconfig")
+    op = Operator(k8s_cluster, kubeconfig)
+    op.start()
+    yield op
+    op.stop()

@@ -110,6 +110,17 @@ class ControlPlane:
         _write_kubeconfig(path, self.server, self.pki.ca_cert, {"token": token})
         return path
 
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def audit_events(self, user: str) -> list[dict]:
+        """What the apiserver recorded of `user`'s requests (service accounts are audited at Metadata)."""
+        if not self.audit_log.exists():
+            return []
+        events = (json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip())
+        return [e for e in events if e.get("user", {}).get("username") == user]
+
     def stop(self) -> None:
         for name in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             process = self.processes.get(name)
@@ -122,6 +133,15 @@ class ControlPlane:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _audit_policy(workdir: Path) -> Path:
+    """Audit every service account's requests (who called which verb on what), nothing else."""
+    policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+              "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}]}
+    path = workdir / "audit-policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
 
 
 def _write_kubeconfig(path: Path, server: str, ca: Path, user: dict) -> None:
@@ -168,7 +188,9 @@ def start_control_plane(deadline_seconds: float = 120.0) -> ControlPlane:
               "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
               "--service-account-key-file", str(pki.sa_pub), "--service-account-signing-key-file", str(pki.sa_key),
               "--service-cluster-ip-range", "10.0.0.0/24", "--allow-privileged=true",
-              "--cert-dir", str(workdir / "apiserver-certs"))
+              "--cert-dir", str(workdir / "apiserver-certs"),
+              "--audit-policy-file", str(_audit_policy(workdir)), "--audit-log-path", str(plane.audit_log),
+              "--audit-log-format", "json")
         _wait_ready(plane, deadline_seconds)
         start("kube-controller-manager", "--kubeconfig", str(kubeconfig), "--leader-elect=false",
               "--service-account-private-key-file", str(pki.sa_key), "--root-ca-file", str(pki.ca_cert),
@@ -181,7 +203,10 @@ def start_control_plane(deadline_seconds: float = 120.0) -> ControlPlane:
               "--manage-nodes-with-annotation-selector", f"{KWOK_NODE_ANNOTATION}=fake",
               # Pod IPs on loopback (all of 127/8 is local on Linux): a test can serve a simulated
               # pod's /metrics on the pod's own address, where the operator's autoscaler reads it.
-              "--node-ip", "10.0.0.1", "--cidr", "127.2.0.1/16")
+              "--node-ip", "10.0.0.1", "--cidr", "127.2.0.1/16",
+              # Node Leases renewed like a kubelet's: without them kwok's ~56 s status refresh outlasts
+              # the controller-manager's grace period and every node flaps NotReady (pods lose Ready).
+              "--node-lease-duration-seconds", "40")
         _wait(lambda: _default_service_account(plane), deadline_seconds, "the default ServiceAccount", plane)
     except BaseException:
         plane.stop()

@@ -1,69 +1,56 @@
 """The EPDDeployment CustomResourceDefinition, generated from one schema here.
 
-`python -m epd.operator.crd > crds/epddeployment.yaml` regenerates the file
-that kubectl, Helm and the tests use; a test keeps the file, this schema and
-the typed spec model (spec.py) in step."""
+`python -m epd.operator.crd crds/` regenerates the files that kubectl, Helm and
+the tests use (this one and the EPDStage's, stage_crd.py); a test keeps the
+files, these schemas and the typed spec model (spec.py) in step."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from pathlib import Path
 
 import yaml
 
+from .schema import (boolean, condition, custom_resource_definition, free_object, integer, positive_seconds,
+                     resources, string)
 from .sizing.architectures import ARCHITECTURES
 from .sizing.hardware import HARDWARE
+from .spec import GRACE_SECONDS, ROUTER_GRACE_SECONDS, STAGES
 
 GROUP = "serving.epd.dev"
 VERSION = "v1alpha1"
 KIND = "EPDDeployment"
 PLURAL = "epddeployments"
+ROLES = {"encode": "image preprocessing + vision tower + projector",
+         "prefill": "merges text and image tokens, first token, KV cache",
+         "decode": "continuous batching over the KV cache"}
 
 
-def _int(description: str, minimum: int | None = None, maximum: int | None = None, default: int | None = None):
-    schema: dict[str, Any] = {"type": "integer", "description": description}
-    if minimum is not None:
-        schema["minimum"] = minimum
-    if maximum is not None:
-        schema["maximum"] = maximum
-    if default is not None:
-        schema["default"] = default
-    return schema
+def grace(description: str, default: int) -> dict:
+    return integer(f"Seconds between SIGTERM and SIGKILL: {description}", 1, default=default)
 
 
-def _string(description: str, **extra):
-    return {"type": "string", "description": description, **extra}
-
-
-def _free_object(description: str, kind: str = "object"):
-    schema: dict[str, Any] = {"type": kind, "description": description}
-    if kind == "object":
-        schema["x-kubernetes-preserve-unknown-fields"] = True
-    else:
-        schema["items"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    return schema
-
-
-def _positive_seconds(description: str, default: float):
-    return {"type": "number", "description": description, "minimum": 0, "exclusiveMinimum": True, "default": default}
-
-
-def stage_schema(stage: str, role: str) -> dict:
+def stage_schema(stage: str) -> dict:
     return {
         "type": "object",
-        "description": f"The {stage} stage: {role}. One StatefulSet on its own GPU node pool.",
+        "description": f"The {stage} stage: {ROLES[stage]}. One StatefulSet on its own GPU node pool, "
+                       f"scaled through its EPDStage.",
         "properties": {
-            "replicas": _int("Workers of this stage.", 0, default=1),
-            "minReplicas": _int("Lower bound for the autoscaler.", 0),
-            "maxReplicas": _int("Upper bound for the autoscaler.", 0),
-            "resources": _free_object("Container resources, e.g. limits: {nvidia.com/gpu: 1}."),
+            "replicas": integer("Workers of this stage. Written through to the stage's EPDStage when it changes "
+                                "(`kubectl scale epdstage`, an HPA or the autoscaler change the EPDStage, "
+                                "not this field).", 0, default=1),
+            "minReplicas": integer("Lower bound for the built-in autoscaler.", 0),
+            "maxReplicas": integer("Upper bound for the built-in autoscaler.", 0),
+            "resources": resources("Container resources, e.g. limits: {nvidia.com/gpu: 1}."),
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"},
                              "description": "Labels selecting this stage's node pool."},
-            "tolerations": _free_object("Tolerations for the pool's taints.", "array"),
-            "affinity": _free_object("Pod affinity rules."),
-            "maxBatch": _int("Batch limit of the stage (encode: images, prefill: tokens, decode: sequences); "
-                             "0 keeps the worker's default.", 0, default=0),
-            "env": _free_object("Extra environment variables (Kubernetes EnvVar objects).", "array"),
+            "tolerations": free_object("Tolerations for the pool's taints.", "array"),
+            "affinity": free_object("Pod affinity rules."),
+            "maxBatch": integer("Batch limit of the stage (encode: images, prefill: tokens, decode: sequences); "
+                                "0 keeps the worker's default.", 0, default=0),
+            "env": free_object("Extra environment variables (Kubernetes EnvVar objects).", "array"),
+            "terminationGracePeriodSeconds": grace("a worker leaves discovery and finishes what it holds.",
+                                                   GRACE_SECONDS[stage]),
         },
         "x-kubernetes-validations": [
             {"rule": "!has(self.minReplicas) || self.minReplicas <= self.replicas",
@@ -76,64 +63,128 @@ def stage_schema(stage: str, role: str) -> dict:
     }
 
 
+def model_schema() -> dict:
+    cache = {"type": "object", "description": "Where pods download a hub model to (default: an emptyDir per pod).",
+             "properties": {
+                 "pvc": string("A ReadWriteMany PersistentVolumeClaim shared by every pod as the download cache.",
+                               minLength=1),
+                 "storage": string("Size of a PersistentVolumeClaim per worker pod (kept across restarts), "
+                                   "e.g. 40Gi.", minLength=1),
+                 "storageClassName": string("StorageClass of the per-pod claim (a node-local class gives a "
+                                            "per-node cache).")},
+             "x-kubernetes-validations": [
+                 {"rule": "!(has(self.pvc) && has(self.storage))", "message": "give the cache one way: pvc or storage"},
+                 {"rule": "!has(self.storageClassName) || has(self.storage)",
+                  "message": "storageClassName needs storage"}]}
+    return {"type": "object", "required": ["name"], "description": "The model to serve.", "properties": {
+        "name": string("Hub id (downloaded at pod start, each stage fetching only the shards it needs), "
+                       "a directory inside `pvc`, or a built-in preset.", minLength=1),
+        "revision": string("Hub revision (a commit pins it; a branch or tag is resolved at each start)."),
+        "dtype": string("Weights dtype.", enum=["bfloat16", "float16", "float32"], default="bfloat16"),
+        "pvc": string("PersistentVolumeClaim already holding the weights, mounted read-only at /models "
+                      "(nothing is downloaded)."),
+        "secret": string("Secret whose keys become environment variables (e.g. HF_TOKEN for gated models)."),
+        "cache": cache,
+    }, "x-kubernetes-validations": [{"rule": "!(has(self.pvc) && has(self.cache))",
+                                     "message": "a model on a pvc is not downloaded: drop cache"}]}
+
+
+def router_schema() -> dict:
+    return {"type": "object", "description": "The OpenAI-compatible HTTP router.", "properties": {
+        "replicas": integer("Router replicas.", 1, default=1),
+        "serviceType": string("Service type of the endpoint.", enum=["ClusterIP", "NodePort", "LoadBalancer"],
+                              default="ClusterIP"),
+        "port": integer("HTTP port.", 1, 65535, default=8000),
+        "metricsPort": integer("Port of the router's /metrics (reachable by the operator and scrapers only).",
+                               1, 65535, default=9100),
+        "apiKeySecret": string("Secret whose key `api-keys` holds the accepted API keys, comma-separated.",
+                               minLength=1),
+        "terminationGracePeriodSeconds": grace("the router finishes its open streams.", ROUTER_GRACE_SECONDS),
+    }, "x-kubernetes-validations": [{"rule": "!has(self.metricsPort) || self.metricsPort != self.port",
+                                     "message": "metricsPort must differ from port"}]}
+
+
+def cache_schema() -> dict:
+    redis = {"type": "object",
+             "description": "Redis for cache metadata and discovery: exactly one of managed (the operator runs one, "
+                            "with a generated password) or urlSecret.",
+             "properties": {"managed": {"type": "boolean", "description": "Run a Redis StatefulSet."},
+                            "urlSecret": string("Secret with key `url` (redis://:PASSWORD@host:6379/0, or rediss:// "
+                                                "for TLS) and optionally `ca.crt` (mounted at "
+                                                "/etc/epd/redis-tls/ca.crt).", minLength=1)},
+             "x-kubernetes-validations": [{"rule": "(has(self.managed) && self.managed) != has(self.urlSecret)",
+                                           "message": "give Redis exactly one way: managed: true or urlSecret"}]}
+    return {"type": "object", "description": "Multimodal token cache.", "properties": {
+        "redis": redis,
+        "cacheBytes": integer("Embedding cache bytes per worker.", 0, default=1 << 30),
+        "prefixCacheBytes": integer("Prefix KV cache bytes per prefill worker (0 turns it off).", 0, default=1 << 30),
+        "ttlSeconds": integer("TTL of cache metadata records.", 1, default=3600),
+    }}
+
+
+def autoscaling_schema() -> dict:
+    return {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
+        "enabled": boolean("Let the built-in scaler set each stage's EPDStage replicas within minReplicas.."
+                           "maxReplicas. While on it wins: another writer's replicas are reverted.", False),
+        "metricsSource": string("Where metrics come from: `direct` reads each pod's /metrics; `prometheus` asks a "
+                                "Prometheus server (series labelled namespace, epd_deployment, epd_component).",
+                                enum=["direct", "prometheus"], default="direct"),
+        "prometheus": {"type": "object", "description": "The Prometheus server for metricsSource: prometheus.",
+                       "properties": {"url": string("Base URL, e.g. http://prometheus.monitoring:9090 (default: "
+                                                    "the operator's --prometheus-url, which alone gets the "
+                                                    "operator's bearer token).", pattern="^https?://")}},
+        "windowSeconds": integer("Metrics window: the scaler decides once per window.", 1, default=60),
+        "cooldownSeconds": integer("Minimum time between steps of a stage.", 0, default=120),
+        "maxTotalReplicas": integer("Most replicas of all stages together (a GPU budget when each replica "
+                                    "has one GPU); under it, replicas move between stages. 0 = no limit.", 0,
+                                    default=0),
+        "architecture": string("Performance-model architecture for the predictive floor (optional; "
+                               "without it the scaler follows observed load and SLOs only).",
+                               enum=sorted(ARCHITECTURES)),
+        "hardware": string("GPU of the node pools, for the performance model.", enum=sorted(HARDWARE),
+                           default="h100"),
+    }}
+
+
+def tls_schema() -> dict:
+    return {"type": "object", "description": "Mutual TLS between the router and the workers and among workers.",
+            "properties": {
+                "enabled": boolean("Serve and call gRPC with mutual TLS.", True),
+                "provider": string("Who issues the certificates: cert-manager when its CRD is installed (auto), "
+                                   "else a CA the operator makes for this deployment.",
+                                   enum=["auto", "operator", "cert-manager"], default="auto"),
+                "issuerRef": {"type": "object", "description": "A cert-manager issuer to sign with instead of a "
+                                                               "per-deployment CA.",
+                              "required": ["name"],
+                              "properties": {"name": string("Issuer name.", minLength=1),
+                                             "kind": string("Issuer kind.", enum=["Issuer", "ClusterIssuer"],
+                                                            default="Issuer")}}},
+            "x-kubernetes-validations": [{"rule": "!has(self.issuerRef) || self.provider != 'operator'",
+                                          "message": "issuerRef needs provider auto or cert-manager"}]}
+
+
 def spec_schema() -> dict:
     return {
         "type": "object",
         "required": ["model"],
         "properties": {
-            "image": _string("Container image running `epd` (defaults to the operator's)."),
-            "model": {"type": "object", "required": ["name"], "description": "The model to serve.", "properties": {
-                "name": _string("Hub id, local path inside the model volume, or built-in preset.", minLength=1),
-                "revision": _string("Hub revision (branch, tag or commit)."),
-                "dtype": _string("Weights dtype.", enum=["bfloat16", "float16", "float32"], default="bfloat16"),
-                "pvc": _string("PersistentVolumeClaim with the weights, mounted read-only at /models."),
-                "secret": _string("Secret whose keys become environment variables (e.g. HF_TOKEN)."),
-            }},
-            "encode": stage_schema("encode", "image preprocessing + vision tower + projector"),
-            "prefill": stage_schema("prefill", "merges text and image tokens, first token, KV cache"),
-            "decode": stage_schema("decode", "continuous batching over the KV cache"),
-            "router": {"type": "object", "description": "The OpenAI-compatible HTTP router.", "properties": {
-                "replicas": _int("Router replicas.", 1, default=1),
-                "serviceType": _string("Service type of the endpoint.", enum=["ClusterIP", "NodePort", "LoadBalancer"],
-                                       default="ClusterIP"),
-                "port": _int("HTTP port.", 1, 65535, default=8000),
-            }},
-            "cache": {"type": "object", "description": "Multimodal token cache.", "properties": {
-                "redis": {"type": "object", "description": "Redis for cache metadata and discovery: exactly one of "
-                                                          "managed (the operator runs one) or urlSecret.",
-                          "properties": {"managed": {"type": "boolean", "description": "Run a Redis StatefulSet."},
-                                         "urlSecret": _string("Secret with key `url` (redis://...).", minLength=1)},
-                          "x-kubernetes-validations": [{
-                              "rule": "(has(self.managed) && self.managed) != has(self.urlSecret)",
-                              "message": "give Redis exactly one way: managed: true or urlSecret"}]},
-                "cacheBytes": _int("Embedding cache bytes per worker.", 0, default=1 << 30),
-                "prefixCacheBytes": _int("Prefix KV cache bytes per prefill worker (0 turns it off).", 0,
-                                         default=1 << 30),
-                "ttlSeconds": _int("TTL of cache metadata records.", 1, default=3600),
-            }},
+            "image": string("Container image running `epd` (defaults to the operator's)."),
+            "model": model_schema(),
+            **{stage: stage_schema(stage) for stage in STAGES},
+            "router": router_schema(),
+            "cache": cache_schema(),
             "slo": {"type": "object", "description": "Latency targets the scaler aims for.", "properties": {
-                "ttftSeconds": _positive_seconds("Time-to-first-token target.", 2.0),
-                "tpotSeconds": _positive_seconds("Time-per-output-token target.", 0.1),
-                "percentile": _int("Percentile the targets apply to.", 1, 100, default=90),
+                "ttftSeconds": positive_seconds("Time-to-first-token target.", 2.0),
+                "tpotSeconds": positive_seconds("Time-per-output-token target.", 0.1),
+                "percentile": integer("Percentile the targets apply to.", 1, 100, default=90),
             }},
-            "autoscaling": {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
-                "enabled": {"type": "boolean", "default": False,
-                            "description": "Let the scaler set each stage's replicas within minReplicas..maxReplicas "
-                                           "(a stage's replicas is then the starting point; editing it restarts "
-                                           "the scaler from the new value)."},
-                "metricsSource": _string("Where metrics come from: `direct` reads each pod's /metrics.",
-                                         enum=["direct"], default="direct"),
-                "windowSeconds": _int("Metrics window: the scaler decides once per window.", 1, default=60),
-                "cooldownSeconds": _int("Minimum time between steps of a stage.", 0, default=120),
-                "maxTotalReplicas": _int("Most replicas of all stages together (a GPU budget when each replica "
-                                         "has one GPU); under it, replicas move between stages. 0 = no limit.",
-                                         0, default=0),
-                "architecture": _string("Performance-model architecture for the predictive floor (optional; "
-                                        "without it the scaler follows observed load and SLOs only).",
-                                        enum=sorted(ARCHITECTURES)),
-                "hardware": _string("GPU of the node pools, for the performance model.", enum=sorted(HARDWARE),
-                                    default="h100"),
-            }},
+            "autoscaling": autoscaling_schema(),
+            "tls": tls_schema(),
+            "networkPolicy": {"type": "object", "description": "NetworkPolicies letting only the router reach the "
+                                                               "workers, only neighbouring stages reach each other, "
+                                                               "only this deployment reach its Redis.",
+                              "properties": {"enabled": boolean("Create them.", True)}},
+            "grpcReflection": boolean("Serve gRPC reflection on the workers (debugging only).", False),
         },
     }
 
@@ -142,18 +193,16 @@ def status_schema() -> dict:
     stage_status = {"type": "object", "properties": {
         "replicas": {"type": "integer"}, "ready": {"type": "integer"}, "desired": {"type": "integer"},
         "summary": {"type": "string"}, "lastScaleTime": {"type": "string"}, "lastScaleReason": {"type": "string"},
-        "scaledReplicas": {"type": "integer", "description": "the autoscaler's choice"},
-        "scaledFrom": {"type": "integer", "description": "spec replicas when it chose (a later edit voids it)"}}}
-    condition = {"type": "object", "required": ["type", "status"], "properties": {
-        "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-        "reason": {"type": "string"}, "message": {"type": "string"}, "observedGeneration": {"type": "integer"},
-        "lastTransitionTime": {"type": "string", "format": "date-time"}}}
+        "scaledReplicas": {"type": "integer", "description": "the built-in autoscaler's last choice"},
+        "declaredReplicas": {"type": "integer", "description": "spec replicas last written through to the EPDStage"}}}
     return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {
         "observedGeneration": {"type": "integer"},
-        "conditions": {"type": "array", "items": condition, "x-kubernetes-list-type": "map",
+        "conditions": {"type": "array", "items": condition(), "x-kubernetes-list-type": "map",
                        "x-kubernetes-list-map-keys": ["type"]},
-        "stages": {"type": "object", "properties": {s: stage_status for s in ("encode", "prefill", "decode")}},
+        "stages": {"type": "object", "properties": {s: stage_status for s in STAGES}},
         "endpoint": {"type": "string"},
+        "tls": {"type": "object", "properties": {"secretName": {"type": "string"}, "issuedBy": {"type": "string"},
+                                                 "serial": {"type": "string"}, "notAfter": {"type": "string"}}},
         "observed": {"type": "object", "properties": {"ttftP90Seconds": {"type": "number"},
                                                       "tpotP90Seconds": {"type": "number"}}},
         "scalingHistory": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
@@ -173,33 +222,24 @@ def printer_columns() -> list[dict]:
 
 
 def crd() -> dict:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": "epddeployment",
-                      "shortNames": ["epd"], "categories": ["all"]},
-            "scope": "Namespaced",
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": printer_columns(),
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A multimodal model served with Encode-Prefill-Decode disaggregation.",
-                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                   "metadata": {"type": "object"}, "spec": spec_schema(), "status": status_schema()},
-                    "required": ["spec"]}},
-            }],
-        },
-    }
+    definition = custom_resource_definition(
+        GROUP, VERSION, KIND, PLURAL, ["epd"], spec_schema(), status_schema(), printer_columns(),
+        "A multimodal model served with Encode-Prefill-Decode disaggregation.", {"status": {}})
+    return definition
 
 
 def render() -> str:
-    return "# Generated by `python -m epd.operator.crd`; do not edit by hand.\n" + yaml.safe_dump(crd(), sort_keys=False)
+    return "# Generated by `python -m epd.operator.crd crds/`; do not edit by hand.\n" + \
+        yaml.safe_dump(crd(), sort_keys=False)
+
+
+def write_all(directory: Path) -> None:
+    """Write every CRD file (`python -m epd.operator.crd crds/`)."""
+    from .stage_crd import render as render_stage
+
+    (directory / "epddeployment.yaml").write_text(render())
+    (directory / "epdstage.yaml").write_text(render_stage())
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "crds"))

@@ -1,6 +1,6 @@
 """Typed model of an EPDDeployment's spec, parsed from the custom resource.
-Defaults live in the CRD schema (the apiserver applies them); this layer
-turns the object into dataclasses the builders consume."""
+Defaults live in the CRD schema (the apiserver applies them) and are repeated
+here only for objects built in tests; a test keeps the two in step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = ("encode", "prefill", "decode")
+# Seconds a stage's pod gets between SIGTERM and SIGKILL to drain what it holds: decode streams
+# whole answers, prefill finishes a batch and hands its KV over, encode only finishes a batch.
+GRACE_SECONDS = {"encode": 30, "prefill": 60, "decode": 300}
+ROUTER_GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class ModelCacheSpec:
+    """Where a hub model is downloaded to: a shared PVC, a PVC per worker pod, or (neither) an emptyDir."""
+
+    pvc: str = ""
+    storage: str = ""  # size of the per-pod PVC; set => volumeClaimTemplate
+    storage_class_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -15,8 +28,14 @@ class ModelSpec:
     name: str
     revision: str = ""
     dtype: str = "bfloat16"
-    pvc: str = ""  # PersistentVolumeClaim holding the weights, mounted read-only at /models
+    pvc: str = ""  # PersistentVolumeClaim holding the weights, mounted read-only at /models: no download
     secret: str = ""  # Secret with e.g. HF_TOKEN, exposed as env
+    cache: ModelCacheSpec = ModelCacheSpec()
+
+    @property
+    def downloads(self) -> bool:
+        """Pods fetch a hub id at start unless a PVC already holds the model."""
+        return not self.pvc
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,7 @@ class StageSpec:
     affinity: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 0  # 0: the worker's default
     env: list[dict[str, Any]] = field(default_factory=list)
+    termination_grace_period_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,9 @@ class RouterSpec:
     replicas: int = 1
     service_type: str = "ClusterIP"
     port: int = 8000
+    metrics_port: int = 9100
+    api_key_secret: str = ""  # Secret with key `api-keys` (comma-separated)
+    termination_grace_period_seconds: int = ROUTER_GRACE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -61,11 +84,21 @@ class SLOSpec:
 @dataclass(frozen=True)
 class AutoscalingSpec:
     enabled: bool = False
+    metrics_source: str = "direct"  # direct: each pod's /metrics; prometheus: PromQL
+    prometheus_url: str = ""  # empty: the operator's --prometheus-url
     window_seconds: int = 60
     cooldown_seconds: int = 120
     max_total_replicas: int = 0  # 0 = no limit across stages
     architecture: str = ""  # performance model for the predictive floor; empty = none
     hardware: str = "h100"
+
+
+@dataclass(frozen=True)
+class TLSSpec:
+    enabled: bool = True
+    provider: str = "auto"  # auto: cert-manager when its CRD is there, else the operator's own CA
+    issuer_name: str = ""  # a cert-manager Issuer/ClusterIssuer to use instead of a per-deployment CA
+    issuer_kind: str = "Issuer"
 
 
 @dataclass(frozen=True)
@@ -77,30 +110,33 @@ class EPDDeploymentSpec:
     slo: SLOSpec
     image: str
     autoscaling: AutoscalingSpec = AutoscalingSpec()
+    tls: TLSSpec = TLSSpec()
+    network_policy: bool = True
+    grpc_reflection: bool = False
 
     @classmethod
     def from_resource(cls, spec: dict[str, Any], default_image: str) -> "EPDDeploymentSpec":
         model = spec["model"]
-        stages = {}
-        for stage in STAGES:
-            raw = spec.get(stage, {})
-            replicas = raw.get("replicas", 1)
-            stages[stage] = StageSpec(
-                replicas=replicas, min_replicas=raw.get("minReplicas", replicas),
-                max_replicas=raw.get("maxReplicas", max(replicas, 1)), resources=raw.get("resources", {}),
-                node_selector=raw.get("nodeSelector", {}), tolerations=raw.get("tolerations", []),
-                affinity=raw.get("affinity", {}), max_batch=raw.get("maxBatch", 0), env=raw.get("env", []))
+        cache_dir = model.get("cache", {})
+        stages = {stage: _stage(spec.get(stage, {}), GRACE_SECONDS[stage]) for stage in STAGES}
         router = spec.get("router", {})
         cache = spec.get("cache", {})
         redis = cache.get("redis", {})
         scaling = spec.get("autoscaling", {})
         slo = spec.get("slo", {})
+        tls = spec.get("tls", {})
+        issuer = tls.get("issuerRef", {})
         return cls(
             model=ModelSpec(name=model["name"], revision=model.get("revision", ""), dtype=model.get("dtype", "bfloat16"),
-                            pvc=model.get("pvc", ""), secret=model.get("secret", "")),
+                            pvc=model.get("pvc", ""), secret=model.get("secret", ""),
+                            cache=ModelCacheSpec(pvc=cache_dir.get("pvc", ""), storage=cache_dir.get("storage", ""),
+                                                 storage_class_name=cache_dir.get("storageClassName", ""))),
             stages=stages,
             router=RouterSpec(replicas=router.get("replicas", 1), service_type=router.get("serviceType", "ClusterIP"),
-                              port=router.get("port", 8000)),
+                              port=router.get("port", 8000), metrics_port=router.get("metricsPort", 9100),
+                              api_key_secret=router.get("apiKeySecret", ""),
+                              termination_grace_period_seconds=router.get("terminationGracePeriodSeconds",
+                                                                          ROUTER_GRACE_SECONDS)),
             cache=CacheSpec(redis_url_secret=redis.get("urlSecret", ""), cache_bytes=cache.get("cacheBytes", 1 << 30),
                             prefix_cache_bytes=cache.get("prefixCacheBytes", 1 << 30),
                             ttl_seconds=cache.get("ttlSeconds", 3600)),
@@ -108,12 +144,27 @@ class EPDDeploymentSpec:
                         percentile=slo.get("percentile", 90)),
             image=spec.get("image") or default_image,
             autoscaling=AutoscalingSpec(enabled=scaling.get("enabled", False),
+                                        metrics_source=scaling.get("metricsSource", "direct"),
+                                        prometheus_url=scaling.get("prometheus", {}).get("url", ""),
                                         window_seconds=scaling.get("windowSeconds", 60),
                                         cooldown_seconds=scaling.get("cooldownSeconds", 120),
                                         max_total_replicas=scaling.get("maxTotalReplicas", 0),
                                         architecture=scaling.get("architecture", ""),
-                                        hardware=scaling.get("hardware", "h100")))
+                                        hardware=scaling.get("hardware", "h100")),
+            tls=TLSSpec(enabled=tls.get("enabled", True), provider=tls.get("provider", "auto"),
+                        issuer_name=issuer.get("name", ""), issuer_kind=issuer.get("kind", "Issuer")),
+            network_policy=spec.get("networkPolicy", {}).get("enabled", True),
+            grpc_reflection=spec.get("grpcReflection", False))
 
     def secrets(self) -> list[str]:
-        """Secrets the workloads reference (a missing one makes the deployment Degraded)."""
-        return [name for name in (self.model.secret, self.cache.redis_url_secret) if name]
+        """Secrets the user names (a missing one makes the deployment Degraded)."""
+        return [name for name in (self.model.secret, self.cache.redis_url_secret, self.router.api_key_secret) if name]
+
+
+def _stage(raw: dict[str, Any], grace: int) -> StageSpec:
+    replicas = raw.get("replicas", 1)
+    return StageSpec(replicas=replicas, min_replicas=raw.get("minReplicas", replicas),
+                     max_replicas=raw.get("maxReplicas", max(replicas, 1)), resources=raw.get("resources", {}),
+                     node_selector=raw.get("nodeSelector", {}), tolerations=raw.get("tolerations", []),
+                     affinity=raw.get("affinity", {}), max_batch=raw.get("maxBatch", 0), env=raw.get("env", []),
+                     termination_grace_period_seconds=raw.get("terminationGracePeriodSeconds", grace))

@@ -57,11 +57,20 @@ def merge_conditions(old: list[dict], new: list[Condition], generation: int) -> 
     return merged
 
 
+def stage_condition(stage: str, state: WorkloadState, problems: str) -> Condition:
+    """`<Stage>Ready`; when not ready and its pods report why, the message says it."""
+    message = f"{state.ready}/{state.desired} {stage} workers ready"
+    if state.is_ready:
+        return Condition(STAGE_CONDITIONS[stage], True, "Ready", message)
+    return Condition(STAGE_CONDITIONS[stage], False, "PodsFailing" if problems else "Waiting",
+                     f"{message}; {problems}" if problems else message)
+
+
 def compute_status(generation: int, stages: dict[str, WorkloadState], router: WorkloadState, endpoint: str,
                    old_status: dict, degraded_reason: str = "", degraded_message: str = "",
-                   autoscaling: bool = False) -> dict:
-    conditions = [Condition(STAGE_CONDITIONS[stage], state.is_ready, "Ready" if state.is_ready else "Waiting",
-                            f"{state.ready}/{state.desired} {stage} workers ready") for stage, state in stages.items()]
+                   autoscaling: bool = False, problems: dict[str, str] | None = None) -> dict:
+    """`problems`: per stage, why its pods are not ready (see podreport)."""
+    conditions = [stage_condition(stage, state, (problems or {}).get(stage, "")) for stage, state in stages.items()]
     all_ready = all(s.is_ready for s in stages.values()) and router.is_ready and not degraded_reason
     waiting = [stage for stage, state in stages.items() if not state.is_ready] + ([] if router.is_ready else ["router"])
     progressing = not all(s.settled for s in (*stages.values(), router))

@@ -1,6 +1,7 @@
-"""Per-EPDDeployment scaling: read every pod's metrics once per window, build the
-observed window, and let a StageScaler (kept across windows for its cooldowns
-and stabilisation) decide."""
+"""Per-EPDDeployment scaling: once per window, build the observed window (from
+two readings of every pod's /metrics, or from PromQL against a Prometheus
+server) and let a StageScaler (kept across windows for its cooldowns and
+stabilisation) decide."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..builders import METRICS_PORT, Owner, child_name, selector
 from ..cluster import Cluster
+from ..naming import METRICS_PORT, Owner, child_name, selector
 from ..sizing.architectures import get_architecture
 from ..sizing.hardware import get_hardware
 from ..sizing.perfmodel import roofline
@@ -18,6 +19,7 @@ from ..sizing.results import SLO
 from ..sizing.scaling import STAGES, ObservedWindow, PolicyConfig, ScalingDecision, StageScaler
 from ..spec import EPDDeploymentSpec
 from .prom import Reading, scrape
+from .promql import MetricsUnavailable, Prometheus, Queries, prometheus_window
 from .window import StageState, observe
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Tracked:
 
     spec: EPDDeploymentSpec
     scaler: StageScaler
-    readings: dict[str, dict[str, Reading]]
+    readings: dict[str, dict[str, Reading]]  # the direct source's last reading of every pod
     taken: float
 
 
@@ -59,10 +61,12 @@ class Autoscaler:
     cluster: Cluster
     clock: Callable[[], float] = time.monotonic
     read: Callable[[str], Reading | None] = scrape
+    prometheus: Prometheus | None = None  # the operator's own server (--prometheus-url), with its token
     tracked: dict[str, Tracked] = field(default_factory=dict)  # EPDDeployment uid -> state
 
     def tick(self, body: dict, spec: EPDDeploymentSpec) -> Outcome | None:
-        """One look at a deployment: None until a whole window has passed since the last reading."""
+        """One look at a deployment: None until a whole window has passed since the last one.
+        Raises MetricsUnavailable when the metrics source cannot be asked."""
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         if not spec.autoscaling.enabled:
@@ -72,7 +76,8 @@ class Autoscaler:
         state = self.tracked.get(owner.uid)
         if state is not None and now - state.taken < spec.autoscaling.window_seconds:
             return None
-        readings = self.readings(owner, spec)
+        direct = spec.autoscaling.metrics_source == "direct"
+        readings = self.readings(owner, spec) if direct else {}
         if state is None or state.spec != spec:  # new, or its spec changed: start a fresh baseline
             model = (roofline(get_architecture(spec.autoscaling.architecture), get_hardware(spec.autoscaling.hardware))
                      if spec.autoscaling.architecture else None)
@@ -81,22 +86,42 @@ class Autoscaler:
         before, before_time = state.readings, state.taken
         state.readings, state.taken = readings, now
         states = self.stage_states(owner)
-        silent = [role for role, pods in readings.items()
-                  if not pods and (role == "router" or states[role].ready)]
-        if silent:  # never act on missing data: no metrics would read as no load
-            log.warning("%s/%s: no metrics from %s; not scaling this window", owner.namespace, owner.name,
-                        ", ".join(silent))
+        decode_batch = state.scaler.config.decode_batch
+        if direct:
+            window = self.direct_window(owner, before, readings, now - before_time, now, states, decode_batch, spec)
+        else:
+            queries = Queries(owner.namespace, owner.name, spec.autoscaling.window_seconds)
+            window = prometheus_window(self.prometheus_for(spec), queries, now, states, decode_batch,
+                                       spec.slo.percentile)
+        if window is None:  # never act on missing data: no metrics would read as no load
+            log.warning("%s/%s: no metrics from some pods; not scaling this window", owner.namespace, owner.name)
             return None
-        window = observe(before, readings, now - before_time, now, states, state.scaler.config.decode_batch,
-                         spec.slo.percentile)
         return Outcome(window, state.scaler.decide(window))
+
+    def direct_window(self, owner: Owner, before: dict, after: dict, seconds: float, now: float,
+                      states: dict[str, StageState], decode_batch: int, spec: EPDDeploymentSpec) -> ObservedWindow | None:
+        silent = [role for role, pods in after.items() if not pods and (role == "router" or states[role].ready)]
+        if silent:
+            return None
+        return observe(before, after, seconds, now, states, decode_batch, spec.slo.percentile)
+
+    def prometheus_for(self, spec: EPDDeploymentSpec) -> Prometheus:
+        """The spec's server, or the operator's; only the operator's own server gets its bearer token
+        (a token must never go to a URL a user of the cluster chose)."""
+        url = spec.autoscaling.prometheus_url
+        if self.prometheus is not None and url in ("", self.prometheus.url):
+            return self.prometheus
+        if not url:
+            raise MetricsUnavailable("metricsSource is prometheus but neither autoscaling.prometheus.url nor the "
+                                     "operator's --prometheus-url is set")
+        return Prometheus(url)
 
     def forget(self, uid: str) -> None:
         self.tracked.pop(uid, None)
 
     def readings(self, owner: Owner, spec: EPDDeploymentSpec) -> dict[str, dict[str, Reading]]:
         """The /metrics of every running pod of the router and of each stage, by pod name."""
-        ports = {"router": spec.router.port, **{stage: METRICS_PORT for stage in STAGES}}
+        ports = {"router": spec.router.metrics_port, **{stage: METRICS_PORT for stage in STAGES}}
         out: dict[str, dict[str, Reading]] = {}
         for role, port in ports.items():
             out[role] = {}

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from ..spec import EPDDeploymentSpec
 from ..status import now
 from .controller import Outcome
 
 HISTORY = 20  # scaling decisions kept in status.scalingHistory
 
 
-def scaling_status(outcome: Outcome, spec: EPDDeploymentSpec, old_status: dict) -> dict:
+def scaling_status(outcome: Outcome, old_status: dict) -> dict:
     """Observed latencies always; per decided stage its new desired replicas and why, plus history."""
     window = outcome.window
     status: dict = {"observed": {"ttftP90Seconds": round(window.ttft_p90, 4),
                                  "tpotP90Seconds": round(window.tpot_p90, 4)}}
     if outcome.decisions:
         stamp = now()
-        status["stages"] = {d.stage: {"scaledReplicas": d.desired, "scaledFrom": spec.stages[d.stage].replicas,
-                                      "lastScaleTime": stamp, "lastScaleReason": d.reason}
+        status["stages"] = {d.stage: {"scaledReplicas": d.desired, "lastScaleTime": stamp, "lastScaleReason": d.reason}
                             for d in outcome.decisions}
         history = list(old_status.get("scalingHistory") or [])
         history += [{"time": stamp, "stage": d.stage, "from": d.current, "to": d.desired, "reason": d.reason}

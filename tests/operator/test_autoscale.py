@@ -1,16 +1,16 @@
 """The operator's autoscaling, pure parts: Prometheus readings -> observed
-window (with the workers' real metric definitions), histogram quantiles, and
-which replicas a stage runs once the scaler has chosen."""
+window (with the workers' real metric definitions), histogram quantiles, the
+PromQL of the Prometheus source, and the policy the spec implies."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import generate_latest
 
-from epd.operator.autoscale.controller import policy
+from epd.operator.autoscale.controller import Autoscaler, policy
+from epd.operator.autoscale.promql import MetricsUnavailable, Prometheus, Queries
 from epd.operator.autoscale.prom import Reading
 from epd.operator.autoscale.window import StageState, observe, quantile
-from epd.operator.reconcile import scaled
 from epd.operator.spec import EPDDeploymentSpec
 from epd.workers import metrics
 
@@ -71,19 +71,33 @@ def deployment(**autoscaling) -> EPDDeploymentSpec:
                                             "autoscaling": autoscaling}, "epd:1")
 
 
-def test_stages_run_the_scalers_choice_until_the_user_edits_replicas():
-    chose = {"stages": {"decode": {"scaledReplicas": 4, "scaledFrom": 2}}}
-    assert scaled(deployment(enabled=True), chose).stages["decode"].replicas == 4
-    assert scaled(deployment(enabled=False), chose).stages["decode"].replicas == 2  # scaler off: the spec
-    edited = {"stages": {"decode": {"scaledReplicas": 4, "scaledFrom": 3}}}  # chosen when spec said 3
-    assert scaled(deployment(enabled=True), edited).stages["decode"].replicas == 2
-    too_many = {"stages": {"decode": {"scaledReplicas": 9, "scaledFrom": 2}}}
-    assert scaled(deployment(enabled=True), too_many).stages["decode"].replicas == 5  # maxReplicas
-
-
 def test_the_policy_follows_the_spec():
     config = policy(deployment(enabled=True, windowSeconds=30, cooldownSeconds=45, maxTotalReplicas=6))
     assert (config.min_replicas["decode"], config.max_replicas["decode"]) == (1, 5)
     assert (config.up_cooldown, config.down_cooldown, config.down_stabilization) == (45, 45, 45)
     assert config.gpu_budget == 6 and config.warmup == 0 and config.decode_batch == 64
     assert (config.slo.ttft, config.slo.tpot) == (2.0, 0.1)
+
+
+def test_the_prometheus_source_asks_for_the_same_quantities_in_promql():
+    queries = Queries("prod", "llava", 60)
+    assert queries.select("decode", stage="decode") == \
+        '{namespace="prod",epd_deployment="llava",epd_component="decode",stage="decode"}'
+    assert queries.increase("epd_requests_total", "router") == \
+        'sum(increase(epd_requests_total{namespace="prod",epd_deployment="llava",epd_component="router"}[60s]))'
+    assert queries.quantile(0.9, "epd_request_ttft_seconds", "router") == (
+        'histogram_quantile(0.9, sum by (le) (rate(epd_request_ttft_seconds_bucket'
+        '{namespace="prod",epd_deployment="llava",epd_component="router"}[60s])))')
+    assert queries.busy("encode") == ('avg(rate(epd_stage_busy_seconds_total'
+                                      '{namespace="prod",epd_deployment="llava",epd_component="encode",'
+                                      'stage="encode"}[60s]))')
+
+
+def test_only_the_operators_own_prometheus_gets_its_token():
+    scaler = Autoscaler(cluster=None, prometheus=Prometheus("http://prom.monitoring:9090", "/var/run/token"))
+    assert scaler.prometheus_for(deployment(enabled=True, metricsSource="prometheus")).token_file == "/var/run/token"
+    chosen = scaler.prometheus_for(deployment(enabled=True, metricsSource="prometheus",
+                                              prometheus={"url": "http://elsewhere:9090"}))
+    assert (chosen.url, chosen.token_file) == ("http://elsewhere:9090", "")
+    with pytest.raises(MetricsUnavailable, match="--prometheus-url"):
+        Autoscaler(cluster=None).prometheus_for(deployment(enabled=True, metricsSource="prometheus"))

@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from ..models import UnknownModelError
+from ..models import UnknownModelError, download
 from ..engine import ATTENTION_BACKENDS
 from ..redis_connection import add_redis_argument, redis_url
 from ..security.tls import add_tls_arguments, tls_from_args
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
+        download.prepare(args.model, args.role)  # a hub model with EPD_MODEL_DOWNLOAD=1: this stage's shards
         config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
         asyncio.run(serve_worker(config))
     except (UnknownModelError, ValueError) as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .adapter import (EncodeInput, InvalidImageError, LanguagePartBase, ModelAdapter, UnknownModelError,
                       VisionPartBase, decode_image)
+from . import download
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .presets import PRESETS, materialize
 from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
@@ -32,6 +33,9 @@ def resolve_model_dir(model: str) -> Path:
         if not (path / "config.json").exists():
             raise UnknownModelError(f"model directory {model!r} has no config.json")
         return path
+    downloaded = download.prepared(model)  # fetched at start (EPD_MODEL_DOWNLOAD=1), this stage's view
+    if downloaded is not None:
+        return downloaded
     try:
         from huggingface_hub import snapshot_download
 
