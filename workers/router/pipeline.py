@@ -114,7 +114,7 @@ class StagePipeline:
         except StageFailure as failure:
             if failure.stage == "prefill" and failure.retryable and generate is not None and generate.done() \
                     and await generate.code() in WORKER_LOST:
-                failure.address = plan.decode.address  # prefill failed because decode is gone
+                failure.stage, failure.address = "decode", plan.decode.address  # prefill failed: decode is gone
             holders.lost = failure.lost
             raise
         finally:
@@ -201,8 +201,8 @@ class StagePipeline:
                 raise APIError(400, f"prefill worker {plan.prefill.address}: {exc.details()}",
                                "prefill_failed") from exc
             failure = _failure("prefill", plan.prefill.address, exc)
-            if failure.retryable:
-                failure.address = lost
+            if failure.retryable and lost != plan.prefill.address:
+                failure.stage, failure.address = "decode", lost
             raise failure from exc
         request.cached_tokens = reply.cached_tokens
 
