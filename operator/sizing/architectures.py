@@ -11,6 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Intermediate-width tensors alive at the MLP's peak, by activation: GELU keeps fc1's output and the GELU's;
+# quick-GELU (x * sigmoid(1.702 x)) one more temporary; SwiGLU act(gate), up and their product.
+MLP_LIVE_TENSORS = {"gelu": 2, "quick_gelu": 3, "swiglu": 3}
+
 
 @dataclass(frozen=True)
 class Tower:
@@ -22,11 +26,23 @@ class Tower:
     intermediate: int
     heads: int
     kv_heads: int
-    gated_mlp: bool  # SwiGLU (gate, up, down) rather than fc1 -> GELU -> fc2
+    activation: str  # the MLP's: "gelu", "quick_gelu" (fc1 -> act -> fc2) or "swiglu" (gate, up, down)
+
+    def __post_init__(self) -> None:
+        if self.activation not in MLP_LIVE_TENSORS:
+            raise ValueError(f"activation must be one of {', '.join(MLP_LIVE_TENSORS)}, got {self.activation!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation == "swiglu"
+
+    @property
+    def mlp_live_tensors(self) -> int:
+        return MLP_LIVE_TENSORS[self.activation]
 
 
 @dataclass(frozen=True)
@@ -91,37 +107,37 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     # openbmb/MiniCPM-V-2_6: "SigLip-400M and Qwen2-7B with a total of 8B parameters".
-    # Vision (vision_config): 27 layers, hidden 1152, MLP 4304, 16 heads, patch 14; slices of about
+    # Vision (vision_config): 27 layers, hidden 1152, MLP 4304 (tanh GELU), 16 heads, patch 14; slices of about
     # 448x448 (slice_config.scale_resolution) -> 32x32 = 1024 patches. Up to 9 slices
     # (max_slice_nums) plus the overview image: 10 per image; a 4032x3024 photo is sliced 3x3 + 1.
     # Resampler: 64 queries (query_num) of width 3584, one cross-attention layer (~68M params).
     # Language model Qwen2-7B: 7.6B params, 28 layers, hidden 3584, MLP 18944, 28 heads, 4 KV heads,
     # vocab 151666, 32768-token context.
     "minicpm-v-2.6": Architecture(
-        "minicpm-v-2.6", Tower(0.4e9, 27, 1152, 4304, 16, 16, False), 0.068e9, 1024, 64, 448, 10,
-        Tower(7.6e9, 28, 3584, 18944, 28, 4, True), 151666, 32768),
+        "minicpm-v-2.6", Tower(0.4e9, 27, 1152, 4304, 16, 16, "gelu"), 0.068e9, 1024, 64, 448, 10,
+        Tower(7.6e9, 28, 3584, 18944, 28, 4, "swiglu"), 151666, 32768),
     # OpenGVLab/InternVL2-8B: InternViT-300M-448px + MLP projector + internlm2_5-7b-chat, 8.08B total.
-    # InternViT-300M: 0.3B params, 24 layers, hidden 1024, MLP 4096, 16 heads, patch 14 at 448 px:
+    # InternViT-300M: 0.3B params, 24 layers, hidden 1024, MLP 4096 (GELU), 16 heads, patch 14 at 448 px:
     # 1024 patches + CLS = 1025 tokens per tile; pixel shuffle (downsample_ratio 0.5) -> 256 tokens.
     # Dynamic tiling up to 12 tiles (max_dynamic_patch) + a thumbnail: 13 tiles for 4032x3024 (4x3 grid).
     # Projector: LayerNorm + 4096x4096 + 4096x4096 (34M). InternLM2.5-7B: 7.7B params, 32 layers,
     # hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 92553, 32768-token context.
     "internvl2-8b": Architecture(
-        "internvl2-8b", Tower(0.3e9, 24, 1024, 4096, 16, 16, False), 0.034e9, 1025, 256, 448, 13,
-        Tower(7.7e9, 32, 4096, 14336, 32, 8, True), 92553, 32768),
-    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (0.3B, 24 layers, hidden 1024, MLP 4096, 16 heads,
+        "internvl2-8b", Tower(0.3e9, 24, 1024, 4096, 16, 16, "gelu"), 0.034e9, 1025, 256, 448, 13,
+        Tower(7.7e9, 32, 4096, 14336, 32, 8, "swiglu"), 92553, 32768),
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (0.3B, 24 layers, hidden 1024, MLP 4096 quick-GELU, 16 heads,
     # 576 patches + CLS), a 2-layer MLP projector 1024->4096->4096 (21M), Vicuna-7B v1.5 (6.7B, 32 layers,
     # hidden 4096, MLP 11008, 32 heads = 32 KV heads, vocab 32064, 4096-token context). One tile per image.
     "llava-1.5-7b": Architecture(
-        "llava-1.5-7b", Tower(0.3e9, 24, 1024, 4096, 16, 16, False), 0.021e9, 577, 576, 336, 1,
-        Tower(6.7e9, 32, 4096, 11008, 32, 32, True), 32064, 4096),
+        "llava-1.5-7b", Tower(0.3e9, 24, 1024, 4096, 16, 16, "quick_gelu"), 0.021e9, 577, 576, 336, 1,
+        Tower(6.7e9, 32, 4096, 11008, 32, 32, "swiglu"), 32064, 4096),
     # Qwen/Qwen2.5-VL-7B-Instruct: native-resolution ViT (0.675B with its merger, depth 32, hidden 1280,
     # SwiGLU MLP 3420, 16 heads, patch 14, 2x2 merge), at most 12845056 pixels per image (max_pixels);
     # Qwen2.5-7B (7.6B, 28 layers, hidden 3584, MLP 18944, 28 heads, 4 KV heads, vocab 152064,
     # 128000 positions).
     "qwen2.5-vl-7b": Architecture(
-        "qwen2.5-vl-7b", Tower(0.63e9, 32, 1280, 3420, 16, 16, True), 0.045e9, 0, 0, 0, 1,
-        Tower(7.6e9, 28, 3584, 18944, 28, 4, True), 152064, 128000, max_pixels=12845056),
+        "qwen2.5-vl-7b", Tower(0.63e9, 32, 1280, 3420, 16, 16, "swiglu"), 0.045e9, 0, 0, 0, 1,
+        Tower(7.6e9, 28, 3584, 18944, 28, 4, "swiglu"), 152064, 128000, max_pixels=12845056),
 }
 
 

@@ -20,10 +20,16 @@ class Hardware:
             raise ValueError(f"{self.name}: hardware figures must be positive")
 
 
+# Data-sheet figures: dense bf16 tensor FLOP/s (no sparsity), HBM bandwidth, memory, and the GPU-to-GPU
+# link per direction (NVLink: half the bidirectional figure; L40S: PCIe Gen4 x16).
 HARDWARE: dict[str, Hardware] = {
+    # A100 SXM4 80GB: 312 TFLOP/s, 2,039 GB/s HBM2e, 80 GB, NVLink 3 600 GB/s
     "a100-80gb": Hardware("a100-80gb", 312e12, 2.039e12, 80e9, 300e9),
+    # H100 SXM5: 989 TFLOP/s, 3.35 TB/s HBM3, 80 GB, NVLink 4 900 GB/s
     "h100": Hardware("h100", 989e12, 3.35e12, 80e9, 450e9),
+    # H200 SXM: 989 TFLOP/s, 4.8 TB/s HBM3e, 141 GB, NVLink 4 900 GB/s
     "h200": Hardware("h200", 989e12, 4.8e12, 141e9, 450e9),
+    # L40S: 362 TFLOP/s, 864 GB/s GDDR6, 48 GB, PCIe Gen4 x16 64 GB/s
     "l40s": Hardware("l40s", 362e12, 0.864e12, 48e9, 32e9),
 }
 

@@ -64,8 +64,10 @@ class PeakMeter:
 
     def runtime_reserve(self, before_weights: int) -> int:
         """Memory the runtime holds beyond tensors: on CUDA what the device reports used minus what the
-        allocator handed out (context, workspaces, cached blocks); on CPU the process before any weights."""
+        allocator handed out, once its cache of freed blocks is emptied (context, library workspaces); on
+        CPU the process before any weights."""
         if self.cuda:
+            self.torch.cuda.empty_cache()
             free, total = self.torch.cuda.mem_get_info(self.device)
             return max(0, int(total - free - self.torch.cuda.memory_allocated(self.device)))
         return before_weights

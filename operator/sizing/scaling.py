@@ -14,6 +14,7 @@ from .perfmodel import PerformanceModel
 from .results import SLO
 
 STAGES = ("encode", "prefill", "decode")
+KV_TARGET = 0.9  # KV pool usage the predictive floor plans for: preemption starts at 100%
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,11 @@ def predictive_floor(window: ObservedWindow, model: PerformanceModel, config: Po
     context = window.prompt_tokens + window.output_tokens / 2
     step = costs.decode_time(batch, int(batch * context))
     decode = window.arrival_rate * window.output_tokens * step / batch
-    # the sequences decoding at once must also fit the decode GPUs' KV pools
+    # the sequences decoding at once must also fit the decode GPUs' KV pools (up to KV_TARGET full; the
+    # division by target_busy below is undone so that the KV floor has its own headroom)
     held = window.arrival_rate * window.output_tokens * step * context
-    decode = max(decode, held / max(1, model.kv_capacity_tokens(config.decode_batch)))
+    kv_share = held / max(1, model.kv_capacity_tokens(config.decode_batch)) / KV_TARGET
+    decode = max(decode, kv_share * config.target_busy)
     return {stage: math.ceil(load / config.target_busy - 1e-9)
             for stage, load in (("encode", encode), ("prefill", prefill), ("decode", decode))}
 

@@ -16,7 +16,7 @@ PHOTO = ImageShape(4032, 3024)
 
 def layer_params(tower: Tower) -> float:
     attention = 2 * tower.hidden ** 2 + 2 * tower.hidden * tower.kv_heads * tower.head_dim
-    return tower.layers * (attention + (3 if tower.gated_mlp else 2) * tower.hidden * tower.intermediate)
+    return tower.layers * (attention + (3 if tower.activation == "swiglu" else 2) * tower.hidden * tower.intermediate)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -41,14 +41,16 @@ def test_kv_bytes_per_token_and_weights_per_stage():
 def test_vision_activations_per_patch_token_and_per_tile_with_eager_attention():
     arch = get_architecture("minicpm-v-2.6")
     flash = roofline(arch, get_hardware("a100-80gb")).memory
-    # widest layer: x, norm(x), fc1, gelu = 2*1152 + 2*4304 values; fp32 pixels + bf16 copy; 64/1024 outputs
-    assert flash.encode_per_patch_token == (2 * 1152 + 2 * 4304) * 2 + 3 * 14 * 14 * 6 + 64 / 1024 * 3584 * 2
+    # the MLP's peak: 4 hidden-wide tensors and fc1 + GELU outputs; fp32 pixels + bf16 copy; 64/1024 outputs
+    assert flash.encode_per_patch_token == (4 * 1152 + 2 * 4304) * 2 + 3 * 14 * 14 * 6 + 64 / 1024 * 3584 * 2
     assert flash.encode_per_tile_token_squared == 0
+    # Qwen2-7B: 4 hidden-wide tensors, act(gate), up and their product, rotary rows; H200 measured 142,856
+    assert flash.prefill_per_token == (4 * 3584 + 3 * 18944 + 2 * 128) * 2 == 142848
     eager = roofline(arch, get_hardware("a100-80gb"), "eager").memory
-    assert eager.encode_per_tile_token_squared == 16 * 6  # 16 heads x (bf16 scores + fp32 softmax)
+    assert eager.encode_per_tile_token_squared == 16 * 9  # 16 heads x 9 bytes per score
     one_photo = [arch.vision_patch_tokens(4032, 3024), arch.tile_token_squares(4032, 3024)]
     assert one_photo == [10 * 1024, 10 * 1024 ** 2]
-    assert eager.encode_activation(*one_photo) - flash.encode_activation(*one_photo) == 16 * 6 * 10 * 1024 ** 2
+    assert eager.encode_activation(*one_photo) - flash.encode_activation(*one_photo) == 16 * 9 * 10 * 1024 ** 2
     with pytest.raises(ValueError, match="attention must be one of"):
         roofline(arch, get_hardware("a100-80gb"), "paged")
 

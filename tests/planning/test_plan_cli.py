@@ -35,8 +35,8 @@ def test_json_recommends_epd_when_it_has_the_most_goodput():
     assert set(stages) == {"encode", "prefill", "decode"}
     assert stages["encode"]["weights_gb"] == 0.936 and stages["prefill"]["weights_gb"] == 15.2
     assert stages["encode"]["kv_tokens"] == 0 and stages["decode"]["kv_tokens"] > stages["prefill"]["kv_tokens"] > 0
-    assert out["explain"]["limits"] == {"image": "4032x3024", "largest_encode_batch": 263,
-                                        "images_per_request_memory": 1449, "images_per_request_context": 51}
+    assert out["explain"]["limits"] == {"image": "4032x3024", "largest_encode_batch": 223,
+                                        "images_per_request_memory": 1442, "images_per_request_context": 51}
 
 
 def test_the_issue_setting_recommends_the_bundled_plan_and_says_why(tmp_path):
@@ -53,7 +53,7 @@ def test_the_issue_setting_recommends_the_bundled_plan_and_says_why(tmp_path):
     assert any(line.startswith("bundled 7EP1D at ") and "encode+prefill " in line for line in lines)
     holder = next(line for line in lines if line.startswith("encode+prefill  "))
     assert "16.1GB" in holder and "1.5GB" in holder  # vision + language weights, runtime reserve
-    assert "memory limits for 4032x3024 images: largest encode batch 180, images per request 180 by memory and 51 " \
+    assert "memory limits for 4032x3024 images: largest encode batch 156, images per request 156 by memory and 51 " \
            "by the context window" in result.stdout
     epd_only = plan(*PAPER_SETTING, "--slo-ttft", "5.1", "--mode", "epd", "--requests", "100")
     assert epd_only.returncode == 0, epd_only.stderr

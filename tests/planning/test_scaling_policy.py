@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 from epd.operator.sizing.results import SLO
-from epd.operator.sizing.scaling import ObservedWindow, PolicyConfig, StageMetrics, StageScaler
+from epd.operator.sizing.scaling import (
+    ObservedWindow,
+    PolicyConfig,
+    StageMetrics,
+    StageScaler,
+    predictive_floor,
+)
 
 from .scenarios import LLAVA_A100
 
@@ -74,3 +82,17 @@ def test_min_max_and_budget_are_respected():
     decisions = s.decide(window(100, ttft=9.0, encode=StageMetrics(2, queue=500, busy=1.0)))
     planned = {"encode": 2, "prefill": 2, "decode": 2} | {d.stage: d.desired for d in decisions}
     assert planned["encode"] <= 3 and sum(planned.values()) <= 6
+
+
+def test_decode_floor_covers_the_kv_the_decoding_sequences_hold():
+    config = PolicyConfig(slo=SLO_, warmup=0)
+    # long prompts and outputs: what decoding sequences hold, not the step time, sets decode's replicas
+    busy = window(100, rate=2.0, decode=StageMetrics(2, busy=0.9, occupancy=0.4, kv_usage=0.3))
+    busy = ObservedWindow(busy.time, busy.seconds, 2.0, 6.0, 3500, 1000, 1.0, 0.02, busy.stages)
+    batch = min(config.decode_batch, math.ceil(2.0 * 1000 * SLO_.tpot))
+    step = LLAVA_A100.costs.decode_time(batch, batch * 4000)
+    held = 2.0 * 1000 * step * 4000  # sequences decoding at once x their mean context
+    capacity = LLAVA_A100.kv_capacity_tokens(config.decode_batch)
+    floor = predictive_floor(busy, LLAVA_A100, config)["decode"]
+    assert (floor - 1) * capacity * 0.9 < held <= floor * capacity * 0.9
+    assert floor > math.ceil(2.0 * 1000 * step / batch / config.target_busy)  # more than compute alone asks

@@ -60,7 +60,7 @@ def test_an_encode_batch_that_does_not_fit_is_never_formed():
     model = roofline(get_architecture("minicpm-v-2.6"), get_hardware("a100-80gb"), "eager")
     config = ServingConfig("epd", 1, 1, 1, intra_request_parallel=False, encode_batch=256)
     fits = memory_limits(model, config, ImageShape(4032, 3024), 22, 10).encode_batch
-    assert 8 < fits < 256  # memory, not the batch limit, bounds the encode batch (1.3 GB per photo)
+    assert 8 < fits < 256  # memory, not the batch limit, bounds the encode batch (1.8 GB per photo)
     sim = Simulation(model, config)
     done = sim.run(_burst(20, 8, (4032, 3024), 22, 10))
     encode = pool_report(sim)["encode"]
@@ -78,8 +78,8 @@ def test_a_bundled_gpu_never_encodes_more_images_than_its_reserve_holds():
     assert holder["largest_batch"] == 1 and holder["memory_limited_batches"] > 0  # two requests' 16 photos never fit
     assert holder["peak_activation_gb"] <= holder["activation_gb"]
     assert [r.finish > 0 for r in done] == [True] * 6 + [False]
-    assert done[6].rejected == ("its 9 images need 11.4 GB of vision activations in one forward; "
-                                "an encode+prefill GPU reserves 10.2 GB")
+    assert done[6].rejected == ("its 9 images need 16.4 GB of vision activations in one forward; "
+                                "an encode+prefill GPU reserves 14.6 GB")
 
 
 def test_kv_exhaustion_preempts_and_every_sequence_still_finishes():
