@@ -7,7 +7,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from epd.workers.launcher.processes import free_port
 
 from .controlplane import ControlPlane, wait_for
 
@@ -26,10 +30,12 @@ class Operator:
     def launch(self) -> None:
         """Start without waiting (a standby prints EPD_OPERATOR_WAITING and nothing more)."""
         self.log = []
+        self.health_port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "epd.cli", "operator", "--kubeconfig", str(self.kubeconfig),
              "--lease-namespace", SYSTEM, "--operator-namespace", SYSTEM, "--drift-interval", "3",
-             "--autoscale-interval", "0.5", "--image", "epd-serve:test", "--health-port", "0", *self.extra],
+             "--autoscale-interval", "0.5", "--image", "epd-serve:test", "--health-host", "127.0.0.1",
+             "--health-port", str(self.health_port), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
 
@@ -55,6 +61,14 @@ class Operator:
             self.process.wait()
             raise AssertionError(f"the operator did not exit within {deadline} s of SIGTERM:\n" + "".join(self.log[-20:])) from exc
         return code, time.monotonic() - started
+
+    def endpoint(self, path: str) -> tuple[int, str]:
+        """GET the operator's /healthz or /metrics: (status, body)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

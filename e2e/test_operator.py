@@ -235,6 +235,19 @@ def test_autoscaler_reads_pod_metrics_and_scales_decode_on_tpot(k8s_cluster, ope
         assert [(h["from"], h["to"]) for h in history][-2:] == [(3, 2), (2, 1)]
 
 
+def test_liveness_and_operator_metrics(k8s_cluster, operator, namespace):
+    k8s_cluster.apply(minimal(), namespace=namespace)
+    wait_for(lambda: ready(k8s_cluster, namespace, "tiny"), 60, "Ready")
+    assert operator.endpoint("/healthz") == (200, "ok")
+    code, text = operator.endpoint("/metrics")
+    assert code == 200
+    reconciles = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith('epd_operator_reconciles_total{result="ok"}'))
+    assert reconciles >= 1
+    assert f'epd_operator_slo_seconds{{epd_deployment="tiny",epd_namespace="{namespace}",target="ttft"}} 2.0' in text
+    assert operator.endpoint("/nothing")[0] == 404
+
+
 def holder(k8s_cluster) -> str | None:
     return k8s_cluster.get("lease", "epd-operator", "-n", SYSTEM)["spec"].get("holderIdentity")
 
@@ -246,6 +259,9 @@ def test_sigterm_exits_zero_and_a_standby_leads_at_once(k8s_cluster, operator):
     try:
         wait_for(lambda: standby.logged("EPD_OPERATOR_WAITING"), 60, "the standby to start")
         assert holder(k8s_cluster) == leader and not standby.logged("EPD_OPERATOR_LEADING")
+        assert standby.endpoint("/healthz") == (200, "ok")  # a waiting standby is alive: no restart loop
+        assert "epd_operator_leader 0.0" in standby.endpoint("/metrics")[1]
+        assert "epd_operator_leader 1.0" in operator.endpoint("/metrics")[1]
         code, _ = operator.stop(deadline=10)  # a clean exit takes a few seconds at most
         assert code == 0, "".join(operator.log[-20:])
         assert operator.logged("released lease")

@@ -13,13 +13,13 @@ import time
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError
 
 from .crd import GROUP, KIND, PLURAL, VERSION
 from .stage_crd import PLURAL as STAGE_PLURAL
 
 FIELD_MANAGER = "epd-operator"
-ABSENT_RECHECK = 60.0
+DISCOVERY_SECONDS = 10.0
 log = logging.getLogger(__name__)
 
 
@@ -40,24 +40,24 @@ class Cluster:
         self.dynamic = DynamicClient(api_client)
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
-        self._absent: dict[tuple[str, str], float] = {}  # kinds not served, and since when
+        self._discovery: dict[str, tuple[float, set[str]]] = {}  # group-version -> (read at, kinds)
 
     def _resource(self, api_version: str, kind: str):
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
     def serves(self, api_version: str, kind: str) -> bool:
-        """Whether the apiserver knows the kind (e.g. cert-manager's CRDs are installed). A miss makes
-        the client re-read all of discovery, so a "no" is remembered for ABSENT_RECHECK seconds."""
-        missing_since = self._absent.get((api_version, kind))
-        if missing_since is not None and time.monotonic() - missing_since < ABSENT_RECHECK:
-            return False
-        try:
-            self._resource(api_version, kind)
-        except ResourceNotFoundError:
-            self._absent[(api_version, kind)] = time.monotonic()
-            return False
-        self._absent.pop((api_version, kind), None)
-        return True
+        """Whether the apiserver serves the kind now (e.g. cert-manager's CRDs are installed): its
+        group-version's discovery document, re-read at most every DISCOVERY_SECONDS."""
+        fetched, kinds = self._discovery.get(api_version, (float("-inf"), set()))
+        if time.monotonic() - fetched > DISCOVERY_SECONDS:
+            path = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+            try:
+                answer = self.dynamic.request("GET", path).to_dict()
+                kinds = {r["kind"] for r in answer.get("resources", []) if "/" not in r["name"]}
+            except NotFoundError:
+                kinds = set()
+            self._discovery[api_version] = (time.monotonic(), kinds)
+        return kind in kinds
 
     def apply(self, obj: dict) -> dict:
         """Server-side apply (force): re-running it is harmless, and drift in our fields is reverted."""
@@ -92,11 +92,6 @@ class Cluster:
                 log.warning("cannot check Secret %s/%s: %s", namespace, name, api_message(exc))
             return True
 
-    def get(self, api_version: str, kind: str, name: str, namespace: str) -> dict | None:
-        try:
-            return self.dynamic.get(self._resource(api_version, kind), name=name, namespace=namespace).to_dict()
-        except NotFoundError:
-            return None
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
         found = self.dynamic.get(self._resource(api_version, kind), namespace=namespace, label_selector=label_selector)
@@ -128,7 +123,12 @@ class Cluster:
                                                          {"spec": {"replicas": replicas}})
 
     def get_deployment(self, name: str, namespace: str) -> dict | None:
-        return self.get(f"{GROUP}/{VERSION}", KIND, name, namespace)
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def post_event(self, involved: dict, kind: str, reason: str, message: str) -> None:
         """A Normal or Warning Event on the object (failures to post are only logged)."""

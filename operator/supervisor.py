@@ -189,11 +189,12 @@ class Supervisor:
 
 
 def _export_slo(event_type: str | None, body: dict) -> None:
-    meta, slo = body["metadata"], body.get("spec", {}).get("slo", {})
-    for target, key in (("ttft", "ttftSeconds"), ("tpot", "tpotSeconds")):
+    meta = body["metadata"]
+    slo = EPDDeploymentSpec.from_resource(body["spec"], "").slo  # the defaults too
+    for target, seconds in (("ttft", slo.ttft_seconds), ("tpot", slo.tpot_seconds)):
         labels = (meta["namespace"], meta["name"], target)
         if event_type == "DELETED":
             with contextlib.suppress(KeyError):  # never exported
                 metrics.SLO_SECONDS.remove(*labels)
-        elif key in slo:
-            metrics.SLO_SECONDS.labels(*labels).set(slo[key])
+        else:
+            metrics.SLO_SECONDS.labels(*labels).set(seconds)

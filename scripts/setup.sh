@@ -16,6 +16,12 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server g++ >/dev/null
 fi
 
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "==> installing prometheus (the operator's Prometheus metrics source is tested against it)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   if compgen -G "/opt/wheels/torch-*.whl" >/dev/null; then
     echo "==> installing torch from /opt/wheels (CPU build)"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..cluster import Cluster
-from ..naming import METRICS_PORT, Owner, child_name, selector
+from ..naming import METRICS_PORT, Owner, child_name, owned_selector, selector
 from ..sizing.architectures import get_architecture
 from ..sizing.hardware import get_hardware
 from ..sizing.perfmodel import roofline
@@ -135,9 +135,11 @@ class Autoscaler:
         return out
 
     def stage_states(self, owner: Owner) -> dict[str, StageState]:
+        found = {sts["metadata"]["name"]: sts
+                 for sts in self.cluster.list("apps/v1", "StatefulSet", owner.namespace, owned_selector(owner))}
         states = {}
         for stage in STAGES:
-            sts = self.cluster.get("apps/v1", "StatefulSet", child_name(owner, stage), owner.namespace) or {}
+            sts = found.get(child_name(owner, stage), {})
             states[stage] = StageState(replicas=sts.get("spec", {}).get("replicas", 0),
                                        ready=sts.get("status", {}).get("readyReplicas", 0) or 0)
         return states

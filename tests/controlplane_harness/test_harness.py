@@ -54,6 +54,21 @@ def test_deleting_an_owner_cascades_to_its_children(k8s_cluster, namespace, gpu_
              and not k8s_cluster.get("pods", "-n", namespace, "-l", "app=gc")["items"], what="garbage collection")
 
 
+def test_kwok_nodes_renew_leases_like_kubelets(k8s_cluster, gpu_pools):
+    """Without node Leases the node controller marks kwok nodes NotReady every minute (kwok refreshes
+    node status less often than the grace period), and every pod on them loses Ready."""
+    node = f"{gpu_pools['decode']}-0"
+
+    def renewed() -> str:
+        return k8s_cluster.kubectl("get", "lease", node, "-n", "kube-node-lease", "-o", "jsonpath={.spec.renewTime}",
+                                   check=False).stdout
+
+    first = wait_for(renewed, 60, "the node's Lease")
+    wait_for(lambda: renewed() != first, 60, "the Lease renewed")
+    ready = next(c for c in k8s_cluster.get("node", node)["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+
+
 def test_teardown_leaves_no_processes():
     plane = start_control_plane()
     pids = [p.pid for p in plane.processes.values()]

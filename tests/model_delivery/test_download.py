@@ -7,21 +7,16 @@ a clear error (in the worker's log too)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from epd.workers.models import download, load_adapter
-from epd.workers.models.presets import materialize
 
+from .checkpoints import REPO, sharded_checkpoint, start_worker
 from .hub_server import HubServer
 
-REPO = "test-org/tiny-llava-sharded"
 TOKEN = "hf_good_token"
 # hub checkpoints (and transformers 5 on save) use the legacy names; current ones start with `model.`
 VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
@@ -29,16 +24,7 @@ VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "mod
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    """tiny-llava as a hub repository would hold it: many small shards and an index."""
-    from transformers import LlavaForConditionalGeneration
-
-    preset = materialize("tiny-llava")
-    out = tmp_path_factory.mktemp("repo")
-    for item in preset.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors"):
-            shutil.copy(item, out / item.name)
-    LlavaForConditionalGeneration.from_pretrained(preset).save_pretrained(out, max_shard_size="150KB")
-    return out
+    return sharded_checkpoint(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture
@@ -130,17 +116,8 @@ def test_a_wrong_token_is_a_clear_error(hub, monkeypatch):
     assert not hub.downloads()
 
 
-def worker_log_with_wrong_token(hub_url: str, tmp: Path) -> subprocess.CompletedProcess:
-    """`epd worker` as a pod starts it (the operator's environment), with a token the hub refuses."""
-    env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_TOKEN": "hf_wrong", "HF_HUB_CACHE": str(tmp / "hub"),
-           "EPD_MODEL_CACHE": str(tmp / "epd"), "EPD_MODEL_DOWNLOAD": "1",
-           "EPD_REDIS_URL": "redis://127.0.0.1:1/0"}
-    return subprocess.run([sys.executable, "-P", "-m", "epd.cli", "worker", "--role", "encode", "--model", REPO],
-                          env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_the_worker_exits_with_the_reason_in_its_log(hub, tmp_path):
-    result = worker_log_with_wrong_token(hub.url, tmp_path)
+    result = start_worker(hub.url, "hf_wrong", tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"epd worker: cannot download {REPO}@main from {hub.url}: the hub refused the "
