@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-    from .engine.prefill import PrefixHit
+    from .engine.prefill import KVSink, PrefixHit
 
 FinishReason = Literal["stop", "length"]
 
@@ -78,11 +78,13 @@ class PrefillJob:
     image_keys: list[str] = field(default_factory=list)  # content keys, prompt order (name prefix-cache blocks)
     prefix: PrefixHit | None = None  # cached prefix found at admission (else the engine looks it up)
     prefix_blocks: list[str] | None = None  # its prompt's block hashes, once computed
+    kv_sink: KVSink | None = None  # where its KV streams, layer by layer, as it is computed
 
 
 @dataclass
 class KVHandoff:
-    """The prefill -> decode handoff: all decode needs to continue the sequence."""
+    """The prefill -> decode handoff's metadata: all decode needs to continue the sequence besides the
+    KV itself, which the transport moves into decode's pool."""
 
     request_id: str
     prompt_tokens: int
@@ -91,8 +93,8 @@ class KVHandoff:
     rope_delta: int  # M-RoPE offset from prefill (0 for 1-D RoPE models)
     sampling: SamplingParams
     generator_state: bytes  # torch.Generator state after sampling the first token
-    layers: list[tuple["torch.Tensor", "torch.Tensor"]] = field(default_factory=list)  # (key, value) [heads, seq, dim]
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (reported, not sent to decode)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (reported)
+    block_table: list[int] = field(default_factory=list)  # the prompt's blocks in the sender's pool
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,13 @@ CACHE_EVENTS = Counter("epd_mm_cache_events_total",
 PREFIX_CACHE_TOKENS = Counter("epd_prefix_cache_tokens_total",
                               "Prompt tokens at prefill: hit (KV reused from the prefix cache) or computed",
                               ["result"])
-TRANSFER_BYTES = Counter("epd_transfer_bytes_total", "Bytes sent between stages", ["kind"])
-TRANSFER_LATENCY = Histogram("epd_transfer_latency_seconds", "Time to send one embedding or KV cache", ["kind"],
-                             buckets=LATENCY_BUCKETS)
+TRANSFER_BYTES = Counter("epd_transfer_bytes_total", "Bytes moved between stages, by kind (kv, embedding, "
+                         "embedding_fetch) and path (inproc, shm, cuda_ipc, nixl, grpc)", ["kind", "path"])
+TRANSFER_LATENCY = Histogram("epd_transfer_latency_seconds", "Time to move one KV cache or embedding push, from "
+                             "its first byte to its last", ["kind", "path"], buckets=LATENCY_BUCKETS)
+TRANSFER_WAIT = Histogram("epd_transfer_wait_seconds", "Time a request's first token waited on the KV handoff "
+                          "after its prefill compute ended (what the layer-wise overlap did not hide)", ["path"],
+                          buckets=LATENCY_BUCKETS)
 KV_USAGE = Gauge("epd_kv_cache_usage_ratio", "Fraction of the decode KV capacity in use")
 KV_TOKENS = Gauge("epd_kv_cache_tokens", "Tokens held in the decode KV cache")
 

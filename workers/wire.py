@@ -6,6 +6,7 @@ import torch
 
 from epd.v1 import stages_pb2 as pb
 
+from .engine.kv_pool import KVLayout
 from .engine.tensors import PackedTensor, pack, unpack
 from .messages import KVHandoff, SamplingParams
 
@@ -33,23 +34,20 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
                           stop=tuple(message.stop), ignore_eos=message.ignore_eos)
 
 
-def handoff_to_chunks(handoff: KVHandoff):
-    """The KV stream: a header, then one message per layer (layer-wise transfer)."""
-    header = pb.KVHeader(prompt_tokens=handoff.prompt_tokens, first_token=handoff.first_token,
-                         next_position=handoff.next_position, rope_delta=handoff.rope_delta,
-                         sampling=sampling_to_proto(handoff.sampling), generator_state=handoff.generator_state,
-                         num_layers=len(handoff.layers))
-    yield pb.KVChunk(request_id=handoff.request_id, header=header)
-    for index, (key, value) in enumerate(handoff.layers):
-        yield pb.KVChunk(request_id=handoff.request_id,
-                         layer=pb.KVLayer(layer=index, key=tensor_to_proto(key), value=tensor_to_proto(value)))
+def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
+    return pb.KVLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                       block_size=layout.block_size, dtype=str(layout.dtype).removeprefix("torch."))
 
 
-def handoff_from_chunks(request_id: str, header: pb.KVHeader, layers: list[pb.KVLayer]) -> KVHandoff:
-    if len(layers) != header.num_layers:
-        raise ValueError(f"request {request_id}: expected {header.num_layers} KV layers, got {len(layers)}")
-    ordered = sorted(layers, key=lambda layer: layer.layer)
-    return KVHandoff(request_id=request_id, prompt_tokens=header.prompt_tokens, first_token=header.first_token,
-                     next_position=header.next_position, rope_delta=header.rope_delta,
-                     sampling=sampling_from_proto(header.sampling), generator_state=header.generator_state,
-                     layers=[(tensor_from_proto(layer.key), tensor_from_proto(layer.value)) for layer in ordered])
+def layout_from_proto(message: pb.KVLayout) -> KVLayout:
+    dtype = getattr(torch, message.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown KV dtype {message.dtype!r}")
+    return KVLayout(message.num_layers, message.num_kv_heads, message.head_dim, message.block_size, dtype)
+
+
+def handoff_from_commit(message: pb.CommitKVRequest) -> KVHandoff:
+    return KVHandoff(request_id=message.request_id, prompt_tokens=message.prompt_tokens,
+                     first_token=message.first_token, next_position=message.next_position,
+                     rope_delta=message.rope_delta, sampling=sampling_from_proto(message.sampling),
+                     generator_state=message.generator_state, cached_tokens=message.cached_tokens)

@@ -54,7 +54,8 @@ def _kv_bytes_per_token(adapter, dtype) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...workers.engine import DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
+    from ...workers.engine import KVCacheConfig
+    from ...workers.engine.offline import OfflineEngines
     from ...workers.messages import ImageSize, PrefillJob, SamplingParams
     from ...workers.models import EncodeInput, UnknownModelError, load_adapter
 
@@ -77,26 +78,24 @@ def run(args: argparse.Namespace) -> int:
                        "megapixels": images * width * height / 1e6, "seconds": seconds,
                        "peak_bytes": meter.peak_above_start(lambda batch=items: vision.encode(batch))})
     # prefix caching off: every timed repeat computes its whole prompt
-    runtime = build_runtime(language, KVCacheConfig(prefix_cache_bytes=0))
-    prefill_engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator)
+    engines = OfflineEngines(language, adapter, KVCacheConfig(prefix_cache_bytes=0))
     greedy = SamplingParams(max_tokens=1)
     prefill = []
     for lengths in ([64], [256], [512], [256, 256], [128] * 4):
-        jobs = [PrefillJob(f"p{i}", [7] * n, [], [], greedy) for i, n in enumerate(lengths)]
-        prefill.append({"tokens": lengths, "seconds": _median_seconds(lambda: prefill_engine.run(jobs), args.repeats),
-                        "peak_bytes": meter.peak_above_start(lambda batch=jobs: prefill_engine.run(batch))})
+        def prefill_batch(lengths=lengths) -> None:
+            engines.prefill_only([PrefillJob(f"p{i}", [7] * n, [], [], greedy) for i, n in enumerate(lengths)])
+        prefill.append({"tokens": lengths, "seconds": _median_seconds(prefill_batch, args.repeats),
+                        "peak_bytes": meter.peak_above_start(prefill_batch)})
     decode = []
     for sequences, context in ((1, 128), (4, 128), (8, 256), (16, 512)):
-        handoffs = prefill_engine.run([PrefillJob(f"d{i}", [7] * context, [], [],
-                                                  SamplingParams(max_tokens=1000, ignore_eos=True))
-                                       for i in range(sequences)])
-        engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, max_batch=sequences)
-        for handoff in handoffs:
-            engine.add(handoff)
-        engine.step()  # admits the sequences into the pool
-        seconds = _median_seconds(engine.step, args.repeats)
+        engines.start_decoding([PrefillJob(f"d{context}.{i}", [7] * context, [], [],
+                                           SamplingParams(max_tokens=1000, ignore_eos=True))
+                                for i in range(sequences)])
+        engines.decode.step()  # the sequences join
+        seconds = _median_seconds(engines.decode.step, args.repeats)
         decode.append({"sequences": sequences, "context_tokens": sequences * (context + 2), "seconds": seconds,
-                       "peak_bytes": meter.peak_above_start(engine.step)})
+                       "peak_bytes": meter.peak_above_start(engines.decode.step)})
+        engines.decode.fail_all()  # done with this batch: its blocks go back
     memory = {"method": meter.method, "vision_weight_bytes": parameter_bytes(vision.parts.values()),
               "language_weight_bytes": parameter_bytes(language.parts.values()),
               "runtime_reserve_bytes": meter.runtime_reserve(before_weights),

@@ -1,6 +1,8 @@
 """Greedy output through `epd serve` (separate encode, prefill and decode
 processes over gRPC, real Redis) equals `model.generate` of the same model,
-for both families, with 0, 1 and 4 images, 8 requests at once."""
+for every family, with 0, 1 and 4 images, 8 requests at once, over every KV
+path that runs here: shared memory and raw gRPC frames between processes, and
+in-process adoption in one colocated process."""
 
 from __future__ import annotations
 
@@ -20,9 +22,17 @@ TEXTS = ["What is shown?", "How many objects are there?", "Describe the image in
          "Red, green, blue.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl", "tiny-llava-next"])
+KV_PATHS = {"shm": ("--encode", "2", "--worker-arg=--kv-paths=shm"),
+            "grpc": ("--encode", "2", "--worker-arg=--kv-paths=grpc"),
+            "inproc": ("--colocated",)}
+
+
+@pytest.fixture(scope="module", params=[(model, path) for model in ("tiny-llava", "tiny-qwen2-vl", "tiny-llava-next")
+                                        for path in KV_PATHS], ids=lambda p: f"{p[0]}-{p[1]}")
 def served(request, redis_server):
-    server = start_serve(request.param, redis_server, "--encode", "2", "--quiet")
+    model, path = request.param
+    server = start_serve(model, redis_server, "--quiet", *KV_PATHS[path])
+    server.kv_path = path
     yield server
     server.stop()
 
@@ -69,5 +79,11 @@ def test_eight_concurrent_mixed_requests_match_generate(served):
         assert result["usage"]["completion_tokens"] == MAX_TOKENS
         assert result["choices"][0]["finish_reason"] == "length"
     assert sorted({len(images) for _, images in cases}) == [0, 1, 4]
+    prefill = served.workers("prefill")[0].metrics_url
+    assert served.metric(prefill, "epd_transfer_wait_seconds_count", path=served.kv_path) == len(cases)
+    if served.kv_path == "inproc":  # decode adopted the prefill blocks: no KV byte moved
+        assert served.metric(prefill, "epd_transfer_bytes_total", kind="kv") == 0
+        return
+    assert served.metric(prefill, "epd_transfer_bytes_total", kind="kv", path=served.kv_path) > 0
     # intra-request parallelism: the items (images, anyres tiles) were spread over both encode workers
     assert all(served.metric(w.metrics_url, "epd_encode_items_total") > 0 for w in served.workers("encode"))

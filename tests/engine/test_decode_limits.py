@@ -23,35 +23,26 @@ def llava() -> Stages:
 
 
 def test_a_flood_beyond_every_limit_completes_within_them(llava: Stages):
+    """Twelve requests at once against a batch of 3 and 160 KV tokens: reservations beyond the limits
+    wait (back-pressure), the batch and the blocks held never exceed them (asserted at every step by
+    the driver), and all complete."""
     max_batch, max_kv_tokens, block = 3, 160, 4
     engines = Engines.build(llava, block_size=block, max_batch=max_batch, max_kv_tokens=max_kv_tokens)
     jobs = [make_job(llava, f"f{i}", "Count to ten, slowly." * (1 + i % 3), [], max_tokens=10 + i)
             for i in range(12)]
-    handoffs = engines.prefill_all(jobs)
-    for handoff in handoffs:
-        engines.decode.add(handoff)  # all twelve arrive at once
-    done, steps = set(), 0
-    while engines.decode.active:
-        for event in engines.decode.step():
-            if event.finish_reason:
-                done.add(event.request_id)
-        assert len(engines.decode.running) <= max_batch
-        assert engines.decode.blocks_held * block <= max_kv_tokens
-        steps += 1
-    assert done == {job.request_id for job in jobs}
-    assert engines.decode.stats.peak_batch == max_batch
+    tokens = engines.run(jobs)
+    assert {request_id: len(out) for request_id, out in tokens.items()} == {f"f{i}": 10 + i for i in range(12)}
+    assert max(engines.batch_sizes) == max_batch
     assert engines.decode.allocator.used == 0 and engines.decode.blocks_held == 0
+    assert engines.prefill.allocator.used == 0
 
 
 def test_a_sequence_that_can_never_fit_is_refused(llava: Stages):
     engines = Engines.build(llava, block_size=4, max_kv_tokens=64)
     job = make_job(llava, "big", "Tell me everything.", [], max_tokens=100)
-    handoff = engines.prefill_all([job])[0]
     with pytest.raises(SequenceTooLong, match="need 3[0-9] KV blocks; this decode worker holds at most 16"):
-        engines.decode.add(handoff)
-    assert engines.decode.active == 0 and engines.decode.allocator.used == 0
-    handoff.sampling = SamplingParams(max_tokens=20, ignore_eos=True)
-    engines.decode.add(handoff)
-    while engines.decode.active:
-        engines.decode.step()
+        engines.decode.reserve(job.request_id, len(job.input_ids), 100)
+    assert engines.decode.holders == 0 and engines.decode.allocator.used == 0
+    job.sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+    assert len(engines.run([job])["big"]) == 20
     assert engines.decode.allocator.used == 0

@@ -22,10 +22,11 @@ def generate(adapter, language, sampling: SamplingParams, text: str = "Tell me a
     ids = adapter.build_prompt([ChatMessage("user", (TextPart(text),))], [])
     runtime = build_runtime(language, KVCacheConfig(capacity_bytes=1 << 22))
     prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator)
-    prefill.add(PrefillJob("r", ids, [], [], sampling))
-    handoff = prefill.step()[0].handoff
     decode = DecodeEngine(runtime.decoder, adapter, runtime.allocator)
-    events = [decode.add(handoff)]
+    decode.reserve("r", len(ids), sampling.max_tokens, adopt=True)
+    handoff = prefill.run([PrefillJob("r", ids, [], [], sampling)])[0]
+    prefill.release("r", adopted=True)
+    events = [decode.commit(handoff, handoff.block_table)]
     while decode.active:
         events.extend(decode.step())
     return events

@@ -46,6 +46,15 @@ def test_mixed_batch_with_joins_and_leaves_matches_generate(stages: Stages, atte
     assert engines.prefill.allocator.used == 0 and engines.decode.allocator.used == 0
 
 
+def test_in_process_handoff_adopts_the_prefill_blocks(stages: Stages):
+    """Prefill and decode in one process share the pool: decode adopts the prompt's blocks (no KV is
+    copied, the prefix cache stays shared) and the output is still exact."""
+    jobs, expected = mixed_jobs(stages, 5)
+    engines = Engines.build(stages, shared=True)
+    assert engines.run(jobs, join_every=2) == expected
+    assert engines.prefill.allocator.used == 0 and engines.decode.blocks_held == 0
+
+
 def test_chunked_prefill_of_prompts_longer_than_the_budget_matches_generate(stages: Stages):
     jobs, expected = mixed_jobs(stages, 4)
     budget = 13  # smaller than every prompt: each is prefilled in several chunks, packed with others

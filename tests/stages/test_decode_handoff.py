@@ -1,8 +1,12 @@
-"""The decode worker's KV handoff bookkeeping: KV whose Generate gave up is
-dropped instead of being held forever, and KV that does not match the model
-is refused (the servicer runs on tiny-llava's real engine, without a server)."""
+"""The decode worker's side of the KV handoff, driven through the servicer's
+RPC methods (tiny-llava's real engine, no server): reservations with
+back-pressure, refusals of KV that does not fit this worker or model, raw
+frames checked against their reservation, and nothing held forever when the
+sender or the Generate call goes away."""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 import pytest
@@ -10,10 +14,12 @@ import torch
 
 from epd.v1 import stages_pb2 as pb
 from epd.workers.engine import DecodeEngine, KVCacheConfig, build_runtime
-from epd.workers.messages import KVHandoff, SamplingParams
+from epd.workers.messages import SamplingParams
 from epd.workers.models import load_adapter
 from epd.workers.stages.decode import DecodeServicer
-from epd.workers.wire import handoff_to_chunks
+from epd.workers.transport.kv_paths import host_id
+from epd.workers.transport.raw_frames import FrameHeader, encode_frame
+from epd.workers.wire import layout_to_proto, sampling_to_proto
 
 
 class Aborted(Exception):
@@ -29,68 +35,127 @@ class FakeContext:
         raise Aborted(code, details)
 
 
-@pytest.fixture(scope="module")
-def engine() -> DecodeEngine:
+@pytest.fixture
+def servicer() -> DecodeServicer:
+    """tiny-llava (2 layers, 2 KV heads of 16) with 4-token blocks, at most 2 sequences and 64 tokens."""
     adapter = load_adapter("tiny-llava")
-    runtime = build_runtime(adapter.load_language(), KVCacheConfig(capacity_bytes=1 << 20))
-    return DecodeEngine(runtime.decoder, adapter, runtime.allocator)
+    runtime = build_runtime(adapter.load_language(), KVCacheConfig(capacity_bytes=1 << 20, block_size=4,
+                                                                   prefix_cache_bytes=0))
+    engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, max_batch=2, max_kv_tokens=64)
+    return DecodeServicer(ctx=None, engine=engine, handoff_wait=0.2)
 
 
-def handoff(request_id: str, shape: tuple[int, ...] = (2, 3, 16), layers: int = 2) -> KVHandoff:
-    """tiny-llava's KV: 2 layers of [2 kv heads, tokens, 16]."""
-    return KVHandoff(request_id=request_id, prompt_tokens=3, first_token=5, next_position=3, rope_delta=0,
-                     sampling=SamplingParams(max_tokens=4), generator_state=b"",
-                     layers=[(torch.zeros(shape), torch.zeros(shape))] * layers)
+def reserve_request(servicer: DecodeServicer, request_id: str, prompt: int = 7, max_tokens: int = 4,
+                    **layout_changes) -> pb.ReserveKVRequest:
+    layout = layout_to_proto(servicer.engine.pool.layout)
+    for name, value in layout_changes.items():
+        setattr(layout, name, value)
+    return pb.ReserveKVRequest(request_id=request_id, prompt_tokens=prompt, max_tokens=max_tokens,
+                               sender_host="elsewhere", paths=["grpc"], layout=layout)
 
 
-def chunks(request_id: str, kv: KVHandoff | None = None):
-    kv = kv or handoff(request_id)
-
-    async def stream():
-        for chunk in handoff_to_chunks(kv):
-            yield chunk
-    return stream()
+def commit_request(request_id: str, prompt: int = 7, first_token: int = 5) -> pb.CommitKVRequest:
+    return pb.CommitKVRequest(request_id=request_id, prompt_tokens=prompt, first_token=first_token,
+                              next_position=prompt, sampling=sampling_to_proto(SamplingParams(max_tokens=4)))
 
 
-async def test_kv_arriving_after_its_generate_gave_up_is_dropped(engine):
-    now = [100.0]
-    servicer = DecodeServicer(ctx=None, engine=engine, handoff_wait=0.05, clock=lambda: now[0])
-    with pytest.raises(Aborted) as aborted:
+async def test_reservations_wait_while_full_then_resume(servicer):
+    first = await servicer.ReserveKV(reserve_request(servicer, "a"), FakeContext())
+    assert first.path == "grpc" and len(first.block_ids) == 2  # 7 tokens in 4-token blocks
+    await servicer.ReserveKV(reserve_request(servicer, "b"), FakeContext())
+    waiting = asyncio.ensure_future(servicer.ReserveKV(reserve_request(servicer, "c"), FakeContext()))
+    for _ in range(10):
+        await asyncio.sleep(0)  # let it run up to its wait for capacity
+    assert not waiting.done() and "c" not in servicer.receiver.reservations
+    assert (await servicer.ReleaseKV(pb.ReleaseKVRequest(request_id="a"), FakeContext())).released
+    third = await asyncio.wait_for(waiting, 5)
+    assert sorted(third.block_ids) == sorted(first.block_ids)  # a's blocks, given back and granted again
+
+
+async def test_a_reservation_the_worker_cannot_grant_in_time_is_refused(servicer):
+    await servicer.ReserveKV(reserve_request(servicer, "a"), FakeContext())
+    await servicer.ReserveKV(reserve_request(servicer, "b"), FakeContext())
+    servicer.receiver.lease = 60.0  # a and b stay: the worker stays full for the whole wait
+    with pytest.raises(Aborted) as full:
+        await servicer.ReserveKV(reserve_request(servicer, "c"), FakeContext())
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "stayed full" in str(full.value)
+
+
+@pytest.mark.parametrize("request_changes, message", [
+    (dict(max_tokens=100), "need 27 KV blocks; this decode worker holds at most 16"),
+    (dict(num_layers=3), "is not this worker's"),
+    (dict(block_size=16), "is not this worker's"),
+])
+async def test_kv_that_cannot_fit_this_worker_or_model_is_refused(servicer, request_changes, message):
+    max_tokens = request_changes.pop("max_tokens", 4)
+    with pytest.raises(Aborted) as refused:
+        await servicer.ReserveKV(reserve_request(servicer, "r", max_tokens=max_tokens, **request_changes),
+                                 FakeContext())
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(refused.value)
+    assert servicer.engine.allocator.used == 0 and servicer.receiver.reservations == {}
+
+
+async def test_commits_are_checked_against_their_reservation(servicer):
+    with pytest.raises(Aborted) as unknown:
+        await servicer.CommitKV(commit_request("nobody"), FakeContext())
+    assert unknown.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    await servicer.ReserveKV(reserve_request(servicer, "r"), FakeContext())
+    for bad, message in ((commit_request("r", prompt=9), "need 3 blocks, 2 are held"),
+                         (commit_request("r", first_token=10**6), "first token 1000000 is not in")):
+        with pytest.raises(Aborted) as refused:
+            await servicer.CommitKV(bad, FakeContext())
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(refused.value)
+
+
+async def frames(*items: bytes):
+    for item in items:
+        yield item
+
+
+async def test_raw_frames_must_match_their_reservation(servicer):
+    await servicer.ReserveKV(reserve_request(servicer, "r"), FakeContext())
+    layer_bytes = servicer.engine.pool.layout.bytes_per_block // 2  # one block of one layer, keys and values
+    payload = memoryview(torch.ones(layer_bytes, dtype=torch.uint8).numpy())
+    cases = [(encode_frame(FrameHeader("nobody", 0, 0, 1), payload), grpc.StatusCode.FAILED_PRECONDITION),
+             (encode_frame(FrameHeader("r", 0, 2, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
+             (encode_frame(FrameHeader("r", 5, 0, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
+             (encode_frame(FrameHeader("r", 0, 0, 1), payload[:-4]), grpc.StatusCode.INVALID_ARGUMENT),
+             (b"not a frame", grpc.StatusCode.INVALID_ARGUMENT)]
+    for frame, code in cases:
+        with pytest.raises(Aborted) as refused:
+            await servicer.receiver.write_stream(frames(frame), FakeContext())
+        assert refused.value.code == code
+    assert await servicer.receiver.write_stream(frames(encode_frame(FrameHeader("r", 1, 1, 1), payload)),
+                                                FakeContext()) == b"%d" % layer_bytes
+    block = servicer.receiver.reservations["r"].blocks[1]
+    assert bool((servicer.engine.pool.kv[1, :, block].flatten().view(torch.uint8) == 1).all())
+
+
+async def test_kv_whose_generate_gave_up_is_released(servicer):
+    with pytest.raises(Aborted) as late:
         async for _ in servicer.Generate(pb.GenerateRequest(request_id="late"), FakeContext()):
             pass
-    assert aborted.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "late" in str(aborted.value)
-    assert servicer.arrival_events == {}
-
-    await servicer.TransferKV(chunks("late"), FakeContext())
-    assert list(servicer.arrived) == ["late"]  # kept for a while: its Generate might still come
-    now[0] += 1.0
-    await servicer.TransferKV(chunks("next"), FakeContext())
-    assert list(servicer.arrived) == ["next"] and servicer.arrival_events == {}
-
-
-async def test_a_kv_stream_without_header_is_invalid(engine):
-    servicer = DecodeServicer(ctx=None, engine=engine)
-
-    async def headless():
-        for chunk in list(handoff_to_chunks(KVHandoff("x", 1, 1, 1, 0, SamplingParams(), b"",
-                                                      [(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))])))[1:]:
-            yield chunk
-    with pytest.raises(Aborted) as aborted:
-        await servicer.TransferKV(headless(), FakeContext())
-    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no header" in str(aborted.value)
-    assert servicer.arrived == {}
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and servicer.arrival_events == {}
+    await servicer.ReserveKV(reserve_request(servicer, "late"), FakeContext())
+    await servicer.CommitKV(commit_request("late"), FakeContext())
+    assert list(servicer.arrived) == ["late"] and servicer.engine.allocator.used == 2
+    servicer.clock = lambda: 1e9  # the handoff wait has long passed when the next commit comes
+    await servicer.ReserveKV(reserve_request(servicer, "next"), FakeContext())
+    await servicer.CommitKV(commit_request("next"), FakeContext())
+    for _ in range(100):
+        if "late" not in servicer.arrived:
+            break
+        await asyncio.sleep(0.01)  # the orphan sweep runs as a task
+    assert list(servicer.arrived) == ["next"]
+    assert servicer.engine.allocator.used == 2  # only next's blocks
 
 
-@pytest.mark.parametrize("kv, message", [
-    (handoff("r", layers=3), "KV of 3 layers, the model has 2"),
-    (handoff("r", shape=(2, 3, 15)), "expected a floating (2, 3, 16)"),
-    (handoff("r", shape=(2, 4, 16)), "expected a floating (2, 3, 16)"),
-    (KVHandoff("r", 3, 10**6, 3, 0, SamplingParams(), b"", [(torch.zeros(2, 3, 16), torch.zeros(2, 3, 16))] * 2),
-     "first token 1000000 is not in"),
-])
-async def test_kv_that_does_not_match_the_model_is_refused(engine, kv, message):
-    servicer = DecodeServicer(ctx=None, engine=engine)
-    with pytest.raises(Aborted) as aborted:
-        await servicer.TransferKV(chunks("r", kv), FakeContext())
-    assert aborted.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in str(aborted.value)
-    assert servicer.arrived == {}
+async def test_a_reservation_nobody_commits_expires(servicer):
+    await servicer.ReserveKV(reserve_request(servicer, "gone"), FakeContext())
+    servicer.clock = lambda: 1e9  # past the lease: the sender died between reserve and commit
+    await servicer.receiver.expire()
+    assert servicer.receiver.reservations == {} and servicer.engine.allocator.used == 0
+
+
+def test_host_identity_is_stable():
+    assert host_id() == host_id() and "/" in host_id()

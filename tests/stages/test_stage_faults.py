@@ -100,7 +100,7 @@ async def test_bad_inputs_and_a_failed_batch_leave_the_worker_serving(worker, re
         decoder = servicer.engine.decoder
         real_forward = decoder.forward
 
-        def out_of_memory_once(embeds, batch):
+        def out_of_memory_once(embeds, batch, on_layer=None):
             monkeypatch.setattr(decoder, "forward", real_forward)
             raise RuntimeError("CUDA out of memory")
         monkeypatch.setattr(decoder, "forward", out_of_memory_once)

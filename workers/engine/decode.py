@@ -2,10 +2,13 @@
 
 Every step runs one packed forward with one token per running sequence.
 Sequences join and leave between steps by block tables alone: no KV is copied.
-Admission is by the batch limit and free blocks (handoffs wait in arrival
-order); when a running sequence needs a block and none is free, the newest
-sequence is preempted: its blocks are copied to host memory and freed, and it
-is swapped back in, ahead of new arrivals, once blocks are free again. A
+A handoff is admitted before its KV arrives: `reserve` grants blocks (or, for a
+prefill in the same process, room for the blocks it will hand over) while the
+batch limit and the pool allow, and the KV is written straight into them; a
+full pool makes the sender wait (back-pressure) instead of accepting KV it
+cannot hold. When a running sequence needs a block and none is free, the
+newest sequence is preempted: its blocks are copied to host memory and freed,
+and it is swapped back in, ahead of new reservations, once blocks are free. A
 sequence whose prompt plus `max_tokens` could never fit is refused at once."""
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ class DecodeSequence:
     arrival: int = 0  # admission order: the newest is preempted first, the oldest resumed first
     generated: int = 0  # tokens produced, the first (from prefill) included
     block_table: list[int] = field(default_factory=list)
-    incoming: KVHandoff | None = None  # the prefill KV, until admitted
     swapped: torch.Tensor | None = None  # its blocks in host memory while preempted
 
 
@@ -58,7 +60,6 @@ class DecodeStats:
     peak_blocks: int = 0
     preemptions: int = 0
     swapped_bytes: int = 0  # KV copied out and back in by preemption (the only KV copies of decode)
-    loaded_bytes: int = 0  # KV written into the pool by handoffs
 
 
 class DecodeEngine:
@@ -78,7 +79,9 @@ class DecodeEngine:
         if self.max_blocks <= 0:
             raise ValueError(f"decode max_kv_tokens ({max_kv_tokens}) is below one KV block ({self.block_size})")
         self.running: list[DecodeSequence] = []  # in admission order; the last is preempted first
-        self.waiting: deque[DecodeSequence] = deque()
+        self.reserved: dict[str, list[int]] = {}  # request id -> blocks granted, KV on its way
+        self.adopting: dict[str, int] = {}  # request id -> blocks an in-process prefill will hand over
+        self.waiting: deque[DecodeSequence] = deque()  # committed: KV in its blocks, joins at the next step
         self.swapped: list[DecodeSequence] = []  # preempted, kept sorted by arrival
         self.arrivals = 0
         self.blocks_held = 0
@@ -95,6 +98,11 @@ class DecodeEngine:
         return len(self.running) + len(self.waiting) + len(self.swapped)
 
     @property
+    def holders(self) -> int:
+        """Sequences holding (or about to hold) blocks: the batch limit counts them all."""
+        return len(self.running) + len(self.waiting) + len(self.reserved) + len(self.adopting)
+
+    @property
     def kv_tokens(self) -> int:
         return sum(seq.length for seq in list(self.running))
 
@@ -109,48 +117,95 @@ class DecodeEngine:
         return blocks <= self.allocator.free and self.blocks_held + blocks <= self.max_blocks
 
     # ---- membership --------------------------------------------------------
-    def validated(self, handoff: KVHandoff) -> KVHandoff:
-        """A handoff from a peer must match this model's KV shape before it may touch the pool."""
-        layout = self.pool.layout
-        expected = (layout.num_kv_heads, handoff.next_position, layout.head_dim)
+    def validated(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> KVHandoff:
+        """A committed handoff from a peer must fit its reservation and the model before it joins."""
         vocab = int(self.adapter.text_config.vocab_size)
         if not 0 < handoff.next_position <= self.adapter.max_context:
             raise ValueError(f"request {handoff.request_id}: next position {handoff.next_position} is outside "
                              f"1..{self.adapter.max_context}")
         if not 0 <= handoff.first_token < vocab:
             raise ValueError(f"request {handoff.request_id}: first token {handoff.first_token} is not in [0, {vocab})")
-        if len(handoff.layers) != layout.num_layers:
-            raise ValueError(f"request {handoff.request_id}: KV of {len(handoff.layers)} layers, the model has "
-                             f"{layout.num_layers}")
-        for index, (keys, values) in enumerate(handoff.layers):
-            for tensor in (keys, values):
-                if tuple(tensor.shape) != expected or not tensor.is_floating_point():
-                    raise ValueError(f"request {handoff.request_id}: layer {index} KV is {tensor.dtype} "
-                                     f"{tuple(tensor.shape)}, expected a floating {expected}")
+        held = adopted_blocks if adopted_blocks is not None else self.reserved.get(handoff.request_id)
+        if held is None:
+            raise KeyError(f"request {handoff.request_id} has no KV reservation here (released or expired)")
+        if len(held) != self._blocks_for(handoff.next_position):
+            raise ValueError(f"request {handoff.request_id}: {handoff.next_position} tokens of KV need "
+                             f"{self._blocks_for(handoff.next_position)} blocks, {len(held)} are held")
         return handoff
 
-    def add(self, handoff: KVHandoff) -> TokenEvent:
-        """Register a prefilled sequence; returns the event of its first token. The sequence joins
-        the batch when the scheduler admits it."""
-        worst = min(handoff.next_position + handoff.sampling.max_tokens, self.adapter.max_context)
+    def check_fits(self, request_id: str, prompt_tokens: int, max_tokens: int) -> int:
+        """Blocks the prompt needs now; raises SequenceTooLong if prompt + max_tokens could never fit."""
+        worst = min(prompt_tokens + max_tokens, self.adapter.max_context)
         if self._blocks_for(worst) > self.max_blocks:
             raise SequenceTooLong(
-                f"request {handoff.request_id}: {handoff.next_position} prompt tokens + max_tokens "
-                f"{handoff.sampling.max_tokens} need {self._blocks_for(worst)} KV blocks; this decode worker "
-                f"holds at most {self.max_blocks} ({self.max_blocks * self.block_size} tokens)")
-        seq = DecodeSequence(request_id=handoff.request_id, sampling=handoff.sampling,
+                f"request {request_id}: {prompt_tokens} prompt tokens + max_tokens {max_tokens} need "
+                f"{self._blocks_for(worst)} KV blocks; this decode worker holds at most {self.max_blocks} "
+                f"({self.max_blocks * self.block_size} tokens)")
+        return self._blocks_for(prompt_tokens + 1)
+
+    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, adopt: bool = False) -> list[int] | None:
+        """Admit a handoff before its KV arrives: the blocks it will be written into (with `adopt`, room
+        for the prompt blocks an in-process prefill hands over: an empty list), or None while the batch
+        or the pool is full (the sender waits and asks again). Preempted sequences come back first."""
+        blocks = self.check_fits(request_id, prompt_tokens, max_tokens)
+        if self.swapped or self.holders >= self.max_batch:
+            return None
+        needed = self._blocks_for(prompt_tokens)
+        if adopt:
+            if self.blocks_held + needed + 1 > self.max_blocks:
+                return None
+            self.adopting[request_id] = needed
+            self.blocks_held += needed
+            return []
+        if not self._can_take(blocks):
+            return None
+        self.reserved[request_id] = self._allocate(needed)
+        return self.reserved[request_id]
+
+    def release(self, request_id: str, adopted_blocks: list[int] | None = None) -> bool:
+        """Give back a reservation whose KV will not come or will not be used (sender gone, client gone,
+        deadline passed); blocks an in-process prefill already handed over are freed too."""
+        if request_id in self.adopting:
+            self.blocks_held -= self.adopting.pop(request_id)
+            if adopted_blocks:
+                self.allocator.free_blocks(adopted_blocks)
+            return True
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is None:
+            return False
+        self._free(blocks)
+        return True
+
+    def commit(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> TokenEvent:
+        """The reserved blocks hold the prompt's KV (or `adopted_blocks`, handed over in-process, do):
+        the sequence joins at the next step. Returns the event of its first token."""
+        request_id = handoff.request_id
+        if adopted_blocks is not None:
+            if request_id not in self.adopting:
+                raise KeyError(f"request {request_id} has no adoption reserved")
+            self.blocks_held += len(adopted_blocks) - self.adopting.pop(request_id)
+            blocks = list(adopted_blocks)
+        else:
+            if request_id not in self.reserved:
+                raise KeyError(f"request {request_id} has no KV blocks reserved")
+            blocks = self.reserved.pop(request_id)
+        seq = DecodeSequence(request_id=request_id, sampling=handoff.sampling,
                              generator=restore_generator(handoff.generator_state),
                              detokenizer=IncrementalDetokenizer(self.adapter.tokenizer, handoff.sampling.stop),
                              rope_delta=handoff.rope_delta, length=handoff.next_position,
-                             last_token=handoff.first_token, arrival=self.arrivals, incoming=handoff)
+                             last_token=handoff.first_token, arrival=self.arrivals, block_table=blocks)
         self.arrivals += 1
         event = self._advance(seq, handoff.first_token)
         if event.finish_reason is None:
             self.waiting.append(seq)
+        else:
+            self._release(seq)
         return event
 
     def cancel(self, request_id: str) -> bool:
-        """Drop a sequence (client gone); its blocks return to the pool."""
+        """Drop a sequence or reservation (client gone); its blocks return to the pool."""
+        if self.release(request_id):
+            return True
         for group in (self.running, self.waiting, self.swapped):
             for seq in list(group):
                 if seq.request_id == request_id:
@@ -189,31 +244,28 @@ class DecodeEngine:
         return events
 
     def fail_all(self) -> list[str]:
-        """Drop every sequence (their step failed); returns their request ids."""
+        """Drop every sequence (their step failed); returns their request ids. Reservations stay."""
         ids = [seq.request_id for seq in (*self.running, *self.waiting, *self.swapped)]
         for request_id in ids:
             self.cancel(request_id)
         return ids
 
     def _admit(self) -> None:
-        """Swapped-out sequences first (oldest first), then new handoffs in arrival order."""
-        for queue in (self.swapped, self.waiting):
-            while queue and len(self.running) < self.max_batch:
-                seq = queue[0]
-                blocks = self._blocks_for(seq.length + 1)
-                if not self._can_take(blocks):
-                    return
-                queue.remove(seq)
-                seq.block_table = self._allocate(blocks)
-                if seq.swapped is not None:
-                    self.pool.copy_in(seq.block_table[:seq.swapped.shape[2]], seq.swapped)
-                    self.stats.swapped_bytes += seq.swapped.numel() * seq.swapped.element_size()
-                    seq.swapped = None
-                else:
-                    self.pool.load(seq.block_table, seq.incoming.layers)
-                    self.stats.loaded_bytes += seq.length * self.pool.layout.bytes_per_token
-                    seq.incoming = None
-                self.running.append(seq)
+        """Committed sequences join (their blocks are theirs already); then swapped-out ones come back,
+        oldest first, as blocks allow."""
+        while self.waiting and len(self.running) < self.max_batch:
+            self.running.append(self.waiting.popleft())
+        while self.swapped and len(self.running) < self.max_batch:
+            seq = self.swapped[0]
+            blocks = self._blocks_for(seq.length + 1)
+            if not self._can_take(blocks):
+                return
+            self.swapped.pop(0)
+            seq.block_table = self._allocate(blocks)
+            self.pool.copy_in(seq.block_table[:seq.swapped.shape[2]], seq.swapped)
+            self.stats.swapped_bytes += seq.swapped.numel() * seq.swapped.element_size()
+            seq.swapped = None
+            self.running.append(seq)
 
     def _reserve_next_slots(self) -> None:
         """Every running sequence gets a slot for its next token, preempting the newest if needed."""
@@ -250,7 +302,7 @@ class DecodeEngine:
 
     def _release(self, seq: DecodeSequence) -> None:
         self._free(seq.block_table)
-        seq.block_table, seq.swapped, seq.incoming = [], None, None
+        seq.block_table, seq.swapped = [], None
 
     def _advance(self, seq: DecodeSequence, token: int) -> TokenEvent:
         seq.generated += 1

@@ -11,6 +11,7 @@ element-wise steps call the family's own functions, so results match
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -50,8 +51,10 @@ class PackedDecoder:
         return self.language.device
 
     @torch.no_grad()
-    def forward(self, embeds: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """Float32 next-token logits of `batch.logits_rows`, from `[T, hidden]` input embeddings."""
+    def forward(self, embeds: torch.Tensor, batch: PackedBatch,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Float32 next-token logits of `batch.logits_rows`, from `[T, hidden]` input embeddings.
+        `on_layer(i)` runs once layer i's keys and values are in the pool (layer-wise KV transfer)."""
         hidden = embeds.unsqueeze(0)
         cos, sin = self.rotary(hidden, self.language.rotary_position_ids(batch.packed_positions().to(self.device)))
         cos, sin = cos[0], sin[0]  # [T, head_dim]
@@ -65,6 +68,8 @@ class PackedDecoder:
             values = attn.v_proj(states).view(tokens, -1, self.head_dim)
             query, keys = self.apply_rotary(query, keys, cos, sin, unsqueeze_dim=1)
             self.pool.write(index, batch.slots, keys, values)
+            if on_layer is not None:
+                on_layer(index)
             out = self.attention.attend(index, query, keys, values, batch)
             hidden = residual + attn.o_proj(out.reshape(1, tokens, -1))
             residual = hidden

@@ -8,9 +8,13 @@ leaving a batch only change block tables: no KV moves."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+
+Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # e.g. shared memory (transport.shm)
 
 
 @dataclass(frozen=True)
@@ -42,24 +46,27 @@ class KVLayout:
 class KVPool:
     """The KV tensors; who owns which block is the `BlockAllocator`'s business."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: str | torch.device = "cpu",
+                 allocate: Allocator | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
-        # torch.empty: pages are only touched when a block is first written, so an idle
-        # worker's resident memory grows with use, not with the configured pool size.
-        self.kv = torch.empty((layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads,
-                               layout.head_dim), dtype=layout.dtype, device=device)
+        shape = (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        # torch.empty (and fresh shared memory): pages are only touched when a block is first written,
+        # so an idle worker's resident memory grows with use, not with the configured pool size.
+        self.kv = (allocate(shape, layout.dtype) if allocate is not None
+                   else torch.empty(shape, dtype=layout.dtype, device=device))
 
     @classmethod
-    def sized(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu") -> "KVPool":
+    def sized(cls, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu",
+              allocate: Allocator | None = None) -> "KVPool":
         """The largest pool of whole blocks that fits in `capacity_bytes`."""
         blocks = capacity_bytes // layout.bytes_per_block
         if blocks <= 0:
             raise ValueError(f"a KV pool of {capacity_bytes} bytes holds no block of {layout.bytes_per_block} bytes "
                              f"({layout.block_size} tokens)")
-        return cls(layout, blocks, device)
+        return cls(layout, blocks, device, allocate)
 
     @property
     def device(self) -> torch.device:
@@ -85,19 +92,6 @@ class KVPool:
         keys, values = self.kv[layer]
         return (keys.index_select(0, block_table).flatten(0, 1)[:length],
                 values.index_select(0, block_table).flatten(0, 1)[:length])
-
-    def export(self, block_table: list[int], length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A sequence's KV per layer as `[kv_heads, length, head_dim]` tensors (a copy)."""
-        table = torch.tensor(block_table, device=self.device, dtype=torch.long)
-        return [tuple(t.transpose(0, 1).contiguous() for t in self.read(layer, table, length))
-                for layer in range(self.layout.num_layers)]
-
-    def load(self, block_table: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write a sequence's `[kv_heads, length, head_dim]` KV per layer into its blocks."""
-        length = layers[0][0].shape[1]
-        slots = slot_mapping(block_table, 0, length, self.layout.block_size, self.device)
-        for layer, (keys, values) in enumerate(layers):
-            self.write(layer, slots, keys.to(self.device).transpose(0, 1), values.to(self.device).transpose(0, 1))
 
     def copy_out(self, blocks: list[int]) -> torch.Tensor:
         """The blocks' KV `[layers, 2, n, block_size, kv_heads, head_dim]`, copied to host memory."""

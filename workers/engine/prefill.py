@@ -1,7 +1,9 @@
 """Prefill: merge text and image embeddings, compute the prompt's KV into the
 paged pool (chunked under a token budget, several prompts packed in one
 forward, each starting after the prefix it shares with earlier prompts), sample
-the first token, and hand the KV to decode.
+the first token, and hand the KV to decode: a prompt's `KVSink` receives each
+layer's blocks as soon as the last chunk's forward has written them, while the
+next layer computes. The blocks stay held until `release` (decode has them).
 
 Scheduling: prompts already under way continue first (one long prompt never
 holds short ones back for more than a chunk), then waiting prompts are admitted
@@ -14,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -29,6 +32,13 @@ from .sampling import generator_state, new_generator, sample
 
 class PromptTooLong(ValueError):
     """The prompt needs more KV blocks than the whole pool holds."""
+
+
+class KVSink(Protocol):
+    """Where a prompt's KV goes as it is computed (the transport's sender side)."""
+
+    def write_layer(self, layer: int, block_table: list[int]) -> None:
+        """Layer `layer` of the prompt's blocks is complete in the prefill pool (compute thread)."""
 
 
 @dataclass
@@ -102,6 +112,7 @@ class PrefillEngine:
         self.incoming: deque[PrefillSequence] = deque()  # appended by other threads
         self.waiting: deque[PrefillSequence] = deque()
         self.running: list[PrefillSequence] = []
+        self.handing_off: dict[str, list[int]] = {}  # request id -> blocks held until decode has the KV
         self._lock = threading.Lock()
         self.computed_tokens = 0
         self.last_batch = 0  # sequences in the latest step
@@ -150,6 +161,14 @@ class PrefillEngine:
         rows = [self.adapter.image_tokens(size) for size in job.image_sizes]
         return [not inside for inside in images_within(job.input_ids, self.adapter.image_token_id, rows, prefix.tokens)]
 
+    def release(self, request_id: str, adopted: bool = False) -> None:
+        """Decode has the KV (or the handoff failed): free the prompt's blocks, unless an in-process
+        decode `adopted` them."""
+        with self._lock:
+            blocks = self.handing_off.pop(request_id, [])
+        if not adopted:
+            self.allocator.free_blocks(blocks)
+
     def add(self, job: PrefillJob) -> None:
         """Queue a job whose embeddings are ready; raises ValueError for one that can never run. The
         engine owns `job.prefix` once this returns (before, the caller releases it)."""
@@ -196,7 +215,8 @@ class PrefillEngine:
         return False  # running prompts finish their current step; the server drops the result
 
     def run(self, jobs: Sequence[PrefillJob]) -> list[KVHandoff]:
-        """Prefill `jobs` to completion (offline use: profiling, benchmarks); handoffs in finishing order."""
+        """Prefill `jobs` to completion (offline use: profiling, benchmarks, tests); handoffs in finishing
+        order. Each prompt's blocks stay held until `release`."""
         for job in jobs:
             self.add(job)
         handoffs = []
@@ -263,7 +283,15 @@ class PrefillEngine:
             batch.add(seq.block_table, seq.computed, take, seq.positions[..., part],
                       wants_logits=seq.computed + take == seq.length)
             embeds.append(seq.embeds[part])
-        logits = self.decoder.forward(torch.cat(embeds), batch.finish(self.language.device))
+        sinks = [(job_sink, seq.block_table) for seq, take in scheduled
+                 if seq.computed + take == seq.length and (job_sink := seq.job.kv_sink) is not None]
+
+        def stream_layer(layer: int) -> None:
+            for sink, table in sinks:
+                sink.write_layer(layer, table)
+
+        logits = self.decoder.forward(torch.cat(embeds), batch.finish(self.language.device),
+                                      on_layer=stream_layer if sinks else None)
         self.computed_tokens += batch.num_tokens
         results, row = [], 0
         for seq, take in scheduled:
@@ -272,7 +300,9 @@ class PrefillEngine:
             if seq.computed == seq.length:
                 results.append(PrefillResult(seq.job.request_id, handoff=self._handoff(seq, logits[row])))
                 row += 1
-                self._retire(seq)
+                with self._lock:
+                    self.handing_off[seq.job.request_id] = seq.block_table
+                self.running.remove(seq)
         return results
 
     def _name_full_blocks(self, seq: PrefillSequence) -> None:
@@ -286,8 +316,8 @@ class PrefillEngine:
         first = sample(logits, job.sampling, generator)
         return KVHandoff(request_id=job.request_id, prompt_tokens=seq.length, first_token=first,
                          next_position=seq.length, rope_delta=seq.rope_delta, sampling=job.sampling,
-                         generator_state=generator_state(generator),
-                         layers=self.pool.export(seq.block_table, seq.length), cached_tokens=seq.cached)
+                         generator_state=generator_state(generator), cached_tokens=seq.cached,
+                         block_table=list(seq.block_table))
 
     def _retire(self, seq: PrefillSequence) -> None:
         if seq in self.running:

@@ -13,7 +13,7 @@ from ..models import LanguagePartBase
 from .attention import select_backend
 from .block_allocator import BlockAllocator
 from .forward import PackedDecoder, kv_layout
-from .kv_pool import KVPool
+from .kv_pool import Allocator, KVPool
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def pool_bytes(config: KVCacheConfig, device: torch.device) -> int:
     return 1 << 30
 
 
-def build_runtime(language: LanguagePartBase, config: KVCacheConfig) -> EngineRuntime:
+def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: Allocator | None = None) -> EngineRuntime:
+    """The runtime of a language part; `allocate` places the pool (e.g. in shared memory)."""
     layout = kv_layout(language, config.block_size)
-    pool = KVPool.sized(layout, pool_bytes(config, language.device), language.device)
+    pool = KVPool.sized(layout, pool_bytes(config, language.device), language.device, allocate)
     allocator = BlockAllocator(pool.num_blocks, config.prefix_cache_bytes // layout.bytes_per_block)
     attention = select_backend(pool, layout.head_dim ** -0.5, config.attention)
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d KiB per token) on %s", pool.num_blocks,

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "block_size", "prefix_cache_bytes"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults["attention_backend"])
+    parser.add_argument("--kv-paths", default=defaults["kv_paths"],
+                        help="KV transfer paths this worker may use, best first among those both ends allow "
+                             "(grpc is always kept as the fallback)")
     add_tls_arguments(parser)
     parser.add_argument("--grpc-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     parser.add_argument("--health-port", type=int, default=0,

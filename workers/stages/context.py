@@ -15,7 +15,7 @@ from .. import metrics
 from ..cache import MetadataStore
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
-from ..transport import ChannelPool, GrpcEmbeddingTransport, GrpcKVTransport
+from ..transport import ChannelPool, GrpcEmbeddingTransport
 from .supervision import WorkerHealth
 
 R = TypeVar("R")
@@ -38,7 +38,6 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.embeddings = GrpcEmbeddingTransport(self.channels)
-        self.kv = GrpcKVTransport(self.channels)
 
     async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:
         """Run engine work on the compute thread, counting busy time for the stage."""

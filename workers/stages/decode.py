@@ -1,5 +1,7 @@
-"""Decode worker: receives KV caches, runs continuous batching (sequences join
-and leave at every step) and streams tokens straight back to the router."""
+"""Decode worker: reserves KV blocks for a handoff before the KV comes (a full
+pool makes prefill wait), receives it over the pair's data path, runs
+continuous batching (sequences join and leave at every step) and streams
+tokens straight back to the router."""
 
 from __future__ import annotations
 
@@ -16,65 +18,121 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 from .. import metrics
 from ..engine import DecodeEngine
 from ..messages import KVHandoff, TokenEvent
-from ..wire import handoff_from_chunks
+from ..transport import LOCAL_DECODERS, KVReceiver, Reservation, ReservationTimeout, ReserveSpec
+from ..transport.kv_paths import PATHS
+from ..transport.raw_frames import write_handler
+from ..wire import handoff_from_commit, layout_from_proto
 from .context import WorkerContext
 from .supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
+Arrival = tuple[KVHandoff, list[int] | None]  # the handoff, and the blocks adopted in-process (else None)
+
 
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, shared_fd: int | None = None,
+                 cuda_ipc_handle: bytes = b"", kv_paths: frozenset[str] = frozenset(PATHS)) -> None:
         self.ctx = ctx
         self.engine = engine
         self.handoff_wait = handoff_wait
         self.clock = clock
-        self.arrived: dict[str, tuple[KVHandoff, float]] = {}  # KV received, not yet taken by Generate
-        self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their KV
+        self.receiver = KVReceiver(engine, self._compute, wait=handoff_wait, lease=handoff_wait,
+                                   shared_fd=shared_fd, cuda_ipc_handle=cuda_ipc_handle, clock=lambda: self.clock(),
+                                   allowed=kv_paths)
+        self.arrived: dict[str, tuple[Arrival, float]] = {}  # committed, not yet taken by Generate
+        self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their commit
         self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
-        self.joining: list[KVHandoff] = []
+        self.joining: list[Arrival] = []
         self.cancelled: set[str] = set()
         self.wakeup = asyncio.Event()
         self._loop_task = SupervisedLoop("decode", ctx.health if ctx is not None else None)
 
     def start(self) -> None:
         self._loop_task.start(self._loop)
+        asyncio.ensure_future(self.receiver.start())
+        if self.ctx is not None and "inproc" in self.receiver.offered:
+            LOCAL_DECODERS[self.ctx.address] = self
 
     async def stop(self) -> None:
+        if self.ctx is not None:
+            LOCAL_DECODERS.pop(self.ctx.address, None)
         await self._loop_task.stop()
+        await self.receiver.stop()
+
+    def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
+        """The raw-frame KV data path, served beside the DecodeService."""
+        return [write_handler(self.receiver.write_stream)]
+
+    async def _compute(self, fn, *args):
+        return await (self.ctx.compute("decode", fn, *args) if self.ctx is not None else _direct(fn, *args))
+
+    @property
+    def pool(self):
+        return self.engine.pool
 
     @property
     def in_flight(self) -> int:
         return len(self.streams)
 
-    async def TransferKV(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.TransferAck:
-        header, layers, request_id = None, [], ""
-        async for chunk in request_iterator:
-            request_id = chunk.request_id
-            if chunk.HasField("header"):
-                header = chunk.header
-            else:
-                layers.append(chunk.layer)
-        if header is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV stream for {request_id!r} has no header")
+    # ---- the handoff: reserve, (data path), commit ------------------------------------
+    async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVReply:
         try:
-            handoff = self.engine.validated(handoff_from_chunks(request_id, header, layers))
+            spec = ReserveSpec(request.request_id, request.prompt_tokens, request.max_tokens, request.sender_host,
+                               list(request.paths), layout_from_proto(request.layout))
+            reservation = await self.receiver.reserve(spec)
+        except ValueError as exc:  # never fits, or another model's KV
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ReservationTimeout as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return pb.ReserveKVReply(block_ids=reservation.blocks, path=reservation.path,
+                                 shm_socket=reservation.shm_socket, cuda_ipc_handle=reservation.cuda_ipc_handle)
+
+    async def CommitKV(self, request: pb.CommitKVRequest, context: grpc.aio.ServicerContext) -> pb.CommitKVReply:
+        try:
+            self._arrive(self.engine.validated(handoff_from_commit(request)), None)
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._drop_orphans()
-        self.arrived[request_id] = (handoff, self.clock())
-        if request_id in self.arrival_events:
-            self.arrival_events[request_id].set()
-        return pb.TransferAck(layers=len(layers))
+        return pb.CommitKVReply()
 
-    def _drop_orphans(self) -> None:
+    async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVReply:
+        return pb.ReleaseKVReply(released=await self.receiver.release(request.request_id))
+
+    # in-process senders (colocated prefill) call these instead of the RPCs
+    async def reserve_local(self, spec: ReserveSpec) -> Reservation:
+        return await self.receiver.reserve(spec, local=True)
+
+    async def commit_local(self, handoff: KVHandoff, adopted_blocks: list[int]) -> None:
+        self._arrive(self.engine.validated(handoff, adopted_blocks), adopted_blocks)
+
+    async def release_local(self, request_id: str) -> None:
+        await self.receiver.release(request_id)
+
+    def _arrive(self, handoff: KVHandoff, adopted: list[int] | None) -> None:
+        reservation = self.receiver.take(handoff.request_id)
+        if reservation is None:
+            raise KeyError(f"request {handoff.request_id} has no KV reservation here (released or expired)")
+        self.arrived[handoff.request_id] = ((handoff, adopted), self.clock())
+        if handoff.request_id in self.arrival_events:
+            self.arrival_events[handoff.request_id].set()
+        asyncio.ensure_future(self._drop_orphans())
+
+    async def _drop_orphans(self) -> None:
         """KV nobody will take: its Generate gave up (timed out, or the client left) before it came."""
         deadline = self.clock() - self.handoff_wait
         for request_id in [r for r, (_, at) in self.arrived.items() if at < deadline and r not in self.arrival_events]:
             log.warning("dropping the KV cache of request %s: no Generate took it", request_id)
-            del self.arrived[request_id]
+            await self._discard(self.arrived.pop(request_id)[0])
 
+    async def _discard(self, arrival: Arrival) -> None:
+        handoff, adopted = arrival
+        await self._compute(self.engine.release, handoff.request_id, adopted)
+        self.receiver.capacity_changed()
+
+    # ---- the token stream ----------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id
         if request_id not in self.arrived:
@@ -86,7 +144,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                                     f"no KV cache arrived for request {request_id} within {self.handoff_wait}s")
             finally:
                 self.arrival_events.pop(request_id, None)
-        handoff, _ = self.arrived.pop(request_id)
+        arrival, _ = self.arrived.pop(request_id)
+        handoff = arrival[0]
         queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
         self.streams[request_id] = queue
         metrics.IN_FLIGHT.labels("decode").inc()
@@ -94,12 +153,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         completion = 0
         finished = False
         try:
-            self.joining.append(handoff)
+            self.joining.append(arrival)
             self.wakeup.set()
             while True:
                 token = await queue.get()
-                if isinstance(token, ValueError):  # e.g. a sequence that can never fit
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(token))
                 if isinstance(token, Exception):
                     await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token!r}")
                 completion += 1
@@ -117,10 +174,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             metrics.IN_FLIGHT.labels("decode").dec()
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
-        known = request.request_id in self.streams or request.request_id in self.arrived
-        self.arrived.pop(request.request_id, None)
-        if request.request_id in self.streams:
-            self.cancelled.add(request.request_id)
+        request_id = request.request_id
+        known = request_id in self.streams or request_id in self.arrived or request_id in self.receiver.reservations
+        entry = self.arrived.pop(request_id, None)
+        if entry is not None:
+            await self._discard(entry[0])
+        await self.receiver.release(request_id)
+        if request_id in self.streams:
+            self.cancelled.add(request_id)
             self.wakeup.set()
         return pb.CancelResponse(cancelled=known)
 
@@ -142,22 +203,24 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 queue = self.streams.get(request_id)
                 if queue is not None:
                     queue.put_nowait(event)
+            self.receiver.capacity_changed()
             metrics.QUEUE_DEPTH.labels("decode").set(len(self.engine.waiting) + len(self.engine.swapped))
             if self.engine.running:
                 metrics.BATCH_SIZE.labels("decode").observe(len(self.engine.running))
             metrics.KV_USAGE.set(self.engine.kv_usage)
             metrics.KV_TOKENS.set(self.engine.kv_tokens)
 
-    def _step(self, joining: list[KVHandoff], cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
+    def _step(self, joining: list[Arrival], cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
         for request_id in cancelled:
             self.engine.cancel(request_id)
         events: list[tuple[str, TokenEvent | Exception]] = []
-        for handoff in joining:
+        for handoff, adopted in joining:
             if handoff.request_id in cancelled:
+                self.engine.release(handoff.request_id, adopted)
                 continue
-            try:
-                events.append((handoff.request_id, self.engine.add(handoff)))
-            except ValueError as exc:  # it could never fit: fail it alone
-                events.append((handoff.request_id, exc))
+            events.append((handoff.request_id, self.engine.commit(handoff, adopted)))
         return events + [(event.request_id, event) for event in self.engine.step()]
 
+
+async def _direct(fn, *args):
+    return fn(*args)

@@ -19,6 +19,8 @@ from .. import metrics
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
 from ..wire import sampling_from_proto, tensor_from_proto
+from ..transport import KVHandoffSink, KVSender
+from ..transport.kv_paths import PATHS
 from .context import WorkerContext
 from .embeddings import EmbeddingSource, ItemSources
 from .supervision import SupervisedLoop
@@ -28,9 +30,10 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(pb_grpc.PrefillServiceServicer):
     def __init__(self, ctx: WorkerContext, engine: PrefillEngine, cache_bytes: int,
-                 embedding_wait: float = 30.0) -> None:
+                 embedding_wait: float = 30.0, kv_paths: frozenset[str] = frozenset(PATHS)) -> None:
         self.ctx = ctx
         self.engine = engine
+        self.kv = KVSender(ctx.channels, engine.pool, allowed=kv_paths)
         self.embeddings = EmbeddingSource(ctx, engine.language, cache_bytes, embedding_wait)
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
         self.wakeup = asyncio.Event()
@@ -68,63 +71,94 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         start = time.perf_counter()
         self.active_requests += 1
         metrics.IN_FLIGHT.labels("prefill").inc()
+        sink: KVHandoffSink | None = None
         try:
             sources = ItemSources()
-            handoff = await self._prefill(request, sources, context)
+            job, sink = await self._admit(request, sources, context)
+            handoff = await self._compute(job, context)
             metrics.PREFIX_CACHE_TOKENS.labels("hit").inc(handoff.cached_tokens)
             metrics.PREFIX_CACHE_TOKENS.labels("computed").inc(handoff.prompt_tokens - handoff.cached_tokens)
+            computed = time.perf_counter()
             try:
-                await self.ctx.kv.send(request.decode_address, handoff)
-            except grpc.aio.AioRpcError as exc:
+                await sink.finish()
+                await sink.commit(handoff)
+            except (grpc.aio.AioRpcError, OSError, RuntimeError) as exc:
+                details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"KV transfer to decode worker {request.decode_address} failed: {exc.details()}")
+                                    f"KV transfer to decode worker {request.decode_address} failed: {details}")
+            self.engine.release(request.request_id, adopted=sink.path == "inproc")
+            metrics.TRANSFER_WAIT.labels(sink.path).observe(time.perf_counter() - computed)
+            sink = None  # committed: decode owns the KV now
             metrics.STAGE_LATENCY.labels("prefill").observe(time.perf_counter() - start)
             return pb.PrefillResponse(first_token=handoff.first_token, prompt_tokens=handoff.prompt_tokens,
                                       items_from_buffer=sources.buffer, items_fetched=sources.fetched,
                                       items_recomputed=sources.recomputed, cached_tokens=handoff.cached_tokens)
         finally:
+            if sink is not None:  # failed or cancelled after the reservation: give everything back
+                await self._abort(sink)
             self.active_requests -= 1
             metrics.IN_FLIGHT.labels("prefill").dec()
 
-    async def _prefill(self, request: pb.PrefillRequest, sources: ItemSources,
-                       context: grpc.aio.ServicerContext) -> KVHandoff:
+    async def _admit(self, request: pb.PrefillRequest, sources: ItemSources,
+                     context: grpc.aio.ServicerContext) -> tuple[PrefillJob, KVHandoffSink]:
+        """The job with its embeddings, and the decode worker's reservation for its KV (this waits while
+        that worker is full: back-pressure)."""
         job = PrefillJob(request_id=request.request_id, input_ids=list(request.input_ids), image_embeddings=[],
                          image_sizes=[ImageSize(ref.width, ref.height) for ref in request.images],
                          sampling=sampling_from_proto(request.sampling),
                          image_keys=[ref.image_key for ref in request.images])
         # An image wholly inside the cached prefix needs no embedding: do not wait for one.
         job.prefix = self.engine.find_prefix(job)
-        queued = False
         try:
             needed = self.engine.needed_images(job, job.prefix)
+            job.image_embeddings = list(await asyncio.gather(
+                *(self.embeddings.image_embedding(ref, request.request_id, sources) if need else _nothing()
+                  for ref, need in zip(request.images, needed))))
+            job.kv_sink = await self.kv.open(request.decode_address, job.request_id, len(job.input_ids),
+                                             job.sampling.max_tokens)
+            return job, job.kv_sink
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code() if exc.code() in _PASSED_ON else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"decode worker {request.decode_address}: {exc.details() or exc.code().name}")
+        finally:
+            if job.kv_sink is None:
+                self.engine.release_prefix(job.prefix)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _compute(self, job: PrefillJob, context: grpc.aio.ServicerContext) -> KVHandoff:
+        future = asyncio.get_running_loop().create_future()
+        self.pending[job.request_id] = future
+        try:
             try:
-                job.image_embeddings = list(await asyncio.gather(
-                    *(self.embeddings.image_embedding(ref, request.request_id, sources) if need else _nothing()
-                      for ref, need in zip(request.images, needed))))
-                future = asyncio.get_running_loop().create_future()
-                self.pending[job.request_id] = future
                 self.engine.add(job)
-                queued = True
-            except LookupError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except ValueError as exc:
+                self.engine.release_prefix(job.prefix)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.wakeup.set()
             try:
                 return await future
+            except asyncio.CancelledError:  # the caller went away: free what the request holds
+                self.engine.cancel(job.request_id)
+                raise
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception as exc:  # the batch failed on our side (e.g. out of device memory)
                 await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}")
             raise AssertionError("unreachable: abort raises")
-        except asyncio.CancelledError:  # the caller went away: free what the request holds
-            if queued:
-                self.engine.cancel(job.request_id)
-            raise
         finally:
             self.pending.pop(job.request_id, None)
-            if not queued:
-                self.engine.release_prefix(job.prefix)
+
+    async def _abort(self, sink: KVHandoffSink) -> None:
+        """Stop writing into the reservation, then give it and the prompt's blocks back. The compute
+        thread is drained first, so no layer write of this request is still on its way to decode."""
+        sink.aborted = True
+        await self.ctx.compute("prefill", lambda: None)
+        await sink.abort()
+        self.engine.release(sink.reservation.request_id)
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         """The client left: its Prefill call ends CANCELLED and the prompt's blocks are freed."""
@@ -148,13 +182,18 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
     def _deliver(self, result: PrefillResult) -> None:
         future = self.pending.get(result.request_id)
-        if future is None or future.done():
-            return  # its caller went away
+        if future is None or future.done():  # its caller went away: nobody will hand its KV off
+            self.engine.release(result.request_id)
+            return
         if result.error is not None:
             log.error("prefill of %s failed: %r", result.request_id, result.error)
             future.set_exception(result.error)
         else:
             future.set_result(result.handoff)
+
+
+# decode's answers prefill passes on as they are: the request can never fit, or decode stayed full
+_PASSED_ON = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 async def _nothing() -> None:

@@ -27,7 +27,10 @@ from ..redis_connection import connect
 from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
 from ..security.tls import TLSFiles, bind, plaintext_health_server
 from ..transport import ChannelPool
+from ..transport.cuda_ipc import export_handle
 from ..transport.grpc_transport import CHANNEL_OPTIONS
+from ..transport.kv_paths import PATHS, parse_paths
+from ..transport.shm import SharedPool
 from .context import WorkerContext
 from .decode import DecodeServicer
 from .encode import EncodeServicer
@@ -61,6 +64,7 @@ class WorkerConfig:
     block_size: int = 16  # tokens per KV block (also the prefix cache's granularity)
     prefix_cache_bytes: int = 1 << 30  # free KV blocks kept as prefill's prefix cache (0 turns it off)
     attention_backend: str = "auto"
+    kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
     health_port: int = 0  # > 0: also serve gRPC health alone, without TLS, here (for kubelet probes)
@@ -75,6 +79,7 @@ class WorkerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         self.kv_cache  # validates the KV settings
+        parse_paths(self.kv_paths)
 
     @property
     def kv_cache(self) -> KVCacheConfig:
@@ -113,6 +118,8 @@ class Worker:
             base = type(servicer).__bases__[0].__name__
             getattr(pb_grpc, f"add_{base}_to_server")(servicer, self.server)
             names.append(pb.DESCRIPTOR.services_by_name[base.removesuffix("Servicer")].full_name)
+            if isinstance(servicer, DecodeServicer):
+                self.server.add_generic_rpc_handlers(servicer.generic_handlers())
             servicer.start()
         if config.grpc_reflection:
             reflection.enable_server_reflection(names, self.server)
@@ -174,14 +181,23 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         servicers.append(EncodeServicer(ctx, vision, config.cache_bytes, config.encode_max_batch,
                                         config.encode_max_wait))
     if {"prefill", "decode"} & set(config.stages):
-        # one pool per process: colocated prefill and decode share it, as a non-disaggregated server does
-        runtime = build_runtime(adapter.load_language(config.device), config.kv_cache)
+        # One pool per process: colocated prefill and decode share it, as a non-disaggregated server does,
+        # and decode adopts the prefill blocks (nothing moves). A decode-only worker on CPU keeps its pool
+        # in shared memory, so a prefill worker on the same host writes the KV straight into it.
+        paths = parse_paths(config.kv_paths)
+        shared = SharedPool() if config.role == "decode" and config.device == "cpu" and "shm" in paths else None
+        runtime = build_runtime(adapter.load_language(config.device), config.kv_cache,
+                                shared.allocate if shared else None)
         if "prefill" in config.stages:
             engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
-            servicers.append(PrefillServicer(ctx, engine, config.cache_bytes))
+            servicers.append(PrefillServicer(ctx, engine, config.cache_bytes, kv_paths=paths))
         if "decode" in config.stages:
-            servicers.append(DecodeServicer(ctx, DecodeEngine(runtime.decoder, adapter, runtime.allocator,
-                                                              config.decode_max_batch, config.decode_max_kv_tokens)))
+            engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, config.decode_max_batch,
+                                  config.decode_max_kv_tokens)
+            ipc = export_handle(runtime.pool.kv) if config.role == "decode" and runtime.pool.device.type == "cuda" \
+                and "cuda_ipc" in paths else b""
+            servicers.append(DecodeServicer(ctx, engine, shared_fd=shared.fd if shared else None,
+                                            cuda_ipc_handle=ipc, kv_paths=paths))
     return servicers
 
 

@@ -1,4 +1,4 @@
-"""gRPC streaming of tensor bytes: embeddings encode -> prefill, KV prefill -> decode."""
+"""gRPC channels to peers (mutual TLS when configured), and embeddings encode -> prefill over them."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
-from ..messages import KVHandoff
 from ..security.tls import TLSFiles
-from ..wire import handoff_to_chunks, tensor_from_proto, tensor_to_proto
+from ..wire import tensor_from_proto, tensor_to_proto
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -71,8 +70,8 @@ class GrpcEmbeddingTransport:
                                     embedding=tensor_to_proto(tensor)) for key, tensor in embeddings.items()]
         stub = pb_grpc.PrefillServiceStub(self.channels.get(address))
         await stub.PushEmbeddings(iter(chunks), timeout=self.timeout)
-        metrics.TRANSFER_BYTES.labels("embedding").inc(sum(len(c.embedding.data) for c in chunks))
-        metrics.TRANSFER_LATENCY.labels("embedding").observe(time.perf_counter() - start)
+        metrics.TRANSFER_BYTES.labels("embedding", "grpc").inc(sum(len(c.embedding.data) for c in chunks))
+        metrics.TRANSFER_LATENCY.labels("embedding", "grpc").observe(time.perf_counter() - start)
 
     async def fetch(self, owner: str, item_key: str) -> torch.Tensor | None:
         stub = pb_grpc.EncodeServiceStub(self.channels.get(owner))
@@ -83,19 +82,5 @@ class GrpcEmbeddingTransport:
                               grpc.StatusCode.DEADLINE_EXCEEDED):
                 return None
             raise
-        metrics.TRANSFER_BYTES.labels("embedding_fetch").inc(len(tensor.data))
+        metrics.TRANSFER_BYTES.labels("embedding_fetch", "grpc").inc(len(tensor.data))
         return tensor_from_proto(tensor)
-
-
-class GrpcKVTransport:
-    def __init__(self, channels: ChannelPool, timeout: float = 60.0) -> None:
-        self.channels = channels
-        self.timeout = timeout
-
-    async def send(self, address: str, handoff: KVHandoff) -> None:
-        start = time.perf_counter()
-        stub = pb_grpc.DecodeServiceStub(self.channels.get(address))
-        await stub.TransferKV(handoff_to_chunks(handoff), timeout=self.timeout)
-        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in handoff.layers)
-        metrics.TRANSFER_BYTES.labels("kv").inc(nbytes)
-        metrics.TRANSFER_LATENCY.labels("kv").observe(time.perf_counter() - start)
