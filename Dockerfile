@@ -17,6 +17,7 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp epd
 COPY --from=build /opt/epd /opt/epd
 ENV PATH=/opt/epd/bin:$PATH HOME=/tmp EPD_MODEL_CACHE=/tmp/epd-models PYTHONUNBUFFERED=1
 USER 10001:10001
-EXPOSE 8000 50051 9090
+# router HTTP and metrics, worker gRPC, health (kubelet probes) and metrics, operator health and metrics
+EXPOSE 8000 9100 50051 50052 9090 8080
 ENTRYPOINT ["epd"]
 CMD ["--help"]

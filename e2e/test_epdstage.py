@@ -9,7 +9,7 @@ import json
 import pytest
 
 from .controlplane import wait_for
-from .resources import STAGES, children, epd, events, minimal, ready, replicas
+from .resources import ROOT, STAGES, children, epd, events, minimal, ready, replicas
 from .test_operator import owned_by_operator
 
 pytestmark = pytest.mark.controlplane
@@ -50,15 +50,22 @@ def test_an_hpa_can_target_a_stage(k8s_cluster, operator, namespace):
     k8s_cluster.apply(hpa, namespace=namespace)
 
     def able_to_scale() -> dict | None:
+        # (a controller-manager that has not yet re-read discovery since the CRD appeared reports
+        # FailedGetScale first, and retries)
         status = k8s_cluster.get("hpa", "decode", "-n", namespace).get("status", {})
-        return next((c for c in status.get("conditions", []) if c["type"] == "AbleToScale"), None)
+        return next((c for c in status.get("conditions", []) if c["type"] == "AbleToScale" and c["status"] == "True"),
+                    None)
 
-    resolved = wait_for(able_to_scale, 90, "the HPA controller to read the EPDStage's scale")
-    assert resolved["status"] == "True" and resolved["reason"] in ("SucceededGetScale", "SucceededRescale"), resolved
+    resolved = wait_for(able_to_scale, 120, "the HPA controller to read the EPDStage's scale")
+    assert resolved["reason"] in ("SucceededGetScale", "SucceededRescale"), resolved
     scale = json.loads(k8s_cluster.kubectl("get", "--raw", f"/apis/serving.epd.dev/v1alpha1/namespaces/{namespace}/"
                                                             "epdstages/tiny-decode/scale").stdout)
     assert scale["kind"] == "Scale" and scale["status"]["selector"] == \
         "app.kubernetes.io/instance=tiny,app.kubernetes.io/component=decode"
+    # the example HPA (a custom per-pod metric) is a valid object too
+    example = k8s_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f",
+                                  str(ROOT / "examples" / "decode-hpa.yaml"))
+    assert "horizontalpodautoscaler.autoscaling/llava-7b-decode created (server dry run)" in example.stdout
     # below its minReplicas the HPA scales the stage up, whatever its metrics say
     wait_for(lambda: replicas(k8s_cluster, namespace, "statefulset", "tiny-decode") == 2, 90,
              "the HPA's minimum applied to the decode StatefulSet")

@@ -62,7 +62,7 @@ def full_example(gpu_pools: dict[str, str]) -> dict:
 def test_full_example_lands_on_three_pools_becomes_ready_and_scales(k8s_cluster, operator, namespace, gpu_pools):
     k8s_cluster.kubectl("create", "secret", "generic", "redis-credentials", "-n", namespace,
                         "--from-literal=url=redis://:pw@redis.example:6379/0")
-    k8s_cluster.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=HF_TOKEN=hf_x")
+    k8s_cluster.kubectl("create", "secret", "generic", "epd-api-keys", "-n", namespace, "--from-literal=api-keys=k1")
     k8s_cluster.apply(full_example(gpu_pools), namespace=namespace)
     obj = wait_for(lambda: ready(k8s_cluster, namespace, "llava-7b"), 90, "Ready=True")
     assert {s: obj["status"]["stages"][s]["summary"] for s in STAGES} == \
@@ -82,6 +82,33 @@ def test_full_example_lands_on_three_pools_becomes_ready_and_scales(k8s_cluster,
     wait_for(lambda: replicas(k8s_cluster, namespace, "statefulset", "llava-7b-decode") == 4, 30, "decode at 4")
     wait_for(lambda: epd(k8s_cluster, namespace, "llava-7b")["status"]["stages"]["decode"]["summary"] == "4/4",
              60, "status decode 4/4")
+
+
+def test_the_real_cluster_llava_example_downloads_into_its_shared_cache(k8s_cluster, operator, namespace,
+                                                                         gpu_pools):
+    volume = f"hf-cache-{namespace}"  # a volume for the example's claim (the harness has no provisioner)
+    k8s_cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+                       "spec": {"capacity": {"storage": "40Gi"}, "accessModes": ["ReadWriteMany"],
+                                "hostPath": {"path": "/tmp/hf-cache"}, "storageClassName": "",
+                                "claimRef": {"namespace": namespace, "name": "hf-cache"}}})
+    try:
+        k8s_cluster.kubectl("create", "secret", "generic", "hf-token", "-n", namespace,
+                            "--from-literal=HF_TOKEN=hf_x")
+        k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "llava-1.5-7b.yaml"))
+        wait_for(lambda: ready(k8s_cluster, namespace, "llava-7b"), 90, "Ready")
+        config = k8s_cluster.get("configmap", "llava-7b-config", "-n", namespace)["data"]
+        assert (config["EPD_MODEL"], config["EPD_MODEL_REVISION"]) == ("llava-hf/llava-1.5-7b-hf", "main")
+        for pod in k8s_cluster.get("pods", "-n", namespace, "-l", "app.kubernetes.io/instance=llava-7b")["items"]:
+            if pod["metadata"]["labels"]["app.kubernetes.io/component"] == "redis":
+                continue
+            container = pod["spec"]["containers"][0]
+            assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in \
+                pod["spec"]["volumes"]
+            assert {"name": "model-cache", "mountPath": "/var/cache/epd"} in container["volumeMounts"]
+            assert {"name": "HF_HUB_CACHE", "value": "/var/cache/epd/hub"} in container["env"]
+            assert {"secretRef": {"name": "hf-token"}} in container["envFrom"]
+    finally:
+        k8s_cluster.kubectl("delete", "pv", volume, "--wait=false")
 
 
 def test_drift_is_corrected(k8s_cluster, operator, namespace):
