@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -40,11 +41,13 @@ class Child:
     ready_line: str = ""
     started: float = field(default_factory=time.monotonic)
     stop_last: bool = False  # stopped after the others (Redis: workers deregister on their way out)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=15))  # its last lines, even when quiet
     quick_exits: int = 0  # consecutive exits soon after a start (a crash loop)
 
     def echo(self, quiet: bool) -> None:
         for raw in self.process.stdout:  # type: ignore[union-attr]
             line = raw.rstrip("\n")
+            self.tail.append(line)
             if not self.ready.is_set() and self.ready_marker in line:
                 self.ready_line = line
                 self.ready.set()
@@ -84,7 +87,9 @@ class ProcessGroup:
         for child in children:
             while not child.ready.wait(0.1):
                 if child.process.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode} during start-up")
+                    time.sleep(0.2)  # let the echo thread read its last words
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode} during start-up:\n"
+                                       + "\n".join(f"  [{child.name}] {line}" for line in child.tail))
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{child.name} did not become ready within {timeout:.0f}s")
 
