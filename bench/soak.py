@@ -173,7 +173,7 @@ async def load(base_url: str, model: str, deadline: float, concurrency: int, see
                 tally.sent += 1
                 try:
                     reason = await one_request(session, base_url, model, local, images)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                 if reason:
                     tally.fail(reason)

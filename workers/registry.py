@@ -45,7 +45,7 @@ class WorkerInfo:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "WorkerInfo":
+    def from_json(cls, raw: bytes | str) -> WorkerInfo:
         """Parse a record; ValueError if it is not one (anyone who can write to Redis could write it)."""
         try:
             data = json.loads(raw)

@@ -8,11 +8,11 @@ import os
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
-
 from epd.workers.launcher.processes import epd_command, free_port
 from epd.workers.registry import KEY_PREFIX
 from epd.workers.security.certs import CertificateAuthority
@@ -79,7 +79,7 @@ def test_workers_and_router_use_a_password_protected_redis(secured_redis, scheme
     url = secured_redis[scheme]
     worker = Process(epd_command("worker", "--role", "encode"), {"EPD_REDIS_URL": url}, "EPD_WORKER_READY")
     try:
-        assert PASSWORD not in open(f"/proc/{worker.process.pid}/cmdline").read()
+        assert PASSWORD.encode() not in Path(f"/proc/{worker.process.pid}/cmdline").read_bytes()
         address = next(line for line in worker.lines if "EPD_WORKER_READY" in line).split("address=")[1].split()[0]
         wait_until(lambda: secured_redis["client"].exists(KEY_PREFIX + f"encode:{address}"), 15,
                    message="the worker's registration")

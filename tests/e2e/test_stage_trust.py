@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+from epd.workers.launcher.processes import epd_command, free_port
+from epd.workers.security.certs import CertificateAuthority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
-from epd.workers.launcher.processes import epd_command, free_port
-from epd.workers.security.certs import CertificateAuthority
 
 from ..conftest import wait_until
 from .harness import start_serve

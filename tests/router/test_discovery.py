@@ -5,7 +5,6 @@ discovery lists, and the router's view survives Redis going away or losing its d
 from __future__ import annotations
 
 import pytest
-
 from epd.workers.cache import CacheRecord, MetadataStore
 from epd.workers.redis_connection import REDIS_URL_ENV, connect, redacted, redis_url
 from epd.workers.registry import KEY_PREFIX, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 
 import pytest
-from PIL import Image
-
 from epd.workers.messages import ChatMessage, ImagePart, ImageSize, TextPart
 from epd.workers.models import load_adapter
 from epd.workers.router.errors import APIError
@@ -18,6 +16,7 @@ from epd.workers.router.prompt import PromptEncoder
 from epd.workers.router.request_body import parse_json
 from epd.workers.router.schema import parse_chat_request
 from epd.workers.security.url_guard import URLPolicy
+from PIL import Image
 
 
 def _error(call, *args) -> APIError:
@@ -43,7 +42,7 @@ def test_bodies_that_no_worker_could_carry_are_400(raw, code, fragment):
 
 
 def test_a_valid_surrogate_pair_is_just_text():
-    assert parse_json('{"t": "\\ud83d\\ude00"}'.encode()) == {"t": "\U0001F600"}
+    assert parse_json(b'{"t": "\\ud83d\\ude00"}') == {"t": "\U0001F600"}
 
 
 def _body(**extra) -> dict:

@@ -5,7 +5,6 @@ the text across the seam (a character split over tokens, a stop string spanning 
 from __future__ import annotations
 
 import pytest
-
 from epd.workers.cache import block_hashes
 from epd.workers.engine.detokenizer import IncrementalDetokenizer
 from epd.workers.messages import SamplingParams

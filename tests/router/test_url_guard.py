@@ -9,13 +9,12 @@ import ipaddress
 import threading
 
 import pytest
-from yarl import URL
-
 from epd.workers.models import load_adapter
 from epd.workers.router.errors import APIError
 from epd.workers.router.image_cost import ImageCostCheck, ImageLimits
 from epd.workers.router.images import ImageFetcher, image_session
 from epd.workers.security.url_guard import URLPolicy, parse_allow_hosts, refusal
+from yarl import URL
 
 from ..helpers import png_bytes
 
@@ -30,7 +29,7 @@ class Canary:
         canary = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server naming)
+            def do_GET(self):
                 canary.hits += 1
                 if self.path.startswith("/to?url="):
                     self.send_response(302)

@@ -30,7 +30,7 @@ class CacheRecord:
     created: float
 
     @classmethod
-    def from_hash(cls, data: dict[bytes, bytes]) -> "CacheRecord | None":
+    def from_hash(cls, data: dict[bytes, bytes]) -> CacheRecord | None:
         """The record, or None if the hash is not a well-formed one (Redis content is not trusted)."""
         try:
             d = {k.decode(): v.decode() for k, v in data.items()}

@@ -15,7 +15,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
 QUICK_EXIT = 30.0  # seconds: a child dying sooner than this after its start counts towards a crash loop
 
 

@@ -99,7 +99,7 @@ class ImageFetcher:
                                   "image_url_unreachable", param)
         except URLRefused as exc:
             raise bad_request(f"image URL {target} is not allowed: {exc}", "image_url_not_allowed", param) from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
             raise bad_request(f"cannot fetch image {url}: {reason}", "image_url_unreachable", param) from exc
 

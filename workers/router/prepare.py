@@ -42,12 +42,12 @@ class PreparedRequest:
     def max_tokens(self) -> int:
         return self.sampling.max_tokens
 
-    def retried(self, attempt: int) -> "PreparedRequest":
+    def retried(self, attempt: int) -> PreparedRequest:
         """The same request under a fresh stage id (nothing was produced yet)."""
         return replace(self, stage_request_id=f"{self.request_id}.{attempt}", cached_tokens=0)
 
     def continued(self, produced: Sequence[int], attempt: int, image_token_id: int,
-                  block_size: int) -> "PreparedRequest":
+                  block_size: int) -> PreparedRequest:
         """The request resumed after `produced` tokens: prompt + those tokens are prefilled again
         and generation goes on for the tokens still allowed. Greedy output is unchanged; a
         sampled one goes on with the seed advanced by the tokens produced (a fresh random seed

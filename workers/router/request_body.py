@@ -40,7 +40,7 @@ async def read_json(request: web.Request, limits: RequestLimits, executor: Execu
         raise _too_large(request.content_length or 0, limits)
     try:
         raw = await asyncio.wait_for(request.read(), limits.body_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g}s",
                        "request_timeout") from None
     except web.HTTPRequestEntityTooLarge:  # chunked bodies have no length up front

@@ -24,7 +24,7 @@ class APIKeys:
     digests: tuple[bytes, ...] = ()
 
     @classmethod
-    def of(cls, keys: Iterable[str]) -> "APIKeys":
+    def of(cls, keys: Iterable[str]) -> APIKeys:
         found = [key.strip() for key in keys if key.strip()]
         return cls(tuple(_digest(key) for key in dict.fromkeys(found)))
 

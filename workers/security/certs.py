@@ -27,7 +27,7 @@ class CertificateAuthority:
     path: Path  # the CA certificate's PEM file
 
     @classmethod
-    def create(cls, directory: Path, name: str = "epd throwaway CA", days: int = 30) -> "CertificateAuthority":
+    def create(cls, directory: Path, name: str = "epd throwaway CA", days: int = 30) -> CertificateAuthority:
         """A new self-signed CA whose certificate is written to `directory/ca.pem`."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -63,7 +63,7 @@ class CertificateAuthority:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days)))
