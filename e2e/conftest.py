@@ -30,7 +30,7 @@ def namespace(k8s_cluster: ControlPlane) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     k8s_cluster.kubectl("create", "namespace", name)
     yield name
-    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false")
+    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,7 @@ def operator(k8s_cluster: ControlPlane, gpu_pools, tmp_path_factory) -> Iterator
     k8s_cluster.helm("install", "epd", str(CHART), "--namespace", SYSTEM, "--set", "operator.replicas=0",
                      "--wait", "--timeout", "60s")
     for crd in ("epddeployments.serving.epd.dev", "epdstages.serving.epd.dev"):
-        wait_for(lambda: k8s_cluster.kubectl("get", "crd", crd, check=False).returncode == 0, 30, crd)
+        wait_for(lambda crd=crd: k8s_cluster.kubectl("get", "crd", crd, check=False).returncode == 0, 30, crd)
     kubeconfig = k8s_cluster.service_account_kubeconfig(SYSTEM, SERVICE_ACCOUNT,
                                                         tmp_path_factory.mktemp("sa") / "operator.kubeconfig")
     op = Operator(k8s_cluster, kubeconfig)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from epd.workers.launcher.processes import free_port
+
 from tests.helpers import wait_until
 
 from .pki import Pki, create_pki
@@ -73,7 +73,7 @@ class ControlPlane:
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
         result = subprocess.run([str(self.bin_dir / tool), *args], input=input, capture_output=True, text=True,
-                                env=env, timeout=120)
+                                env=env, timeout=120, check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"{tool} {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Self
 
 from prometheus_client import start_http_server
 
@@ -22,7 +23,7 @@ class PodMetrics:
     servers: dict[tuple[str, int], object] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def __enter__(self) -> "PodMetrics":
+    def __enter__(self) -> Self:
         threading.Thread(target=self._follow_pods, daemon=True).start()
         return self
 

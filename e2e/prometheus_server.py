@@ -13,10 +13,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import yaml
-
 from epd.workers.launcher.processes import free_port
+
 from tests.helpers import wait_until
 
 
@@ -32,7 +33,7 @@ class PrometheusServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> Self:
         binary = shutil.which("prometheus")
         if binary is None:
             raise AssertionError("prometheus is not installed: run `bash scripts/setup.sh`")

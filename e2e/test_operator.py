@@ -4,13 +4,25 @@ the chart's ServiceAccount token, reconciling the examples onto kwok GPU pools."
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 import pytest
 
 from .controlplane import wait_for
 from .operator_process import SYSTEM, Operator
-from .resources import (ROOT, STAGES, children, condition, epd, events, example, minimal, ready, replicas,
-                        status_of)
+from .resources import (
+    ROOT,
+    STAGES,
+    children,
+    condition,
+    epd,
+    events,
+    example,
+    minimal,
+    ready,
+    replicas,
+    status_of,
+)
 
 pytestmark = pytest.mark.controlplane
 TINY_CHILDREN = 22  # ConfigMap, Redis (Service, StatefulSet), 3 x (EPDStage, Service, StatefulSet, PDB),
@@ -190,13 +202,16 @@ def test_restart_changes_nothing_and_delete_removes_everything(k8s_cluster, oper
     wait_for(lambda: not k8s_cluster.get("secrets", "-n", namespace)["items"], 60, "the generated Secrets too")
 
 
-def test_delete_completes_with_no_operator_running(k8s_cluster, operator, namespace):
+def test_deletes_complete_with_no_operator_running(k8s_cluster, operator, namespace):
     k8s_cluster.apply(minimal(), namespace=namespace)
-    wait_for(lambda: ready(k8s_cluster, namespace, "tiny"), 60, "Ready")
+    k8s_cluster.apply(minimal("other"), namespace=namespace)
+    wait_for(lambda: ready(k8s_cluster, namespace, "tiny") and ready(k8s_cluster, namespace, "other"), 60, "Ready")
     operator.stop()
     try:
         k8s_cluster.kubectl("delete", "epd", "tiny", "-n", namespace, "--timeout=30s")
         assert k8s_cluster.kubectl("get", "epd", "tiny", "-n", namespace, check=False).returncode != 0
+        k8s_cluster.kubectl("delete", "namespace", namespace, "--timeout=120s")  # with an EPDDeployment in it
+        assert k8s_cluster.kubectl("get", "namespace", namespace, check=False).returncode != 0
     finally:
         operator.start()
 
@@ -209,7 +224,7 @@ class SimulatedTraffic:
         self.tpot, self.kv_usage = 0.5, 0.95
         self._stop = threading.Event()
 
-    def __enter__(self) -> "SimulatedTraffic":
+    def __enter__(self) -> Self:
         threading.Thread(target=self._run, daemon=True).start()
         return self
 

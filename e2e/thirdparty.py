@@ -16,7 +16,7 @@ CERT_MANAGER = ("cert-manager.io_certificates.yaml", "cert-manager.io_issuers.ya
 
 @cache
 def crd_dir() -> Path:
-    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"fetch-crds.sh failed: {result.stderr[-2000:]}")
     return Path(result.stdout.strip().splitlines()[-1])

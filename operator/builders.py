@@ -29,7 +29,7 @@ class Facts:
 
     replicas: Mapping[str, int] = field(default_factory=dict)  # per stage, from its EPDStage
     tls_provider: str = "operator"  # "operator" | "cert-manager"; ignored when TLS is off
-    metrics_readers: MetricsReaders = MetricsReaders("epd-system")
+    metrics_readers: MetricsReaders = field(default_factory=lambda: MetricsReaders("epd-system"))
 
 
 def stage_service(owner: Owner, stage: str) -> dict:

@@ -133,7 +133,7 @@ class Cluster:
     def post_event(self, involved: dict, kind: str, reason: str, message: str) -> None:
         """A Normal or Warning Event on the object (failures to post are only logged)."""
         meta = involved["metadata"]
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         event = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(api_version=involved.get("apiVersion", f"{GROUP}/{VERSION}"),

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from .schema import (boolean, condition, custom_resource_definition, free_object, integer, positive_seconds,
-                     resources, string)
+from .schema import (
+    boolean,
+    condition,
+    custom_resource_definition,
+    free_object,
+    integer,
+    positive_seconds,
+    resources,
+    string,
+)
 from .sizing.architectures import ARCHITECTURES
 from .sizing.hardware import HARDWARE
 from .spec import GRACE_SECONDS, ROUTER_GRACE_SECONDS, STAGES

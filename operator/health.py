@@ -42,7 +42,7 @@ def serve(host: str, port: int, liveness: Liveness) -> ThreadingHTTPServer:
     """Start the endpoint in a daemon thread; `server.shutdown()` stops it."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if self.path == "/healthz":
                 stalled = liveness.stalled()
                 body = (f"stalled: {', '.join(stalled)}" if stalled else "ok").encode()

@@ -11,8 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .naming import (GRPC_PORT, INSTANCE_LABEL, MANAGED_BY, METRICS_PORT, OPERATOR_SELECTOR, REDIS_PORT, Owner,
-                     child_name, meta, selector)
+from .naming import (
+    GRPC_PORT,
+    INSTANCE_LABEL,
+    MANAGED_BY,
+    METRICS_PORT,
+    OPERATOR_SELECTOR,
+    REDIS_PORT,
+    Owner,
+    child_name,
+    meta,
+    selector,
+)
 
 CALLERS = {"encode": ("router", "prefill"), "prefill": ("router", "encode"), "decode": ("router", "prefill")}
 NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set on every namespace by the apiserver

@@ -45,7 +45,7 @@ class ReconcileResult:
 class Reconciler:
     cluster: Cluster
     default_image: str
-    readers: MetricsReaders = MetricsReaders("epd-system")
+    readers: MetricsReaders = field(default_factory=lambda: MetricsReaders("epd-system"))
 
     def reconcile(self, body: dict, status_patch: dict | None = None) -> ReconcileResult:
         """Reconcile the deployment as it is now (the triggering body may be stale), after recording

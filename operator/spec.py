@@ -115,7 +115,7 @@ class EPDDeploymentSpec:
     grpc_reflection: bool = False
 
     @classmethod
-    def from_resource(cls, spec: dict[str, Any], default_image: str) -> "EPDDeploymentSpec":
+    def from_resource(cls, spec: dict[str, Any], default_image: str) -> EPDDeploymentSpec:
         model = spec["model"]
         cache_dir = model.get("cache", {})
         stages = {stage: _stage(spec.get(stage, {}), GRACE_SECONDS[stage]) for stage in STAGES}

@@ -17,7 +17,7 @@ class WorkloadState:
     updated: int
 
     @classmethod
-    def of(cls, obj: dict | None, desired: int) -> "WorkloadState":
+    def of(cls, obj: dict | None, desired: int) -> WorkloadState:
         status = (obj or {}).get("status", {})
         return cls(desired, status.get("replicas", 0), status.get("readyReplicas", 0),
                    status.get("updatedReplicas", 0))
@@ -40,7 +40,7 @@ class Condition:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_conditions(old: list[dict], new: list[Condition], generation: int) -> list[dict]:

@@ -24,7 +24,7 @@ from .autoscale.controller import Autoscaler
 from .autoscale.promql import MetricsUnavailable
 from .autoscale.status import scaling_status
 from .cluster import Cluster
-from .reconcile import ReconcileResult, Reconciler
+from .reconcile import Reconciler, ReconcileResult
 from .spec import EPDDeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Supervisor:
         started = time.monotonic()
         try:
             result = self.reconciler.reconcile(body, status_patch)
-        except Exception as exc:  # noqa: BLE001 (reported, then retried with back-off)
+        except Exception as exc:
             log.exception("reconcile of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
             self.cluster.post_event(body, "Warning", "ReconcileError", f"{type(exc).__name__}: {exc}")
             metrics.RECONCILES.labels("retry").inc()
@@ -170,7 +170,7 @@ class Supervisor:
                 self.warned[meta["uid"]] = str(exc)
                 self.cluster.post_event(body, "Warning", "MetricsUnavailable", f"not scaling: {exc}")
             return
-        except Exception:  # noqa: BLE001 (metrics trouble must not stop the loop)
+        except Exception:
             log.exception("autoscaling %s/%s failed", meta["namespace"], meta["name"])
             return
         self.warned.pop(meta["uid"], None)

@@ -57,7 +57,7 @@ def _pem(cert: x509.Certificate) -> str:
 
 def issue(owner: Owner, now: datetime.datetime | None = None) -> IssuedSecret:
     """A fresh CA and the deployment's certificate, as a kubernetes.io/tls Secret (ca.crt included)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"epd {owner.namespace}/{owner.name} CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -18,7 +18,7 @@ class Reading:
     values: dict[tuple[str, Labels], float] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "Reading":
+    def parse(cls, text: str) -> Reading:
         values = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

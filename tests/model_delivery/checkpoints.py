@@ -34,4 +34,4 @@ def start_worker(hub_url: str, token: str, scratch: Path, stage: str = "encode")
            "EPD_MODEL_CACHE": str(scratch / "epd"), "EPD_MODEL_DOWNLOAD": "1",
            "EPD_REDIS_URL": "redis://127.0.0.1:1/0"}
     return subprocess.run([sys.executable, "-P", "-m", "epd.cli", "worker", "--role", stage, "--model", REPO],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, check=False)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from epd.workers.models import download, load_adapter
 
 from .checkpoints import REPO, sharded_checkpoint, start_worker
@@ -87,7 +86,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, sharded, monkeypa
     # The hub client writes to disk (and so can resume from) whole chunks of 10 MB; shrink them so a
     # shard of this tiny checkpoint is several chunks and a cut leaves some of it on disk.
     monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 4096)
-    shard = sorted(shards_holding(sharded, vision=True))[0]
+    shard = min(shards_holding(sharded, vision=True))
     hub.cut_short.add(shard)
     view = download.fetch(REPO, "encode")
     gets = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith("/" + shard)]

@@ -5,14 +5,13 @@ PromQL of the Prometheus source, and the policy the spec implies."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client import generate_latest
-
 from epd.operator.autoscale.controller import Autoscaler, policy
-from epd.operator.autoscale.promql import MetricsUnavailable, Prometheus, Queries
 from epd.operator.autoscale.prom import Reading
+from epd.operator.autoscale.promql import MetricsUnavailable, Prometheus, Queries
 from epd.operator.autoscale.window import StageState, observe, quantile
 from epd.operator.spec import EPDDeploymentSpec
 from epd.workers import metrics
+from prometheus_client import generate_latest
 
 
 def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile():

@@ -8,10 +8,9 @@ import json
 import re
 from pathlib import Path
 
-from prometheus_client import REGISTRY
-
 import epd.workers.metrics  # noqa: F401  (registers the router's and workers' metrics)
 from epd.operator.metrics import REGISTRY as OPERATOR_REGISTRY
+from prometheus_client import REGISTRY
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "epd-serve" / "dashboards" / "epd-serve.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

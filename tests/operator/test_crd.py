@@ -8,11 +8,18 @@ import re
 from pathlib import Path
 
 import yaml
-
 from epd.operator import crd, stage_crd
 from epd.operator.schema import QUANTITY_PATTERN
-from epd.operator.spec import (GRACE_SECONDS, AutoscalingSpec, CacheSpec, EPDDeploymentSpec, ModelSpec, RouterSpec,
-                               SLOSpec, StageSpec)
+from epd.operator.spec import (
+    GRACE_SECONDS,
+    AutoscalingSpec,
+    CacheSpec,
+    EPDDeploymentSpec,
+    ModelSpec,
+    RouterSpec,
+    SLOSpec,
+    StageSpec,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,6 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-
 from epd.operator import network, tls
 from epd.operator.naming import Owner
 
@@ -72,7 +71,7 @@ def test_issued_certificate_chains_to_its_own_ca_and_names_every_worker(tmp_path
     assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
     assert format(leaf.serial_number, "x") == issued.serial
-    assert leaf.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=365)
+    assert leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=365)
     # a TLS stack accepts the pair and the CA as they are mounted
     for name in ("tls.crt", "tls.key", "ca.crt"):
         (tmp_path / name).write_text(data[name])
