@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from epd.workers.engine import DecodeEngine, EngineRuntime, KVCacheConfig, PrefillEngine, build_runtime
 from epd.workers.messages import ChatMessage, ImagePart, KVHandoff, PrefillJob, SamplingParams, TextPart
 from epd.workers.models import EncodeInput
-from epd.workers.transport.block_copy import block_runs, copy_layer
+from epd.workers.transport.block_copy import BlockCopyPlan, copy_layer
 
 from .conftest import Stages
 from .reference import image_size
@@ -44,7 +44,8 @@ class CopySink:
     layers: list[int] = field(default_factory=list)
 
     def write_layer(self, layer: int, block_table: list[int]) -> None:
-        copy_layer(self.source.pool.kv, self.target.pool.kv, layer, block_runs(block_table, self.blocks))
+        plan = BlockCopyPlan.between(block_table, self.blocks, self.source.pool.device)
+        copy_layer(self.source.pool.kv, self.target.pool.kv, layer, plan)
         self.layers.append(layer)
 
 

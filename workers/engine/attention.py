@@ -45,7 +45,7 @@ class SdpaAttention:
     def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                batch: PackedBatch) -> torch.Tensor:
         out = torch.empty_like(query)
-        for seq, table in zip(batch.sequences, batch.block_tables):
+        for index, seq in enumerate(batch.sequences):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             q = query[rows].transpose(0, 1).unsqueeze(0)
             if seq.cached_len == 0:
@@ -53,7 +53,7 @@ class SdpaAttention:
                 mask = None
                 causal = seq.query_len > 1
             else:
-                k, v = self.pool.read(layer, table, seq.context_len)
+                k, v = self.pool.read(layer, batch.block_table(index), seq.context_len)
                 mask = _offset_causal_mask(seq.query_len, seq.context_len, query.device) if seq.query_len > 1 else None
                 causal = False
             o = F.scaled_dot_product_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),

@@ -34,10 +34,12 @@ class PackedBatch:
     positions: list[torch.Tensor] = field(default_factory=list)  # per sequence, [n] or [3, n]
     logits_rows: list[int] = field(default_factory=list)  # packed rows whose next-token logits are needed
     slots: torch.Tensor | None = None  # pool slot of every packed token
-    block_tables: list[torch.Tensor] = field(default_factory=list)
     # decode batches (one new token per sequence), for paged kernels: [B, max_blocks] tables, [B] lengths
     padded_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    logits_index: torch.Tensor | None = None  # rows whose logits are needed; None: every row (decode)
+    position_ids: torch.Tensor | None = None  # given directly (decode, CUDA graphs), else from `positions`
+    device: torch.device | None = None  # where `finish` put the tensors
 
     @property
     def num_tokens(self) -> int:
@@ -51,17 +53,26 @@ class PackedBatch:
             self.logits_rows.append(start + new - 1)
 
     def finish(self, device: torch.device) -> "PackedBatch":
-        """Compute the slot mapping and block-table tensors on `device`."""
-        self.slots = torch.cat([slot_mapping(s.block_table, s.cached_len, s.context_len, self.block_size)
-                                for s in self.sequences]).to(device)
-        self.block_tables = [torch.tensor(s.block_table, dtype=torch.long, device=device) for s in self.sequences]
-        if self.is_decode:
+        """Compute the slot mapping (and, for a decode batch, the padded tables) on `device`."""
+        self.device = device
+        if self.is_decode:  # one token per sequence: plain integers, one tensor each (the per-step hot path)
+            size = self.block_size
+            self.slots = torch.tensor([s.block_table[s.cached_len // size] * size + s.cached_len % size
+                                       for s in self.sequences], dtype=torch.long).to(device)
             width = max(len(s.block_table) for s in self.sequences)
             self.padded_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
-                                               for s in self.sequences], dtype=torch.long, device=device)
-            self.context_lens = torch.tensor([s.context_len for s in self.sequences], dtype=torch.long,
-                                             device=device)
+                                               for s in self.sequences], dtype=torch.long).to(device)
+            self.context_lens = torch.tensor([s.context_len for s in self.sequences], dtype=torch.long).to(device)
+        else:
+            self.slots = torch.cat([slot_mapping(s.block_table, s.cached_len, s.context_len, self.block_size)
+                                    for s in self.sequences]).to(device)
+        if len(self.logits_rows) != self.num_tokens:
+            self.logits_index = torch.tensor(self.logits_rows, dtype=torch.long).to(device)
         return self
+
+    def block_table(self, index: int) -> torch.Tensor:
+        """Sequence `index`'s block table as a tensor on the batch's device."""
+        return torch.tensor(self.sequences[index].block_table, dtype=torch.long).to(self.device)
 
     @property
     def is_decode(self) -> bool:
@@ -69,4 +80,4 @@ class PackedBatch:
 
     def packed_positions(self) -> torch.Tensor:
         """`[T]` (1-D RoPE) or `[3, T]` (M-RoPE) position ids of every packed token."""
-        return torch.cat(self.positions, dim=-1)
+        return self.position_ids if self.position_ids is not None else torch.cat(self.positions, dim=-1)

@@ -13,7 +13,6 @@ sequence whose prompt plus `max_tokens` could never fit is refused at once."""
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,8 +20,9 @@ import torch
 
 from ..messages import FinishReason, KVHandoff, SamplingParams, TokenEvent
 from ..models import ModelAdapter
-from .batch import PackedBatch
+from .batch import PackedBatch, SequenceSlice
 from .block_allocator import BlockAllocator
+from .cuda_graphs import BUCKETS, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .forward import PackedDecoder
 from .kv_pool import KVPool
@@ -86,7 +86,7 @@ class DecodeEngine:
         self.arrivals = 0
         self.blocks_held = 0
         self.stats = DecodeStats()
-        self._lock = threading.Lock()  # the metrics thread reads the counters below
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def block_size(self) -> int:
@@ -115,6 +115,11 @@ class DecodeEngine:
 
     def _can_take(self, blocks: int) -> bool:
         return blocks <= self.allocator.free and self.blocks_held + blocks <= self.max_blocks
+
+    def capture_cuda_graphs(self, buckets: tuple[int, ...] = BUCKETS) -> None:
+        """Replay decode steps from CUDA graphs (GPU only; captured once, for every batch size bucket)."""
+        self.graphs = DecodeGraphs(self.decoder, self.allocator, self.max_batch, self.adapter.max_context, buckets)
+        self.graphs.capture()
 
     # ---- membership --------------------------------------------------------
     def validated(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> KVHandoff:
@@ -224,11 +229,17 @@ class DecodeEngine:
         if not self.running:
             return []
         batch = PackedBatch(self.block_size)
-        for seq in self.running:
-            batch.add(seq.block_table, seq.length, 1, self.language.text_positions(seq.length, 1, seq.rope_delta),
-                      wants_logits=True)
-        tokens = torch.tensor([seq.last_token for seq in self.running], device=self.language.device)
-        logits = self.decoder.forward(self.language.embed(tokens), batch.finish(self.language.device))
+        batch.sequences = [SequenceSlice(row, 1, seq.length + 1, seq.block_table) for row, seq in enumerate(self.running)]
+        batch.logits_rows = list(range(len(self.running)))
+        batch.position_ids = self.language.text_positions_of([seq.length + seq.rope_delta for seq in self.running])
+        tokens = [seq.last_token for seq in self.running]
+        batch.finish(self.language.device)
+        if self.graphs is not None and self.graphs.fits(len(tokens)):
+            logits = self.graphs.run(tokens, batch.packed_positions(), batch)
+        else:
+            embeds = self.language.embed(torch.tensor(tokens, device=self.language.device))
+            logits = self.decoder.forward(embeds, batch)
+        greedy = logits.argmax(-1).tolist() if all(seq.sampling.greedy for seq in self.running) else None
         self.stats.steps += 1
         self.stats.tokens += len(self.running)
         self.stats.peak_batch = max(self.stats.peak_batch, len(self.running))
@@ -236,7 +247,8 @@ class DecodeEngine:
         events = []
         for row, seq in enumerate(list(self.running)):
             seq.length += 1
-            event = self._advance(seq, sample(logits[row], seq.sampling, seq.generator))
+            token = greedy[row] if greedy is not None else sample(logits[row], seq.sampling, seq.generator)
+            event = self._advance(seq, token)
             events.append(event)
             if event.finish_reason is not None:
                 self.running.remove(seq)

@@ -53,7 +53,8 @@ class PackedDecoder:
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, batch: PackedBatch,
                 on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Float32 next-token logits of `batch.logits_rows`, from `[T, hidden]` input embeddings.
+        """Float32 next-token logits of `batch.logits_rows` (every row when `logits_index` is None), from
+        `[T, hidden]` input embeddings.
         `on_layer(i)` runs once layer i's keys and values are in the pool (layer-wise KV transfer)."""
         hidden = embeds.unsqueeze(0)
         cos, sin = self.rotary(hidden, self.language.rotary_position_ids(batch.packed_positions().to(self.device)))
@@ -75,5 +76,6 @@ class PackedDecoder:
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = self.norm(hidden)[0]
-        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=hidden.device)
-        return self.language.lm_head(hidden.index_select(0, rows)).float()
+        if batch.logits_index is not None:
+            hidden = hidden.index_select(0, batch.logits_index)
+        return self.language.lm_head(hidden).float()

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "block_size", "prefix_cache_bytes"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults["attention_backend"])
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run decode steps without CUDA graphs (they are captured at start otherwise)")
     parser.add_argument("--kv-paths", default=defaults["kv_paths"],
                         help="KV transfer paths this worker may use, best first among those both ends allow "
                              "(grpc is always kept as the fallback)")

@@ -245,6 +245,11 @@ class LanguagePartBase(ABC):
         positions = torch.arange(start + rope_delta, start + rope_delta + count)
         return positions if self.position_rank == 1 else positions.expand(self.position_rank, count)
 
+    def text_positions_of(self, positions: list[int]) -> torch.Tensor:
+        """Position ids of one text token per sequence at these (rope-delta applied) positions."""
+        ids = torch.tensor(positions, dtype=torch.long)
+        return ids if self.position_rank == 1 else ids.expand(self.position_rank, len(positions))
+
     def rotary_position_ids(self, packed: torch.Tensor) -> torch.Tensor:
         """The rotary module's position ids for a packed batch: `[1, T]` or `[3, 1, T]`."""
         return packed.view(1, -1) if self.position_rank == 1 else packed.view(self.position_rank, 1, -1)

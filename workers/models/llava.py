@@ -72,7 +72,11 @@ class LlavaVision(VisionPartBase):
 
     @torch.no_grad()
     def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
-        pixels = torch.stack([self.adapter.pixel_values(item) for item in items])
+        return list(self.features(torch.stack([self.adapter.pixel_values(item) for item in items])).unbind(0))
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[items, tokens, hidden]` projected features of preprocessed `[items, 3, H, W]` pixels."""
         tower = self.parts["model.vision_tower"]
         pixels = pixels.to(device=next(tower.parameters()).device, dtype=self.dtype)
         hidden = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
@@ -86,8 +90,7 @@ class LlavaVision(VisionPartBase):
             if self.adapter.config.vision_feature_select_strategy == "default":
                 pool = [h[:, 1:] for h in pool]
             selected = torch.cat(pool, dim=-1)
-        features = self.parts["model.multi_modal_projector"](selected)
-        return list(features.unbind(0))
+        return self.parts["model.multi_modal_projector"](selected)
 
 
 class LlavaLanguage(LanguagePartBase):

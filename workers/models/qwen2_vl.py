@@ -83,9 +83,14 @@ class Qwen2VLVision(VisionPartBase):
     def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
         images = [decode_image(item.image_bytes) for item in items]
         batch = self.adapter.image_processor(images=images, return_tensors="pt")
+        return self.features(batch["pixel_values"], batch["image_grid_thw"])
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        """Merged features of each image from the processor's flattened patches and `[images, 3]` grids."""
         visual = self.parts["model.visual"]
-        pixels = batch["pixel_values"].to(device=next(visual.parameters()).device, dtype=self.dtype)
-        grid = batch["image_grid_thw"].to(pixels.device)
+        pixels = pixels.to(device=next(visual.parameters()).device, dtype=self.dtype)
+        grid = grid.to(pixels.device)
         merged = visual(pixels, grid_thw=grid, return_dict=True).pooler_output
         sizes = (grid.prod(-1) // self.adapter.image_processor.merge_size ** 2).tolist()
         return list(torch.split(merged, sizes))

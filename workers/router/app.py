@@ -22,7 +22,7 @@ from ..registry import STAGES, WorkerDirectory
 from ..security.api_keys import APIKeys
 from ..security.tls import TLSFiles
 from ..security.url_guard import URLPolicy
-from ..transport import ChannelPool
+from ..transport.grpc_transport import ChannelPool
 from .errors import APIError, bad_request, from_http_exception
 from .image_cost import ImageCostCheck, ImageLimits
 from .images import FetchedImage, ImageFetcher, image_session

@@ -20,7 +20,7 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 from .. import metrics
 from ..cache import MetadataStore
 from ..registry import WorkerDirectory
-from ..transport import ChannelPool
+from ..transport.grpc_transport import ChannelPool
 from ..wire import sampling_to_proto
 from .errors import APIError
 from .prepare import PreparedRequest

@@ -15,7 +15,7 @@ from .. import metrics
 from ..cache import MetadataStore
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
-from ..transport import ChannelPool, GrpcEmbeddingTransport
+from ..transport.grpc_transport import ChannelPool, GrpcEmbeddingTransport
 from .supervision import WorkerHealth
 
 R = TypeVar("R")

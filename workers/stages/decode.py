@@ -18,7 +18,8 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 from .. import metrics
 from ..engine import DecodeEngine
 from ..messages import KVHandoff, TokenEvent
-from ..transport import LOCAL_DECODERS, KVReceiver, Reservation, ReservationTimeout, ReserveSpec
+from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec
+from ..transport.kv_sender import LOCAL_DECODERS
 from ..transport.kv_paths import PATHS
 from ..transport.raw_frames import write_handler
 from ..wire import handoff_from_commit, layout_from_proto

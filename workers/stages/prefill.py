@@ -19,7 +19,7 @@ from .. import metrics
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
 from ..wire import sampling_from_proto, tensor_from_proto
-from ..transport import KVHandoffSink, KVSender
+from ..transport.kv_sender import KVHandoffSink, KVSender
 from ..transport.kv_paths import PATHS
 from .context import WorkerContext
 from .embeddings import EmbeddingSource, ItemSources

@@ -26,7 +26,7 @@ from ..models import load_adapter
 from ..redis_connection import connect
 from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
 from ..security.tls import TLSFiles, bind, plaintext_health_server
-from ..transport import ChannelPool
+from ..transport.grpc_transport import ChannelPool
 from ..transport.cuda_ipc import export_handle
 from ..transport.grpc_transport import CHANNEL_OPTIONS
 from ..transport.kv_paths import PATHS, parse_paths
@@ -65,6 +65,7 @@ class WorkerConfig:
     prefix_cache_bytes: int = 1 << 30  # free KV blocks kept as prefill's prefix cache (0 turns it off)
     attention_backend: str = "auto"
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
+    enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
     health_port: int = 0  # > 0: also serve gRPC health alone, without TLS, here (for kubelet probes)
@@ -194,6 +195,8 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         if "decode" in config.stages:
             engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, config.decode_max_batch,
                                   config.decode_max_kv_tokens)
+            if runtime.pool.device.type == "cuda" and not config.enforce_eager:
+                engine.capture_cuda_graphs()
             ipc = export_handle(runtime.pool.kv) if config.role == "decode" and runtime.pool.device.type == "cuda" \
                 and "cuda_ipc" in paths else b""
             servicers.append(DecodeServicer(ctx, engine, shared_fd=shared.fd if shared else None,

@@ -1,10 +1,18 @@
 """Copying KV blocks between two pools that one process can address (the same
 pool, one mapped from shared memory, or one opened from a CUDA IPC handle).
-Runs of consecutive block ids on both sides become one slice copy each."""
+
+A `BlockCopyPlan` is made once per handoff: runs of consecutive block ids on
+both sides become one contiguous copy per keys and values plane; with many
+runs (a fragmented pool) one gather-scatter per layer does it instead, a
+Triton kernel on CUDA."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+MAX_SLICE_COPIES = 8  # beyond this many runs, one gather + scatter per layer beats a copy per run
 
 
 def block_runs(source: list[int], target: list[int]) -> list[tuple[int, int, int]]:
@@ -21,11 +29,35 @@ def block_runs(source: list[int], target: list[int]) -> list[tuple[int, int, int
     return runs
 
 
-def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, runs: list[tuple[int, int, int]]) -> int:
-    """Copy one layer's keys and values (`[layers, 2, blocks, ...]` pools) along `runs`; returns bytes."""
-    copied = 0
-    for src, dst, length in runs:
-        part = source[layer, :, src:src + length]
-        target[layer, :, dst:dst + length].copy_(part, non_blocking=True)
-        copied += part.numel() * part.element_size()
-    return copied
+@dataclass(frozen=True)
+class BlockCopyPlan:
+    runs: list[tuple[int, int, int]]
+    source_index: torch.Tensor | None = None  # set when the runs are too many for slice copies
+    target_index: torch.Tensor | None = None
+
+    @classmethod
+    def between(cls, source: list[int], target: list[int], device: torch.device) -> "BlockCopyPlan":
+        runs = block_runs(source, target)
+        if len(runs) <= MAX_SLICE_COPIES:
+            return cls(runs)
+        return cls(runs, torch.tensor(source, dtype=torch.long, device=device),
+                   torch.tensor(target, dtype=torch.long, device=device))
+
+
+def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, plan: BlockCopyPlan) -> int:
+    """Copy one layer's keys and values (`[layers, 2, blocks, ...]` pools) along `plan`; returns bytes."""
+    if plan.source_index is None:
+        copied = 0
+        for plane in range(2):  # keys, values: each run is one contiguous piece of a plane
+            for src, dst, length in plan.runs:
+                part = source[layer, plane, src:src + length]
+                target[layer, plane, dst:dst + length].copy_(part, non_blocking=True)
+                copied += part.numel() * part.element_size()
+        return copied
+    if source.is_cuda and target.device == source.device:
+        from .cuda_block_copy import copy_blocks  # Triton: only where there is a GPU
+
+        return copy_blocks(source, target, layer, plan.source_index, plan.target_index)
+    part = source[layer].index_select(1, plan.source_index)
+    target[layer].index_copy_(1, plan.target_index.to(target.device), part.to(target.device))
+    return part.numel() * part.element_size()

@@ -31,7 +31,7 @@ from .. import metrics
 from ..engine.kv_pool import KVLayout, KVPool
 from ..messages import KVHandoff
 from ..wire import layout_to_proto, sampling_to_proto
-from .block_copy import block_runs, copy_layer
+from .block_copy import BlockCopyPlan, copy_layer
 from .cuda_ipc import open_handle
 from .kv_paths import PATHS, host_id, sender_paths
 from .kv_receiver import Reservation, ReserveSpec
@@ -198,18 +198,19 @@ class KVSender:
 
     def _direct_writer(self, sink: KVHandoffSink, mapped: _Mapped) -> Callable[[int, list[int]], None]:
         layers = self.layout.num_layers
-        runs: list[tuple[int, int, int]] = []
+        plans: list[BlockCopyPlan] = []  # made at the first layer, when the prompt's blocks are known
         loop = asyncio.get_running_loop()
 
         def write(layer: int, table: list[int]) -> None:
-            if not runs:
-                runs.extend(block_runs(table[:len(sink.reservation.blocks)], sink.reservation.blocks))
+            if not plans:
+                plans.append(BlockCopyPlan.between(table[:len(sink.reservation.blocks)], sink.reservation.blocks,
+                                                   self.pool.device))
             if self._copy_stream is not None:  # after this layer's kernels, beside the next layer's
                 self._copy_stream.wait_stream(torch.cuda.current_stream(self.pool.device))
                 with torch.cuda.stream(self._copy_stream):
-                    sink.bytes += copy_layer(self.pool.kv, mapped.kv, layer, runs)
+                    sink.bytes += copy_layer(self.pool.kv, mapped.kv, layer, plans[0])
             else:
-                sink.bytes += copy_layer(self.pool.kv, mapped.kv, layer, runs)
+                sink.bytes += copy_layer(self.pool.kv, mapped.kv, layer, plans[0])
             if layer == layers - 1:
                 done = self._copy_stream.synchronize if self._copy_stream is not None else None
                 loop.call_soon_threadsafe(self._settle, sink, done)
