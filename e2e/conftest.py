@@ -62,3 +62,13 @@ def operator(k8s_cluster: ControlPlane, gpu_pools, tmp_path_factory) -> Iterator
     op.start()
     yield op
     op.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the operator shows the operator's last log lines."""
+    outcome = yield
+    report = outcome.get_result()
+    op = getattr(item, "funcargs", {}).get("operator")
+    if report.when == "call" and report.failed and isinstance(op, Operator):
+        report.sections.append(("operator log (last 200 lines)", "".join(op.log[-200:])))
