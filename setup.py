@@ -1,15 +1,15 @@
 """Build glue: maps the architecture folders to `epd.*` import names and
 compiles the protos during the build (generated code is never committed)."""
 
+import sys
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
-# Top-level folders are the architecture (DESIGN §1); they import as epd.<name>
-# so that e.g. `import operator` is still the standard library's module.
-FOLDERS = {"epd": "epd", "epd.workers": "workers", "epd.operator": "operator", "epd.bench": "bench"}
+sys.path.insert(0, str(ROOT))
+from epd.layout import FOLDERS  # the folder -> import-name table, kept once
 
 
 def discover_packages() -> tuple[list[str], dict[str, str]]:
@@ -26,9 +26,6 @@ class BuildWithProtos(build_py):
     """Generates epd/v1/*_pb2*.py from protos/ before copying the sources."""
 
     def run(self) -> None:
-        import sys
-
-        sys.path.insert(0, str(ROOT))
         from epd.protogen import generate
 
         generate(force=True)
