@@ -14,21 +14,13 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, i
 
 from ..messages import ImageSize
 from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase, decode_image
+from .layouts import reading_renames
 from .loading import ModuleFactory
-
-_LEGACY_RENAMES = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-    "image_newline": "model.image_newline",
-}
-
 
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_class = LlavaForConditionalGeneration
-    checkpoint_renames = _LEGACY_RENAMES
+    checkpoint_renames = reading_renames("llava")
 
     @property
     def image_token_id(self) -> int:

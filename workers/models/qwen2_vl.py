@@ -17,20 +17,13 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from ..messages import ImageSize
 from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase, decode_image
+from .layouts import reading_renames
 from .loading import ModuleFactory
-
-_LEGACY_RENAMES = {
-    "model.layers.": "model.language_model.layers.",
-    "model.embed_tokens.": "model.language_model.embed_tokens.",
-    "model.norm.": "model.language_model.norm.",
-    "visual.": "model.visual.",
-}
-
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
-    checkpoint_renames = _LEGACY_RENAMES
+    checkpoint_renames = reading_renames("qwen2_vl")
     vision_class: type[nn.Module] = qwen2.Qwen2VisionTransformerPretrainedModel
     text_class: type[nn.Module] = qwen2.Qwen2VLTextModel
     model_module = qwen2.Qwen2VLModel
