@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import urllib.request
 from pathlib import Path
 
-from .report import SLO, table
+from epd.image_size import image_size_argument
+from epd.slo import SLO
+
+from .report import table
 from .runner import run_workload
-from .workload import WorkloadSpec, parse_size
+from .workload import WorkloadSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds of arrivals (overrides --requests)")
     parser.add_argument("--concurrency", type=int, default=64, help="cap on requests in flight")
     parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--image-size", default="336x336", help="WIDTHxHEIGHT")
+    parser.add_argument("--image-size", type=image_size_argument, default="336x336", help="WIDTHxHEIGHT")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="words of text per prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeat-images", action="store_true", help="send the same images every time (cache hits)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slo-ttft", type=float, default=None, help="TTFT target in seconds")
-    parser.add_argument("--slo-tpot", type=float, default=None, help="TPOT target in seconds")
+    parser.add_argument("--slo-ttft", type=float, default=math.inf, help="TTFT target in seconds (default: none)")
+    parser.add_argument("--slo-tpot", type=float, default=math.inf, help="TPOT target in seconds (default: none)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", required=True, help="write the JSON summary here")
     parser.add_argument("--no-progress", action="store_true")
@@ -43,16 +47,15 @@ def run(args: argparse.Namespace) -> int:
         model = args.model or _first_model(args.base_url, args.api_key)
         spec = WorkloadSpec(model=model, requests=args.requests, duration=args.duration, rate=args.rate,
                             fixed_rate=args.fixed_rate, images_per_request=args.images_per_request,
-                            image_size=parse_size(args.image_size), prompt_tokens=args.prompt_tokens,
+                            image_size=args.image_size, prompt_tokens=args.prompt_tokens,
                             max_tokens=args.max_tokens, repeat_images=args.repeat_images, seed=args.seed)
         if args.concurrency <= 0:
             raise ValueError("--concurrency must be > 0")
-        if any(v is not None and v <= 0 for v in (args.slo_ttft, args.slo_tpot)):
-            raise ValueError("SLO targets must be > 0")
+        slo = SLO(args.slo_ttft, args.slo_tpot)
     except (ValueError, OSError) as exc:
         print(f"epd bench: {exc}", file=sys.stderr)
         return 2
-    summary = asyncio.run(run_workload(args.base_url.rstrip("/"), spec, SLO(args.slo_ttft, args.slo_tpot),
+    summary = asyncio.run(run_workload(args.base_url.rstrip("/"), spec, slo,
                                        args.concurrency, args.timeout, progress=not args.no_progress,
                                        api_key=args.api_key))
     print(table(summary))

@@ -18,8 +18,11 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from epd.image_size import image_size_argument
+from epd.slo import SLO
+
 from ..workers.launcher.processes import epd_command, free_port
-from .report import SLO, table
+from .report import table
 from .runner import run_workload
 from .workload import WorkloadSpec
 
@@ -72,13 +75,12 @@ def main() -> int:
     parser.add_argument("--model", default="small-llava")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--rate", type=float, default=2.0)
-    parser.add_argument("--image-size", default="336x336")
+    parser.add_argument("--image-size", type=image_size_argument, default="336x336")
     parser.add_argument("--out", default="bench/results/compare.json")
     args = parser.parse_args()
-    width, height = (int(v) for v in args.image_size.split("x"))
     base = WorkloadSpec(model=args.model, requests=args.requests, rate=args.rate, fixed_rate=True,
-                        images_per_request=4, image_size=(width, height), prompt_tokens=32, max_tokens=16)
-    results: dict = {"model": args.model, "workload": {**base.__dict__, "image_size": [width, height]}}
+                        images_per_request=4, image_size=args.image_size, prompt_tokens=32, max_tokens=16)
+    results: dict = {"model": args.model, "workload": {**base.__dict__, "image_size": [args.image_size.width, args.image_size.height]}}
 
     miss, hit = cache_runs(args.model, base)
     # the same with the prefill prefix KV cache off: what the embedding cache alone saves

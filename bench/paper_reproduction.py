@@ -16,27 +16,30 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from epd.image_size import ImageSize
+from epd.slo import SLO
+
 from ..operator.sizing.architectures import get_architecture
 from ..operator.sizing.explain import bound
 from ..operator.sizing.hardware import get_hardware
 from ..operator.sizing.limits import memory_limits
 from ..operator.sizing.perfmodel import PerformanceModel, roofline
 from ..operator.sizing.planner import Planner, stage_splits
-from ..operator.sizing.results import SLO, goodput, simulate
+from ..operator.sizing.results import goodput, simulate
 from ..operator.sizing.simulator import ServingConfig
-from ..operator.sizing.workload import ImageShape, WorkloadMix, poisson
+from ..operator.sizing.workload import WorkloadMix, poisson
 
 MODELS = ("minicpm-v-2.6", "internvl2-8b")
 SLOS = {"minicpm-v-2.6": {2: (1.4, 0.04), 4: (2.6, 0.04), 6: (3.9, 0.06), 8: (5.1, 0.06)},
         "internvl2-8b": {2: (1.2, 0.05), 4: (2.4, 0.06), 6: (3.55, 0.09), 8: (5.0, 0.18)}}
-PHOTO = ImageShape(4032, 3024)
+PHOTO = ImageSize(4032, 3024)
 TEXT_TOKENS, OUTPUT_TOKENS = 22, 10
 # The paper's TTFT without intra-request parallelism (MiniCPM-V 2.6, 2/4/6/8 photos): what its encoder costs
 PAPER_NO_IRP_TTFT = {2: 1.46, 4: 2.47, 6: 3.37, 8: 4.27}
 
 
 def mix(images: int) -> WorkloadMix:
-    return WorkloadMix(images_per_request=images, image_size=(PHOTO.width, PHOTO.height), text_tokens=TEXT_TOKENS,
+    return WorkloadMix(images_per_request=images, image_size=PHOTO, text_tokens=TEXT_TOKENS,
                        output_tokens=OUTPUT_TOKENS)
 
 

@@ -2,48 +2,28 @@
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
+from epd.percentiles import distribution
+from epd.slo import SLO
 
 from .client import RequestResult
 
 
-@dataclass(frozen=True)
-class SLO:
-    ttft: float | None = None
-    tpot: float | None = None
-
-    def met(self, result: RequestResult) -> bool:
-        return result.ok and (self.ttft is None or result.ttft <= self.ttft) and \
-            (self.tpot is None or result.tpot <= self.tpot)
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(ordered)}
-
-
 def summarize(results: list[RequestResult], wall: float, slo: SLO) -> dict:
+    """Latency distributions (epd.percentiles), throughput and goodput: completed requests within `slo`."""
     ok = [r for r in results if r.ok]
     output = sum(r.output_tokens for r in ok)
-    good = [r for r in ok if slo.met(r)]
+    good = [r for r in ok if slo.met(r.ttft, r.tpot)]
     return {
         "requests": len(results), "completed": len(ok), "errors": len(results) - len(ok),
         "error_samples": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": wall,
-        "ttft_s": percentiles([r.ttft for r in ok]),
-        "tpot_s": percentiles([r.tpot for r in ok if r.output_tokens > 1]),
-        "itl_s": percentiles([gap for r in ok for gap in r.token_gaps]),
-        "e2e_s": percentiles([r.e2e for r in ok]),
+        "ttft_s": distribution([r.ttft for r in ok]),
+        "tpot_s": distribution([r.tpot for r in ok if r.output_tokens > 1]),
+        "itl_s": distribution([gap for r in ok for gap in r.token_gaps]),
+        "e2e_s": distribution([r.e2e for r in ok]),
         "throughput_rps": len(ok) / wall if wall else 0.0,
         "output_tokens_per_s": output / wall if wall else 0.0,
-        "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot},
+        "slo": slo.to_json(),
         "slo_attainment": len(good) / len(results) if results else 0.0,
         "goodput_rps": len(good) / wall if wall else 0.0,
     }

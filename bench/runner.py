@@ -8,8 +8,10 @@ import time
 import aiohttp
 from tqdm import tqdm
 
+from epd.slo import SLO
+
 from .client import RequestResult, stream_chat
-from .report import SLO, summarize
+from .report import summarize
 from .workload import RequestFactory, WorkloadSpec, arrival_times
 
 
@@ -37,9 +39,9 @@ async def run_workload(base_url: str, spec: WorkloadSpec, slo: SLO, concurrency:
             results.append(result)
             bar.update(1)
 
-        await asyncio.gather(*(one(offset, body) for offset, body in zip(schedule, bodies)))
+        await asyncio.gather(*(one(offset, body) for offset, body in zip(schedule, bodies, strict=True)))
         wall = time.perf_counter() - start
     bar.close()
     summary = summarize(results, wall, slo)
-    summary["workload"] = {**spec.__dict__, "image_size": list(spec.image_size), "concurrency": concurrency}
+    summary["workload"] = {**spec.__dict__, "image_size": [spec.image_size.width, spec.image_size.height], "concurrency": concurrency}
     return summary

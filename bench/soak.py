@@ -27,11 +27,11 @@ from pathlib import Path
 import aiohttp
 import redis
 
+from epd.stages import STAGES
+
 from ..workers.launcher.processes import epd_command, free_port
 from ..workers.registry import KEY_PREFIX, WorkerInfo
 from .workload import png_data_url
-
-STAGES = ("encode", "prefill", "decode")
 
 
 @dataclass

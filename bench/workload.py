@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from epd.image_size import ImageSize
+
 WORDS = ("describe the image in detail and explain what each object is doing while you count the colors "
          "shapes people animals and signs that appear in every part of the picture").split()
 
@@ -21,7 +23,7 @@ class WorkloadSpec:
     rate: float = 0.0  # requests/s; 0 = all at once (closed loop bounded by concurrency)
     fixed_rate: bool = False  # evenly spaced arrivals instead of Poisson
     images_per_request: int = 1
-    image_size: tuple[int, int] = (336, 336)
+    image_size: ImageSize = ImageSize(336, 336)
     prompt_tokens: int = 32
     max_tokens: int = 32
     repeat_images: bool = False  # every request sends the same images (multimodal cache hits)
@@ -32,16 +34,8 @@ class WorkloadSpec:
             raise ValueError("give a positive request count or duration")
         if self.rate < 0 or self.images_per_request < 0 or self.prompt_tokens <= 0 or self.max_tokens <= 0:
             raise ValueError("rate, images per request, prompt and output tokens must be positive")
-        if min(self.image_size) <= 0:
+        if min(self.image_size.width, self.image_size.height) <= 0:
             raise ValueError(f"image size must be positive, got {self.image_size}")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError as exc:
-        raise ValueError(f"image size must look like WIDTHxHEIGHT, got {text!r}") from exc
-    return width, height
 
 
 def arrival_times(spec: WorkloadSpec, count: int) -> list[float]:
@@ -79,7 +73,7 @@ class RequestFactory:
         for k in range(spec.images_per_request):
             seed = k if spec.repeat_images else index * spec.images_per_request + k + 1_000 * spec.seed
             if seed not in self._images:
-                self._images[seed] = png_data_url(*spec.image_size, seed)
+                self._images[seed] = png_data_url(spec.image_size.width, spec.image_size.height, seed)
             content.append({"type": "image_url", "image_url": {"url": self._images[seed]}})
         content.append({"type": "text", "text": text})
         return {"model": spec.model, "messages": [{"role": "user", "content": content}],

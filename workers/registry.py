@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from epd.stages import STAGES
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "epd:worker:"
-STAGES = ("encode", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class WorkerDirectory:
     @staticmethod
     def _parse(keys: list, values: list) -> dict[str, list[WorkerInfo]]:
         found: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
-        for key, raw in zip(keys, values):
+        for key, raw in zip(keys, values, strict=True):
             if not raw:
                 continue
             try:

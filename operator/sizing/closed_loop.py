@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from epd.slo import SLO
+
 from .perfmodel import PerformanceModel
-from .results import SLO, report
+from .results import report
 from .scaling import STAGES, ObservedWindow, ScalingDecision, StageMetrics
 from .simulator import Observation, ServingConfig, Simulation
 from .workload import SimRequest, rescale

@@ -4,8 +4,9 @@ per-stage time and memory breakdown `epd plan --explain` prints."""
 
 from __future__ import annotations
 
+from epd.slo import SLO
+
 from .planner import Recommendation, ScoredPlan
-from .results import SLO
 
 COMPUTE_BOUND_BUSY = 0.8  # below this, queueing is not what stops the rate: the latency target is
 MODE_NAMES = {"epd": "EPD", "bundled": "bundled", "colocated": "colocated"}
@@ -53,12 +54,12 @@ def _latency(plan: ScoredPlan, slo: SLO) -> str:
     missed = summary["missed"]
     if missed["tpot"] > missed["ttft"]:
         where = "prefills pausing decode" if plan.config.mode == "colocated" else "decode"
-        return (f"{where} (latency: {missed['tpot']} of {summary['requests']} requests miss TPOT {slo.tpot * 1000:.0f} ms "
+        return (f"{where} (latency: {missed['tpot']} of {summary['requests']} requests miss TPOT {slo.tpot_seconds * 1000:.0f} ms "
                 f"{load}; p90 {tpot * 1000:.0f} ms)")
     ttft_phases = {k: v for k, v in phases.items() if k in ("encode", "wait_prefill", "prefill", "encode+prefill")}
     slowest = max(ttft_phases, key=ttft_phases.__getitem__) if ttft_phases else "prefill"
     return (f"{slowest.replace('_', ' for ')} (latency: {missed['ttft']} of {summary['requests']} requests miss TTFT "
-            f"{slo.ttft} s {load}; p90 {ttft:.2f} s; "
+            f"{slo.ttft_seconds} s {load}; p90 {ttft:.2f} s; "
             f"{slowest.replace('_', ' for ')} takes {ttft_phases.get(slowest, 0.0):.2f} s)")
 
 

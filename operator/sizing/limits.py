@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from epd.image_size import ImageSize
+
 from .perfmodel import PerformanceModel
 from .serving import ServingConfig, instance_memory
-from .workload import ImageShape
 
 SEARCH_CAP = 1 << 20
 
@@ -42,7 +43,7 @@ class MemoryLimits:
                 "images_per_request_context": self.images_per_request_by_context}
 
 
-def memory_limits(model: PerformanceModel, config: ServingConfig, image: ImageShape, text_tokens: int,
+def memory_limits(model: PerformanceModel, config: ServingConfig, image: ImageSize, text_tokens: int,
                   output_tokens: int) -> MemoryLimits:
     arch, memory = model.architecture, model.memory
     patch = arch.vision_patch_tokens(image.width, image.height)

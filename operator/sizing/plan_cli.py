@@ -9,6 +9,9 @@ import sys
 import yaml
 from tqdm import tqdm
 
+from epd.image_size import image_size_argument
+from epd.slo import SLO
+
 from .architectures import ARCHITECTURES, get_architecture
 from .explain import bound, breakdown, plan_name, statement
 from .hardware import HARDWARE, get_hardware
@@ -16,7 +19,6 @@ from .memory import ATTENTION_KINDS
 from .perfmodel import roofline
 from .planner import MINIMUM_GPUS, Planner, Recommendation, check_fits, deployment_manifest
 from .profile import load_profile
-from .results import SLO
 from .simulator import MODES
 from .workload import WorkloadMix, load_trace, poisson
 
@@ -27,11 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="GPU budget")
     parser.add_argument("--slo-ttft", type=float, required=True, help="TTFT target (s)")
     parser.add_argument("--slo-tpot", type=float, required=True, help="TPOT target (s)")
+    parser.add_argument("--slo-percentile", type=int, default=SLO.percentile,
+                        help="the share of requests (%%) that must meet the targets")
     parser.add_argument("--trace", default="", help="JSON-lines trace to replay instead of a Poisson workload")
     parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate of the base workload")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--images-per-request", type=int, default=4)
-    parser.add_argument("--image-size", default="1024x1024")
+    parser.add_argument("--image-size", type=image_size_argument, default="1024x1024")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per request")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--mode", choices=("any", *MODES), default="any",
@@ -50,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         arch, hw = get_architecture(args.model), get_hardware(args.hardware)
-        slo = SLO(args.slo_ttft, args.slo_tpot)
+        slo = SLO(args.slo_ttft, args.slo_tpot, args.slo_percentile)
         model = load_profile(args.profile, arch, hw) if args.profile else roofline(arch, hw, args.vision_attention)
         check_fits(model, args.gpus)
         if args.mode != "any" and args.gpus < MINIMUM_GPUS[args.mode]:
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = deployment_manifest(best, args.model, slo, args.name) if best.config.mode == "epd" else None
     plans = {mode: {**plan.as_dict(), "bound": bound(plan, slo)} for mode, plan in recommendation.by_mode.items()}
     result = {"model": arch.name, "hardware": hw.name, "gpus": best.config.gpus,
-              "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot}, "performance_model": model.source,
+              "slo": slo.to_json(), "performance_model": model.source,
               "evaluations": planner.evaluations, "recommended_mode": best.config.mode,
               "plan": plans[best.config.mode], "plans": plans, "statement": statement(recommendation),
               "epddeployment": manifest}
@@ -76,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{arch.name} on {best.config.gpus}x {hw.name}, SLO TTFT {slo.ttft}s / TPOT {slo.tpot}s "
-          f"(p90 attainment >= 90%), {model.source} model")
+    print(f"{arch.name} on {best.config.gpus}x {hw.name}, SLO TTFT {slo.ttft_seconds}s / TPOT {slo.tpot_seconds}s "
+          f"(attainment >= {slo.percentile}%), {model.source} model")
     print(f"{'plan':<22}{'goodput req/s':>15}{'attainment':>12}{'TTFT p90':>10}{'TPOT p90':>10}  bound by")
     for mode, plan in recommendation.by_mode.items():
         d = plans[mode]
@@ -92,11 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mix(args: argparse.Namespace) -> WorkloadMix:
-    try:
-        width, height = (int(v) for v in args.image_size.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--image-size must be WIDTHxHEIGHT, got {args.image_size!r}") from None
-    return WorkloadMix(args.images_per_request, (width, height), args.prompt_tokens, args.output_tokens)
+    return WorkloadMix(args.images_per_request, args.image_size, args.prompt_tokens, args.output_tokens)
 
 
 def _search(planner: Planner, args: argparse.Namespace) -> Recommendation:

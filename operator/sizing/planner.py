@@ -16,8 +16,10 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+from epd.slo import SLO
+
 from .perfmodel import PerformanceModel
-from .results import SLO, empty_summary, goodput
+from .results import empty_summary, goodput
 from .simulator import MODES, ServingConfig, instance_memory
 from .workload import SimRequest
 
@@ -216,5 +218,6 @@ def deployment_manifest(plan: ScoredPlan, model_name: str, slo: SLO, name: str =
                      "encode": stage(c.encode, c.encode_batch, "gpu-encode"),
                      "prefill": stage(c.prefill, c.prefill_budget, "gpu-prefill"),
                      "decode": stage(c.decode, c.decode_batch, "gpu-decode"),
-                     "slo": {"ttftSeconds": slo.ttft, "tpotSeconds": slo.tpot, "percentile": 90},
+                     "slo": {"ttftSeconds": slo.ttft_seconds, "tpotSeconds": slo.tpot_seconds,
+                             "percentile": slo.percentile},
                      "autoscaling": {"enabled": True}}}

@@ -1,10 +1,10 @@
 """Summaries of a simulated run: latency distributions, throughput, SLO
-attainment, goodput (the highest rate keeping >= 90% of requests in SLO)."""
+attainment, goodput (the highest rate keeping the SLO's percentile of requests in SLO)."""
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
+from epd.percentiles import distribution
+from epd.slo import SLO
 
 from .perfmodel import PerformanceModel
 from .simulator import ServingConfig, Simulation
@@ -12,29 +12,8 @@ from .stage_report import phases, pool_report, rejections, workload_limits
 from .workload import SimRequest, rescale
 
 
-@dataclass(frozen=True)
-class SLO:
-    ttft: float
-    tpot: float
-    attainment: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.ttft <= 0 or self.tpot <= 0:
-            raise ValueError(f"SLO targets must be > 0 (got TTFT {self.ttft}, TPOT {self.tpot})")
-
-    def met(self, request: SimRequest) -> bool:
-        return request.finish >= 0 and request.ttft <= self.ttft and request.tpot <= self.tpot
-
-
-def _dist(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    ordered = sorted(values)
-
-    def q(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p * (len(ordered) - 1) + 0.5))]
-
-    return {"mean": statistics.fmean(ordered), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+def _met(slo: SLO, request: SimRequest) -> bool:
+    return request.finish >= 0 and slo.met(request.ttft, request.tpot)
 
 
 def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
@@ -42,17 +21,19 @@ def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
     span = max(r.finish for r in done) - min(r.arrival for r in requests) if done else 0.0
     return {"requests": len(requests), "completed": len(done),
             "rejected": sum(1 for r in requests if r.rejected), "rejections": dict(list(rejections(requests).items())[:3]),
-            "ttft_s": _dist([r.ttft for r in done]), "tpot_s": _dist([r.tpot for r in done if r.output_tokens > 1]),
-            "e2e_s": _dist([r.e2e for r in done]),
+            "ttft_s": distribution([r.ttft for r in done]),
+            "tpot_s": distribution([r.tpot for r in done if r.output_tokens > 1]),
+            "e2e_s": distribution([r.e2e for r in done]),
             "throughput_rps": len(done) / span if span else 0.0,
-            "slo_attainment": sum(slo.met(r) for r in requests) / len(requests) if requests else 0.0,
-            "missed": {"ttft": sum(1 for r in done if r.ttft > slo.ttft), "tpot": sum(1 for r in done if r.tpot > slo.tpot)},
+            "slo_attainment": sum(_met(slo, r) for r in requests) / len(requests) if requests else 0.0,
+            "missed": {"ttft": sum(1 for r in done if r.ttft > slo.ttft_seconds),
+                       "tpot": sum(1 for r in done if r.tpot > slo.tpot_seconds)},
             "gpu_seconds": gpu_seconds}
 
 
 def empty_summary() -> dict:
     """The summary of a configuration that was not simulated (it does not fit its GPUs)."""
-    zero = _dist([])
+    zero = distribution([])
     return {"requests": 0, "completed": 0, "rejected": 0, "rejections": {}, "ttft_s": zero, "tpot_s": zero,
             "e2e_s": zero, "throughput_rps": 0.0, "slo_attainment": 0.0, "missed": {"ttft": 0, "tpot": 0},
             "gpu_seconds": 0.0, "stages": {},

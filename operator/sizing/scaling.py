@@ -10,10 +10,11 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from .perfmodel import PerformanceModel
-from .results import SLO
+from epd.slo import SLO
+from epd.stages import STAGES
 
-STAGES = ("encode", "prefill", "decode")
+from .perfmodel import PerformanceModel
+
 KV_TARGET = 0.9  # KV pool usage the predictive floor plans for: preemption starts at 100%
 
 
@@ -98,7 +99,7 @@ def predictive_floor(window: ObservedWindow, model: PerformanceModel, config: Po
         backlog = window.stages[stage].queue + max(0.0, rate - capacity) * config.startup_delay
         load[stage] = (rate + backlog / config.drain_seconds) * seconds
     encode, prefill = load["encode"], load["prefill"]
-    batch = max(1, min(config.decode_batch, math.ceil(window.arrival_rate * window.output_tokens * config.slo.tpot)))
+    batch = max(1, min(config.decode_batch, math.ceil(window.arrival_rate * window.output_tokens * config.slo.tpot_seconds)))
     context = window.prompt_tokens + window.output_tokens / 2
     step = costs.decode_time(batch, int(batch * context))
     decode = window.arrival_rate * window.output_tokens * step / batch
@@ -116,8 +117,8 @@ def recommend(window: ObservedWindow, model: PerformanceModel | None,
     """Pure: desired replicas per stage and why, before hygiene (no predictive floor without a model)."""
     floor = predictive_floor(window, model, config) if model else {stage: 0 for stage in STAGES}
     slo = config.slo
-    ttft_breach = window.ttft_p90 > slo.ttft * (1 + config.up_tolerance)
-    tpot_breach = window.tpot_p90 > slo.tpot * (1 + config.up_tolerance)
+    ttft_breach = window.ttft_p90 > slo.ttft_seconds * (1 + config.up_tolerance)
+    tpot_breach = window.tpot_p90 > slo.tpot_seconds * (1 + config.up_tolerance)
     out = {}
     for stage in STAGES:
         m = window.stages[stage]
@@ -130,12 +131,12 @@ def recommend(window: ObservedWindow, model: PerformanceModel | None,
         desired, reason = max(floor[stage], utilisation, 0), f"floor {floor[stage]}, utilisation {load:.0%}"
         backlog = m.queue > (config.decode_batch if stage == "decode" else m.replicas)
         if stage in ("encode", "prefill") and ttft_breach and (backlog or m.busy > config.target_busy):
-            desired = max(desired, m.replicas + max(1, math.ceil(m.replicas * (window.ttft_p90 / slo.ttft - 1))))
-            reason = f"TTFT p90 {window.ttft_p90:.2f}s > {slo.ttft}s with {stage} backlog {m.queue}"
+            desired = max(desired, m.replicas + max(1, math.ceil(m.replicas * (window.ttft_p90 / slo.ttft_seconds - 1))))
+            reason = f"TTFT p90 {window.ttft_p90:.2f}s > {slo.ttft_seconds}s with {stage} backlog {m.queue}"
         if stage == "decode" and (tpot_breach or m.kv_usage > 0.9 or (backlog and load > config.target_busy)):
-            pressure = max(window.tpot_p90 / slo.tpot, m.kv_usage / 0.8, m.occupancy / config.target_busy, 1.0)
+            pressure = max(window.tpot_p90 / slo.tpot_seconds, m.kv_usage / 0.8, m.occupancy / config.target_busy, 1.0)
             desired = max(desired, m.replicas + max(1, math.ceil(m.replicas * (pressure - 1))))
-            reason = (f"TPOT p90 {window.tpot_p90 * 1000:.0f}ms vs {slo.tpot * 1000:.0f}ms, KV {m.kv_usage:.0%}, "
+            reason = (f"TPOT p90 {window.tpot_p90 * 1000:.0f}ms vs {slo.tpot_seconds * 1000:.0f}ms, KV {m.kv_usage:.0%}, "
                       f"batch occupancy {m.occupancy:.0%}")
         out[stage] = (desired, reason)
     return out
@@ -210,8 +211,8 @@ class StageScaler:
         """Shrink a stage only while the latency it drives is comfortably inside the SLO."""
         window, slo, margin = self._window, self.config.slo, 1 - self.config.down_tolerance
         if stage == "decode":
-            return window.tpot_p90 <= slo.tpot * margin
-        return window.ttft_p90 <= slo.ttft * margin
+            return window.tpot_p90 <= slo.tpot_seconds * margin
+        return window.ttft_p90 <= slo.ttft_seconds * margin
 
     def _fit_budget(self, decisions: list[ScalingDecision], window: ObservedWindow) -> list[ScalingDecision]:
         """Under a GPU budget, growth is paid for by shrinking the least busy stage that can spare a replica."""

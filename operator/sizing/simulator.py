@@ -25,11 +25,13 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
+from epd.image_size import ImageSize
+
 from .batching import StageBatching
 from .memory import gb
 from .perfmodel import PerformanceModel
 from .serving import MODES, ROLES, ImageCost, Instance, Observation, ServingConfig, instance_memory
-from .workload import ImageShape, SimRequest, prompt_tokens
+from .workload import SimRequest, prompt_tokens
 
 __all__ = ["MODES", "ROLES", "Observation", "ServingConfig", "Simulation", "instance_memory"]
 
@@ -82,7 +84,7 @@ class Simulation(StageBatching):
         self.gpu_seconds += instances * (self.now - self._last_accounting)
         self._last_accounting = self.now
 
-    def image(self, shape: ImageShape) -> ImageCost:
+    def image(self, shape: ImageSize) -> ImageCost:
         key = (shape.width, shape.height)
         cost = self._images.get(key)
         if cost is None:

@@ -7,20 +7,16 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from epd.image_size import ImageSize
+
 from .architectures import Architecture
-
-
-@dataclass(frozen=True)
-class ImageShape:
-    width: int
-    height: int
 
 
 @dataclass
 class SimRequest:
     id: int
     arrival: float
-    images: list[ImageShape]
+    images: list[ImageSize]
     text_tokens: int
     output_tokens: int
     # filled by the simulator
@@ -53,7 +49,7 @@ class SimRequest:
 @dataclass(frozen=True)
 class WorkloadMix:
     images_per_request: int = 4
-    image_size: tuple[int, int] = (1024, 1024)
+    image_size: ImageSize = ImageSize(1024, 1024)
     text_tokens: int = 64
     output_tokens: int = 64
 
@@ -84,7 +80,7 @@ def bursty(base_rate: float, burst_rate: float, period: float, burst_fraction: f
 
 
 def _request(index: int, arrival: float, mix: WorkloadMix) -> SimRequest:
-    return SimRequest(index, arrival, [ImageShape(*mix.image_size)] * mix.images_per_request, mix.text_tokens,
+    return SimRequest(index, arrival, [mix.image_size] * mix.images_per_request, mix.text_tokens,
                       mix.output_tokens)
 
 
@@ -96,7 +92,7 @@ def load_trace(path: Path) -> list[SimRequest]:
             continue
         try:
             row = json.loads(line)
-            images = [ImageShape(int(w), int(h)) for w, h in row.get("images", [])]
+            images = [ImageSize(int(w), int(h)) for w, h in row.get("images", [])]
             request = SimRequest(len(requests), float(row["arrival"]), images, int(row["prompt_tokens"]),
                                  int(row["output_tokens"]))
         except (ValueError, KeyError, TypeError) as exc:

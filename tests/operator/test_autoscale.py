@@ -75,7 +75,7 @@ def test_the_policy_follows_the_spec():
     assert (config.min_replicas["decode"], config.max_replicas["decode"]) == (1, 5)
     assert (config.up_cooldown, config.down_cooldown, config.down_stabilization) == (45, 45, 45)
     assert config.gpu_budget == 6 and config.warmup == 0 and config.decode_batch == 64
-    assert (config.slo.ttft, config.slo.tpot) == (2.0, 0.1)
+    assert (config.slo.ttft_seconds, config.slo.tpot_seconds) == (2.0, 0.1)
 
 
 def test_the_prometheus_source_asks_for_the_same_quantities_in_promql():

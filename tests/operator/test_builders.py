@@ -6,9 +6,9 @@ from epd.operator.builders import PRUNABLE, Facts, build_children, endpoint
 from epd.operator.naming import Owner
 from epd.operator.spec import EPDDeploymentSpec
 from epd.operator.status import WorkloadState, compute_status
+from epd.stages import STAGES
 
 OWNER = Owner("llava", "prod", "uid-1")
-STAGES = ("encode", "prefill", "decode")
 
 
 def spec(**overrides) -> EPDDeploymentSpec:

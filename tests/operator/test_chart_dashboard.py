@@ -8,9 +8,11 @@ import json
 import re
 from pathlib import Path
 
-import epd.workers.metrics  # noqa: F401  (registers the router's and workers' metrics)
-from epd.operator.metrics import REGISTRY as OPERATOR_REGISTRY
 from prometheus_client import REGISTRY
+
+import epd.workers.metrics  # noqa: F401  (registers the router's and workers' metrics)
+from epd import metric_names
+from epd.operator.metrics import REGISTRY as OPERATOR_REGISTRY
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "epd-serve" / "dashboards" / "epd-serve.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -47,6 +49,11 @@ def test_every_expression_names_an_exported_metric():
                    "epd_kv_cache_usage_ratio", "epd_mm_cache_events_total", "epd_prefix_cache_tokens_total",
                    "epd_transfer_bytes_total", "epd_operator_scaling_decisions_total"):
         assert needed in named, needed
+
+
+def test_the_processes_export_exactly_the_names_of_epd_metric_names():
+    exported_metrics = {metric_names.base_name(series) for series in exported() if series.startswith("epd_")}
+    assert exported_metrics == metric_names.ALL
 
 
 def test_selectors_use_the_podmonitor_labels_and_the_operators_own():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from epd.operator.sizing.closed_loop import run_closed_loop
-from epd.operator.sizing.results import SLO, simulate
+from epd.operator.sizing.results import simulate
 from epd.operator.sizing.scaling import PolicyConfig, StageScaler, UtilisationScaler
 from epd.operator.sizing.simulator import ServingConfig
+from epd.slo import SLO
 
 from .scenarios import BURSTY_SLO, LLAVA_A100, MINICPM_A100, bursty_trace, role_switch_trace
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import pytest
+
+from epd.image_size import ImageSize
 from epd.operator.sizing.architectures import ARCHITECTURES, Tower, get_architecture
 from epd.operator.sizing.hardware import get_hardware
 from epd.operator.sizing.limits import memory_limits
 from epd.operator.sizing.memory import RUNTIME_RESERVE_BYTES
 from epd.operator.sizing.perfmodel import roofline
 from epd.operator.sizing.simulator import ServingConfig
-from epd.operator.sizing.workload import ImageShape
 
-PHOTO = ImageShape(4032, 3024)
+PHOTO = ImageSize(4032, 3024)
 
 
 def layer_params(tower: Tower) -> float:

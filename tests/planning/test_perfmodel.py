@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from epd.operator.sizing.architectures import get_architecture
 from epd.operator.sizing.hardware import get_hardware
 from epd.operator.sizing.perfmodel import roofline

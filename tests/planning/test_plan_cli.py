@@ -85,7 +85,7 @@ def test_bad_input_is_named_without_a_traceback(tmp_path):
         "budget too small for EPD": (["--model", "llava-1.5-7b", "--mode", "epd", "--gpus", "2", "--slo-ttft", "2",
                                       "--slo-tpot", "0.05"], "GPU budget 2 is too small for epd: it needs 3"),
         "image size": (["--model", "llava-1.5-7b", *base, "--image-size", "4032"],
-                       "--image-size must be WIDTHxHEIGHT, got '4032'"),
+                       "argument --image-size: an image size looks like WIDTHxHEIGHT with positive numbers, got '4032'"),
         "malformed trace": (["--model", "llava-1.5-7b", *base, "--trace", str(trace)], "trace.jsonl:2: malformed"),
     }
     for name, (args, message) in cases.items():

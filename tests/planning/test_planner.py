@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import pytest
+
+from epd.image_size import ImageSize
 from epd.operator.sizing.architectures import get_architecture
 from epd.operator.sizing.explain import bound, statement
 from epd.operator.sizing.hardware import get_hardware
 from epd.operator.sizing.perfmodel import roofline
 from epd.operator.sizing.planner import Planner, SearchSpace
-from epd.operator.sizing.results import SLO
 from epd.operator.sizing.simulator import ServingConfig
 from epd.operator.sizing.workload import WorkloadMix, poisson
+from epd.slo import SLO
 
 SMALL_SPACE = SearchSpace(encode_batches=(2, 16), prefill_budgets=(4096, 16384), decode_batches=(8, 128))
 
 SCENARIOS = {
     # compute-bound: MiniCPM-V 2.6 with four 4K photos per request on A100s
     "photos": (roofline(get_architecture("minicpm-v-2.6"), get_hardware("a100-80gb")),
-               WorkloadMix(4, (4032, 3024), 22, 10), SLO(2.6, 0.04), 0.5),
+               WorkloadMix(4, ImageSize(4032, 3024), 22, 10), SLO(2.6, 0.04), 0.5),
     # memory shapes the space: Qwen2.5-VL's 2048x2048 image needs 2 GB of vision activations, so a bundled
     # L40S cannot reserve for 16 of them; long outputs fill the KV pools
     "native-resolution": (roofline(get_architecture("qwen2.5-vl-7b"), get_hardware("l40s")),
-                          WorkloadMix(1, (2048, 2048), 64, 512), SLO(2.0, 0.08), 1.0),
+                          WorkloadMix(1, ImageSize(2048, 2048), 64, 512), SLO(2.0, 0.08), 1.0),
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from epd.operator.sizing.results import SLO
 from epd.operator.sizing.scaling import (
     ObservedWindow,
     PolicyConfig,
@@ -12,6 +11,7 @@ from epd.operator.sizing.scaling import (
     StageScaler,
     predictive_floor,
 )
+from epd.slo import SLO
 
 from .scenarios import LLAVA_A100
 
@@ -89,7 +89,7 @@ def test_decode_floor_covers_the_kv_the_decoding_sequences_hold():
     # long prompts and outputs: what decoding sequences hold, not the step time, sets decode's replicas
     busy = window(100, rate=2.0, decode=StageMetrics(2, busy=0.9, occupancy=0.4, kv_usage=0.3))
     busy = ObservedWindow(busy.time, busy.seconds, 2.0, 6.0, 3500, 1000, 1.0, 0.02, busy.stages)
-    batch = min(config.decode_batch, math.ceil(2.0 * 1000 * SLO_.tpot))
+    batch = min(config.decode_batch, math.ceil(2.0 * 1000 * SLO_.tpot_seconds))
     step = LLAVA_A100.costs.decode_time(batch, batch * 4000)
     held = 2.0 * 1000 * step * 4000  # sequences decoding at once x their mean context
     capacity = LLAVA_A100.kv_capacity_tokens(config.decode_batch)
