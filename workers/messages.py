@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from epd.image_size import ImageSize
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,12 +60,6 @@ class ImagePart:
 class ChatMessage:
     role: Literal["system", "user", "assistant"]
     parts: tuple[TextPart | ImagePart, ...]
-
-
-@dataclass(frozen=True)
-class ImageSize:
-    width: int
-    height: int
 
 
 @dataclass

@@ -154,9 +154,10 @@ def prefill_one_image(served, request_id: str, text: str, image: bytes, size: tu
     image's single item given by hand), then drain its tokens from decode."""
     import grpc
 
+    from epd.image_size import ImageSize
     from epd.v1 import stages_pb2 as pb
     from epd.v1 import stages_pb2_grpc as pb_grpc
-    from epd.workers.messages import ChatMessage, ImagePart, ImageSize, TextPart
+    from epd.workers.messages import ChatMessage, ImagePart, TextPart
 
     ids = model_adapter().build_prompt([ChatMessage("user", (ImagePart(0), TextPart(text)))], [ImageSize(*size)])
     ref = pb.ImageRef(image_key=image_key_of(image), image=image, width=size[0], height=size[1],

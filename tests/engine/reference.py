@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from epd.workers.messages import ImageSize
+from epd.image_size import ImageSize
 from epd.workers.models import ModelAdapter, decode_image
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from epd.workers.messages import ChatMessage, ImagePart, ImageSize, TextPart
+from PIL import Image
+
+from epd.image_size import ImageSize
+from epd.workers.messages import ChatMessage, ImagePart, TextPart
 from epd.workers.models import load_adapter
 from epd.workers.router.errors import APIError
 from epd.workers.router.image_cost import ImageCostCheck, ImageLimits, processed_pixels
@@ -16,7 +19,6 @@ from epd.workers.router.prompt import PromptEncoder
 from epd.workers.router.request_body import parse_json
 from epd.workers.router.schema import parse_chat_request
 from epd.workers.security.url_guard import URLPolicy
-from PIL import Image
 
 
 def _error(call, *args) -> APIError:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..messages import ImageSize
+from epd.image_size import ImageSize
+
 from ..models import ModelAdapter
 from .errors import bad_request
 

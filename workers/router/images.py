@@ -15,7 +15,8 @@ import aiohttp
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
-from ..messages import ImageSize
+from epd.image_size import ImageSize
+
 from ..security.url_guard import GuardedResolver, URLPolicy, URLRefused
 from .errors import bad_request
 from .image_cost import ImageCostCheck, ImageLimits

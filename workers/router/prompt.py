@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
-from ..messages import ChatMessage, ImageSize, TextPart
+from epd.image_size import ImageSize
+
+from ..messages import ChatMessage, TextPart
 from ..models import ModelAdapter
 
 _MARKER = "\x00epd-text-{}\x00"
