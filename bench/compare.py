@@ -12,37 +12,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from epd.image_size import image_size_argument
 from epd.slo import SLO
 
-from ..workers.launcher.processes import epd_command, free_port
+from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from .report import table
 from .runner import run_workload
 from .workload import WorkloadSpec
 
 
-def serve(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+@contextmanager
+def serving(model: str, *extra: str) -> Iterator[str]:
+    """`epd serve` for the length of the block; its base URL."""
     port = free_port()
-    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), "--quiet", *extra),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            if "EPD_SERVE_READY" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(600):
-        process.terminate()
-        raise RuntimeError("epd serve did not start")
-    return process, f"http://127.0.0.1:{port}/v1"
+    with ProcessGroup(quiet=True) as group:
+        start_serve(group, model, port, "--quiet", *extra)
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def measure(base_url: str, spec: WorkloadSpec, label: str) -> dict:
@@ -53,16 +44,12 @@ def measure(base_url: str, spec: WorkloadSpec, label: str) -> dict:
 
 def cache_runs(model: str, base: WorkloadSpec, *extra: str) -> tuple[dict, dict]:
     """On one EPD server: new images (misses), then the same images again (hits)."""
-    process, url = serve(model, *extra)
     label = "EPD" + (f" {' '.join(extra)}" if extra else "")
-    try:
+    with serving(model, *extra) as url:
         measure(url, replace(base, requests=4, seed=99), "warm-up")
         miss = measure(url, replace(base, seed=1), f"{label}, new images (cache misses)")
         measure(url, replace(base, requests=1, repeat_images=True, seed=2), "prime the cache")
         hit = measure(url, replace(base, repeat_images=True, seed=2), f"{label}, repeated images (cache hits)")
-    finally:
-        process.terminate()
-        process.wait(60)
     return miss, hit
 
 
@@ -80,18 +67,15 @@ def main() -> int:
     args = parser.parse_args()
     base = WorkloadSpec(model=args.model, requests=args.requests, rate=args.rate, fixed_rate=True,
                         images_per_request=4, image_size=args.image_size, prompt_tokens=32, max_tokens=16)
-    results: dict = {"model": args.model, "workload": {**base.__dict__, "image_size": [args.image_size.width, args.image_size.height]}}
+    workload = {**base.__dict__, "image_size": [args.image_size.width, args.image_size.height]}
+    results: dict = {"model": args.model, "workload": workload}
 
     miss, hit = cache_runs(args.model, base)
     # the same with the prefill prefix KV cache off: what the embedding cache alone saves
     miss_no_prefix, hit_no_prefix = cache_runs(args.model, base, "--worker-arg=--prefix-cache-bytes=0")
-    process, url = serve(args.model, "--colocated")
-    try:
+    with serving(args.model, "--colocated") as url:
         measure(url, replace(base, requests=4, seed=99), "warm-up")
         colocated = measure(url, replace(base, seed=1), "colocated, new images")
-    finally:
-        process.terminate()
-        process.wait(60)
 
     results["cache"] = {"miss": miss, "hit": hit,
                         "ttft_p50_hit_over_miss": ratio(hit["ttft_s"]["p50"], miss["ttft_s"]["p50"]),

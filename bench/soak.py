@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ import redis
 
 from epd.stages import STAGES
 
-from ..workers.launcher.processes import epd_command, free_port
+from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from ..workers.registry import KEY_PREFIX, WorkerInfo
 from .workload import png_data_url
 
@@ -51,26 +50,13 @@ class Serve:
     """`epd serve` with its own Redis, and a view of the processes under it."""
 
     def __init__(self, model: str, replicas: int) -> None:
-        self.port = free_port()
-        counts = [f"--{stage}={replicas}" for stage in STAGES]
-        self.process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(self.port), "--quiet",
-                                                    *counts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, start_new_session=True)
-        self.log: list[str] = []
-        self.ready = threading.Event()
-        self.fields: dict[str, str] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(600) or self.process.poll() is not None:
-            raise RuntimeError("epd serve did not start:\n" + "".join(self.log[-30:]))
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        port = free_port()
+        self.group = ProcessGroup(quiet=True)
+        self.child = start_serve(self.group, model, port, "--quiet",
+                                 *(f"--{stage}={replicas}" for stage in STAGES))
+        self.fields = self.child.ready_fields
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         self.redis = redis.Redis.from_url(self.fields["redis"], socket_timeout=2, socket_connect_timeout=2)
-
-    def _read(self) -> None:
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            self.log.append(line)
-            if "EPD_SERVE_READY" in line:
-                self.fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-                self.ready.set()
 
     def workers(self) -> list[WorkerInfo]:
         try:
@@ -88,7 +74,7 @@ class Serve:
     def processes(self) -> dict[str, int]:
         """label -> pid of every process under `epd serve`."""
         found = {}
-        for pid in _children(self.process.pid):
+        for pid in _children(self.child.process.pid):
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if "redis-server" in command:
                 label = "redis"
@@ -100,11 +86,7 @@ class Serve:
         return found
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self.group.stop(grace=60)
 
 
 def _children(parent: int) -> list[int]:

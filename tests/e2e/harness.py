@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-from epd.workers.launcher.processes import epd_command, free_port
+from epd.workers.launcher.processes import Child, ProcessGroup, free_port
+from epd.workers.launcher.processes import start_serve as start_serve_process
 from epd.workers.registry import KEY_PREFIX, WorkerInfo
 
 from ..conftest import RedisServer
-from ..helpers import png_bytes, wait_until  # noqa: F401  (png_bytes re-exported for the tests)
+from ..helpers import png_bytes  # noqa: F401  (re-exported for the tests)
 
 
 def data_url(data: bytes, media: str = "image/png") -> str:
@@ -35,10 +32,17 @@ def chat_body(model: str, text: str, images: list[bytes], max_tokens: int = 8, *
 class Served:
     model: str
     base_url: str
-    redis: RedisServer | None  # None until `epd serve` reports the redis-server it started
-    process: subprocess.Popen
-    log: list[str] = field(default_factory=list)
-    router_metrics_url: str = ""  # from the ready line: the router serves /metrics on its own port
+    redis: RedisServer
+    child: Child  # `epd serve` itself
+    router_metrics_url: str  # from the ready line: the router serves /metrics on its own port
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.child.process
+
+    @property
+    def log(self) -> list[str]:
+        return list(self.child.lines)
 
     def workers(self, stage: str) -> list[WorkerInfo]:
         client = self.redis.client()
@@ -70,36 +74,23 @@ class Served:
         return [k for k in client.keys("epd:mm:*") if client.hget(k, "state") == b"pending"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(60)
+        ProcessGroup.stop_child(self.child, grace=60)
 
 
 def start_serve(model: str, redis_server: RedisServer | None, *extra: str) -> Served:
     """`epd serve` on `redis_server`, or (None) on the redis-server it starts and supervises itself."""
     port = free_port()
     external = ["--redis-url", redis_server.url] if redis_server else []
-    process = subprocess.Popen(epd_command("serve", "--model", model, "--port", str(port), *external, *extra),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
-                               start_new_session=True)
-    served = Served(model, f"http://127.0.0.1:{port}/v1", redis_server, process)
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            served.log.append(line)
-            if "EPD_SERVE_READY" in line:
-                fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-                served.router_metrics_url = fields["router-metrics"]
-                if served.redis is None:
-                    served.redis = RedisServer(int(fields["redis"].rsplit(":", 1)[1].split("/")[0]), None)
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    wait_until(lambda: ready.is_set() or process.poll() is not None, 300, message="epd serve to be ready")
-    if not ready.is_set():
-        raise AssertionError("epd serve failed to start:\n" + "".join(served.log[-40:]))
-    return served
+    group = ProcessGroup(quiet=True, keep_lines=None)
+    try:
+        child = start_serve_process(group, model, port, *external, *extra, timeout=300)
+    except RuntimeError as exc:
+        group.stop()
+        raise AssertionError(f"epd serve failed to start: {exc}") from None
+    fields = child.ready_fields
+    if redis_server is None:
+        redis_server = RedisServer(int(fields["redis"].rsplit(":", 1)[1].split("/")[0]), None)
+    return Served(model, f"http://127.0.0.1:{port}/v1", redis_server, child, fields["router-metrics"])
 
 
 def counts_by_stage(served: Served) -> dict[str, int]:

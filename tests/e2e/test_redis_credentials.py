@@ -4,16 +4,15 @@ coming from `EPD_REDIS_URL` (kept off the command line) or from `--redis-url`.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from epd.workers.launcher.processes import epd_command, free_port
+
+from epd.workers.launcher.processes import Child, ProcessGroup, epd_command, free_port
 from epd.workers.registry import KEY_PREFIX
 from epd.workers.security.certs import CertificateAuthority
 
@@ -49,25 +48,23 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
-class Process:
-    def __init__(self, command: list[str], env: dict[str, str], marker: str) -> None:
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **env})
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
-        wait_until(lambda: any(marker in line for line in self.lines) or self.process.poll() is not None, 120,
-                   message=marker)
-        assert self.process.poll() is None, "".join(self.lines)
-
-    def stop(self) -> str:
-        self.process.terminate()
-        self.process.wait(30)
-        return "".join(self.lines)
+def started(command: list[str], env: dict[str, str], marker: str) -> Child:
+    """`command` running and past its READY line; its whole output is kept."""
+    group = ProcessGroup(quiet=True, keep_lines=None)
+    child = group.start(marker.removeprefix("EPD_").removesuffix("_READY").lower(), command, marker, env)
+    group.wait_ready([child], 120)
+    return child
 
 
-def router_health(url: str) -> tuple[Process, dict]:
+def stopped(child: Child) -> str:
+    """Stop `child`; its output."""
+    ProcessGroup.stop_child(child, grace=30)
+    return child.output()
+
+
+def router_health(url: str) -> tuple[Child, dict]:
     port = free_port()
-    router = Process(epd_command("router", "--port", str(port), "--metrics-port", "0", "--redis-url", url), {},
+    router = started(epd_command("router", "--port", str(port), "--metrics-port", "0", "--redis-url", url), {},
                      "EPD_ROUTER_READY")
     body = wait_until(lambda: (b := httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json())
                       and b["redis"] == "ok" and b, 30, message="the router to read Redis")
@@ -77,29 +74,29 @@ def router_health(url: str) -> tuple[Process, dict]:
 @pytest.mark.parametrize("scheme", ["plain", "tls"])
 def test_workers_and_router_use_a_password_protected_redis(secured_redis, scheme):
     url = secured_redis[scheme]
-    worker = Process(epd_command("worker", "--role", "encode"), {"EPD_REDIS_URL": url}, "EPD_WORKER_READY")
+    worker = started(epd_command("worker", "--role", "encode"), {"EPD_REDIS_URL": url}, "EPD_WORKER_READY")
     try:
         assert PASSWORD.encode() not in Path(f"/proc/{worker.process.pid}/cmdline").read_bytes()
-        address = next(line for line in worker.lines if "EPD_WORKER_READY" in line).split("address=")[1].split()[0]
+        address = worker.ready_fields["address"]
         wait_until(lambda: secured_redis["client"].exists(KEY_PREFIX + f"encode:{address}"), 15,
                    message="the worker's registration")
         router, health = router_health(url)
-        router_log = router.stop()
+        router_log = stopped(router)
         assert health["reason"] == "no live prefill, decode worker"  # it sees the encode worker, through Redis
         assert PASSWORD not in router_log
     finally:
-        worker_log = worker.stop()
+        worker_log = stopped(worker)
     assert PASSWORD not in worker_log
 
 
 def test_a_wrong_password_leaves_the_router_up_but_reporting_redis_unreachable(secured_redis):
     port = free_port()
     wrong = secured_redis["plain"].replace(PASSWORD, "not-it")
-    router = Process(epd_command("router", "--port", str(port), "--metrics-port", "0"), {"EPD_REDIS_URL": wrong},
+    router = started(epd_command("router", "--port", str(port), "--metrics-port", "0"), {"EPD_REDIS_URL": wrong},
                      "EPD_ROUTER_READY")
     try:
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
         assert health.status_code == 503 and health.json()["redis"] == "unreachable"
     finally:
-        log = router.stop()
+        log = stopped(router)
     assert "not-it" not in log

@@ -5,23 +5,19 @@ requests end to end over mTLS."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import threading
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
-from epd.workers.launcher.processes import epd_command, free_port
-from epd.workers.security.certs import CertificateAuthority
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
+from epd.workers.launcher.processes import ProcessGroup, epd_command, free_port
+from epd.workers.security.certs import CertificateAuthority
 
-from ..conftest import wait_until
 from .harness import start_serve
 
 
@@ -39,17 +35,11 @@ def tls_worker(pki, redis_server):
     files, health_port = pki["worker"], free_port()
     command = epd_command("worker", "--role", "encode", "--model", "tiny-llava", "--tls-cert", str(files.cert),
                           "--tls-key", str(files.key), "--tls-ca", str(files.ca), "--health-port", str(health_port))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "EPD_REDIS_URL": redis_server.url})  # no --redis-url: env
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    ready = wait_until(lambda: next((line for line in lines if "EPD_WORKER_READY" in line), None)
-                       or process.poll() is not None, 120, message="the TLS worker to start")
-    assert process.poll() is None, "".join(lines)
-    address = ready.split("address=")[1].split()[0]
-    yield address, health_port
-    process.terminate()
-    process.wait(30)
+    with ProcessGroup(quiet=True) as group:
+        worker = group.start("worker", command, "EPD_WORKER_READY",
+                             {"EPD_REDIS_URL": redis_server.url})  # no --redis-url: env
+        group.wait_ready([worker], 120)
+        yield worker.ready_fields["address"], health_port
 
 
 def _channel(address: str, files=None, trust=None) -> grpc.Channel:

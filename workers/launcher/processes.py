@@ -1,7 +1,9 @@
-"""Child processes of `epd serve`: started in their own process group, their
-output echoed with a name prefix, readiness read from a marker line, restarted
-when they die (with back-off, giving up on a crash loop), and all of them
-stopped together (SIGTERM, then SIGKILL after a grace period)."""
+"""Child processes that print a READY line: `epd serve`'s workers, router and
+Redis, and `epd serve` itself as the benchmarks and the tests start it. Each is
+started in its own process group, its output echoed with a name prefix (unless
+quiet) and kept (its last lines, or all of them), readiness read from a marker
+line, restarted when it dies (with back-off, giving up on a crash loop), and all
+of them stopped together (SIGTERM, then SIGKILL after a grace period)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,15 @@ def epd_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "epd.cli", *args]
 
 
+def start_serve(group: ProcessGroup, model: str, port: int, *extra: str, timeout: float = 600.0) -> Child:
+    """`epd serve --model MODEL --port PORT EXTRA...` in `group`, past its EPD_SERVE_READY line (whose
+    `ready_fields` name `router-metrics` and `redis`); RuntimeError with its last lines if it fails."""
+    child = group.start("epd serve", epd_command("serve", "--model", model, "--port", str(port), *extra),
+                        "EPD_SERVE_READY")
+    group.wait_ready([child], timeout)
+    return child
+
+
 @dataclass
 class Child:
     name: str
@@ -40,13 +51,22 @@ class Child:
     ready_line: str = ""
     started: float = field(default_factory=time.monotonic)
     stop_last: bool = False  # stopped after the others (Redis: workers deregister on their way out)
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=15))  # its last lines, even when quiet
+    lines: deque[str] = field(default_factory=deque)  # its output (the last lines, or all), even when quiet
     quick_exits: int = 0  # consecutive exits soon after a start (a crash loop)
 
+    @property
+    def ready_fields(self) -> dict[str, str]:
+        """The `key=value` words of the ready line (`EPD_WORKER_READY role=encode address=...`)."""
+        return dict(word.split("=", 1) for word in self.ready_line.split() if "=" in word)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
     def echo(self, quiet: bool) -> None:
-        for raw in self.process.stdout:  # type: ignore[union-attr]
+        assert self.process.stdout is not None  # started with stdout=PIPE
+        for raw in self.process.stdout:
             line = raw.rstrip("\n")
-            self.tail.append(line)
+            self.lines.append(line)
             if not self.ready.is_set() and self.ready_marker in line:
                 self.ready_line = line
                 self.ready.set()
@@ -55,14 +75,25 @@ class Child:
 
 
 class ProcessGroup:
-    def __init__(self, quiet: bool = False) -> None:
+    """The children one process started; `with ProcessGroup() as group:` stops them all on the way out."""
+
+    def __init__(self, quiet: bool = False, keep_lines: int | None = 15) -> None:
         self.children: list[Child] = []
         self.quiet = quiet
+        self.keep_lines = keep_lines  # None: keep every line (tests read whole logs)
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def start(self, name: str, command: list[str], ready_marker: str, env: dict[str, str] | None = None,
               stop_last: bool = False) -> Child:
+        """Start `command` with `env` added to this process's environment; `wait_ready` waits for the marker."""
         env = {**os.environ, **(env or {})}
-        child = Child(name, self._spawn(command, env), ready_marker, command, env, stop_last=stop_last)
+        child = Child(name, self._spawn(command, env), ready_marker, command, env, stop_last=stop_last,
+                      lines=deque(maxlen=self.keep_lines))
         threading.Thread(target=child.echo, args=(self.quiet,), daemon=True).start()
         self.children.append(child)
         return child
@@ -88,7 +119,7 @@ class ProcessGroup:
                 if child.process.poll() is not None:
                     time.sleep(0.2)  # let the echo thread read its last words
                     raise RuntimeError(f"{child.name} exited with code {child.process.returncode} during start-up:\n"
-                                       + "\n".join(f"  [{child.name}] {line}" for line in child.tail))
+                                       + "\n".join(f"  [{child.name}] {line}" for line in child.lines))
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{child.name} did not become ready within {timeout:.0f}s")
 
@@ -99,18 +130,28 @@ class ProcessGroup:
         return next(iter(self.dead()), None)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM (the router first, so no new work starts), then SIGKILL whatever outlives `grace`."""
+        """SIGTERM (the last started first: the router, so no new work starts), then SIGKILL whatever
+        outlives `grace`; children marked `stop_last` (Redis) after the others."""
         deadline = time.monotonic() + grace
         for last in (False, True):
-            group = [c for c in reversed(self.children) if c.stop_last == last]
-            for child in group:
-                _signal_group(child.process, signal.SIGTERM)
-            for child in group:
-                try:
-                    child.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    _signal_group(child.process, signal.SIGKILL)
-                    child.process.wait()
+            _stop([c for c in reversed(self.children) if c.stop_last == last], deadline)
+
+    @staticmethod
+    def stop_child(child: Child, grace: float = 10.0) -> int:
+        """Stop one child as `stop` does; its exit code."""
+        _stop([child], time.monotonic() + grace)
+        return child.process.returncode
+
+
+def _stop(children: list[Child], deadline: float) -> None:
+    for child in children:
+        _signal_group(child.process, signal.SIGTERM)
+    for child in children:
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(child.process, signal.SIGKILL)
+            child.process.wait()
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
