@@ -27,10 +27,10 @@ import aiohttp
 import redis
 
 from epd.stages import STAGES
+from epd.synthetic_images import noise_png_data_url
 
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from ..workers.registry import KEY_PREFIX, WorkerInfo
-from .workload import png_data_url
 
 
 @dataclass
@@ -146,7 +146,7 @@ async def one_request(session: aiohttp.ClientSession, base_url: str, model: str,
 
 async def load(base_url: str, model: str, deadline: float, concurrency: int, seed: int, tally: Tally) -> None:
     rng = random.Random(seed)
-    images = [png_data_url(rng.randint(32, 96), rng.randint(32, 96), i) for i in range(12)]  # repeats hit the cache
+    images = [noise_png_data_url(rng.randint(32, 96), rng.randint(32, 96), i) for i in range(12)]  # repeats hit the cache
 
     async def client(index: int) -> None:
         local = random.Random(seed * 1000 + index)

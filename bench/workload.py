@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import random
 from dataclasses import dataclass
 
-from PIL import Image
-
 from epd.image_size import ImageSize
+from epd.synthetic_images import noise_png_data_url
 
 WORDS = ("describe the image in detail and explain what each object is doing while you count the colors "
          "shapes people animals and signs that appear in every part of the picture").split()
@@ -50,14 +47,6 @@ def arrival_times(spec: WorkloadSpec, count: int) -> list[float]:
     return times
 
 
-def png_data_url(width: int, height: int, seed: int) -> str:
-    rng = random.Random(seed)
-    image = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 class RequestFactory:
     """Builds chat bodies; images are generated once per distinct seed and reused."""
 
@@ -73,7 +62,7 @@ class RequestFactory:
         for k in range(spec.images_per_request):
             seed = k if spec.repeat_images else index * spec.images_per_request + k + 1_000 * spec.seed
             if seed not in self._images:
-                self._images[seed] = png_data_url(spec.image_size.width, spec.image_size.height, seed)
+                self._images[seed] = noise_png_data_url(spec.image_size.width, spec.image_size.height, seed)
             content.append({"type": "image_url", "image_url": {"url": self._images[seed]}})
         content.append({"type": "text", "text": text})
         return {"model": spec.model, "messages": [{"role": "user", "content": content}],

@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("epd.operator.cli", "run the Kubernetes operator (kopf)"),
     "plan": ("epd.operator.sizing.plan_cli", "search stage sizes for the most goodput under SLOs"),
     "bench": ("epd.bench.cli", "load-generate against an OpenAI-compatible endpoint"),
-    "profile": ("epd.operator.sizing.profile_cli", "time the real stages of a model and write a performance profile"),
+    "profile": ("epd.workers.profiling.cli", "time the real stages of a model and write a performance profile"),
 }
 
 

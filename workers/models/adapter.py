@@ -87,10 +87,6 @@ class ModelAdapter(ABC):
         return () if eos is None else (int(eos),)
 
     @property
-    def num_layers(self) -> int:
-        return int(self.text_config.num_hidden_layers)
-
-    @property
     @abstractmethod
     def image_token_id(self) -> int:
         """The placeholder token id that image embeddings replace."""
