@@ -168,9 +168,6 @@ class WorkerDirectory:
     def live(self, stage: str) -> list[WorkerInfo]:
         return self.workers.get(stage, [])
 
-    def is_live(self, address: str) -> bool:
-        return any(info.address == address for infos in self.workers.values() for info in infos)
-
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._run())

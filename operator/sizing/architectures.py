@@ -37,10 +37,6 @@ class Tower:
         return self.hidden // self.heads
 
     @property
-    def gated_mlp(self) -> bool:
-        return self.activation == "swiglu"
-
-    @property
     def mlp_live_tensors(self) -> int:
         return MLP_LIVE_TENSORS[self.activation]
 

@@ -10,7 +10,7 @@ KV bytes per token, the runtime's reserve)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .architectures import Architecture
 from .hardware import Hardware
@@ -81,8 +81,3 @@ def roofline(arch: Architecture, hw: Hardware, vision_attention: str = "flash") 
         decode_per_context_token=arch.kv_bytes_per_token / bandwidth)
     source = "roofline" + ("" if vision_attention == "flash" else f" (vision attention {vision_attention})")
     return PerformanceModel(arch, hw, costs, source, roofline_memory(arch, vision_attention))
-
-
-def describe(model: PerformanceModel) -> dict:
-    return {"model": model.architecture.name, "hardware": model.hardware.name, "source": model.source,
-            "costs": asdict(model.costs), "memory": asdict(model.memory)}

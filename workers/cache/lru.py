@@ -50,7 +50,3 @@ class ByteLRU:
         if tensor is not None:
             self.bytes -= tensor.numel() * tensor.element_size()
         return tensor
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0

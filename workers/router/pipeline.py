@@ -82,8 +82,6 @@ class StagePipeline:
         self.planner = planner
         self.timeout = timeout
         self.cancel_timeout = cancel_timeout
-        self.encoded_items = 0  # items this router sent to encode workers
-        self.cached_items = 0  # items served from the multimodal cache
 
     async def attempt(self, request: PreparedRequest) -> AsyncIterator[pb.GenerateChunk]:
         to_encode, images = await self._dispatch_plan(request)
@@ -159,12 +157,10 @@ class StagePipeline:
                 if dispatched and item.item_key not in to_encode:
                     to_encode[item.item_key] = pb.EncodeItem(item_key=item.item_key, image=ref.image,
                                                              tile_index=item.tile_index, n_tokens=item.n_tokens)
-                self.cached_items += cached
                 items.append(pb.EncodeItem(item_key=item.item_key, tile_index=item.tile_index,
                                            n_tokens=item.n_tokens, dispatched=dispatched))
             images.append(pb.ImageRef(image_key=ref.image_key, image=ref.image, items=items, width=ref.width,
                                       height=ref.height))
-        self.encoded_items += len(to_encode)
         return to_encode, images
 
     async def _encode(self, address: str, request: PreparedRequest, items: list[pb.EncodeItem], plan: RoutePlan) -> None:
