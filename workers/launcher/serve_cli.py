@@ -29,6 +29,8 @@ MAX_QUICK_EXITS = 5  # a child that dies this many times in a row soon after sta
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava", help="preset name, local model directory or hub id")
+    parser.add_argument("--served-model-name", default="",
+                        help="the model id clients use and /v1/models reports (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--router-metrics-port", type=int, default=0,
@@ -70,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
             group.wait_ready(workers, args.startup_timeout)
             router = group.start("router", epd_command(
                 "router", "--model", args.model, "--host", args.host, "--port", str(args.port),
-                "--metrics-port", str(args.router_metrics_port), *tls, *args.router_arg), "EPD_ROUTER_READY", env)
+                "--metrics-port", str(args.router_metrics_port), *tls,
+                *(("--served-model-name", args.served_model_name) if args.served_model_name else ()),
+                *args.router_arg), "EPD_ROUTER_READY", env)
             group.wait_ready([router], args.startup_timeout)
             endpoint = f"http://{args.host}:{args.port}"
             _wait_healthy(endpoint, group, args.startup_timeout)

@@ -12,7 +12,7 @@ from ..models import UnknownModelError, download
 from ..engine import ATTENTION_BACKENDS
 from ..redis_connection import add_redis_argument, redis_url
 from ..security.tls import add_tls_arguments, tls_from_args
-from ..stages.worker import ROLES, WorkerConfig, serve_worker
+from ..stages.worker import DTYPES, ROLES, WorkerConfig, serve_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "block_size", "prefix_cache_bytes"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults["attention_backend"])
+    parser.add_argument("--dtype", choices=DTYPES, default=defaults["dtype"],
+                        help="weights and KV cache: the checkpoint's (auto; exact against its reference), or "
+                             "bfloat16 (AMX / tensor cores: much faster, as vLLM runs float32 checkpoints)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run decode steps without CUDA graphs (they are captured at start otherwise)")
     parser.add_argument("--kv-paths", default=defaults["kv_paths"],

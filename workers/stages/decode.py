@@ -52,6 +52,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
 
     def start(self) -> None:
         self._loop_task.start(self._loop)
+        self._sweeper = SupervisedLoop("decode handoff sweep", self.ctx.health if self.ctx is not None else None)
+        self._sweeper.start(self._sweep)
         asyncio.ensure_future(self.receiver.start())
         if self.ctx is not None and "inproc" in self.receiver.offered:
             LOCAL_DECODERS[self.ctx.address] = self
@@ -60,6 +62,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         if self.ctx is not None:
             LOCAL_DECODERS.pop(self.ctx.address, None)
         await self._loop_task.stop()
+        await self._sweeper.stop()
         await self.receiver.stop()
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -127,6 +130,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         for request_id in [r for r, (_, at) in self.arrived.items() if at < deadline and r not in self.arrival_events]:
             log.warning("dropping the KV cache of request %s: no Generate took it", request_id)
             await self._discard(self.arrived.pop(request_id)[0])
+
+    async def _sweep(self) -> None:
+        """Reservations whose sender died and KV whose Generate never came are released within a
+        fraction of the handoff wait, even when no other handoff comes along to notice them."""
+        while True:
+            await asyncio.sleep(self.handoff_wait / 4)  # a periodic sweep, not synchronisation
+            await self.receiver.expire()
+            await self._drop_orphans()
 
     async def _discard(self, arrival: Arrival) -> None:
         handoff, adopted = arrival

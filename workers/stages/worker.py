@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -39,6 +40,7 @@ from .prefill import PrefillServicer
 log = logging.getLogger(__name__)
 
 Role = Literal["encode", "prefill", "decode", "colocated"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROLES: tuple[Role, ...] = ("encode", "prefill", "decode", "colocated")
 
 
@@ -66,6 +68,7 @@ class WorkerConfig:
     attention_backend: str = "auto"
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
     enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
+    dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
     health_port: int = 0  # > 0: also serve gRPC health alone, without TLS, here (for kubelet probes)
@@ -80,7 +83,13 @@ class WorkerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         self.kv_cache  # validates the KV settings
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_paths(self.kv_paths)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype == "auto" else getattr(torch, self.dtype)
 
     @property
     def kv_cache(self) -> KVCacheConfig:
@@ -178,7 +187,7 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
     adapter = ctx.adapter
     servicers: list = []
     if "encode" in config.stages:
-        vision = adapter.load_vision(config.device)
+        vision = adapter.load_vision(config.device, config.torch_dtype)
         servicers.append(EncodeServicer(ctx, vision, config.cache_bytes, config.encode_max_batch,
                                         config.encode_max_wait))
     if {"prefill", "decode"} & set(config.stages):
@@ -187,7 +196,7 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         # in shared memory, so a prefill worker on the same host writes the KV straight into it.
         paths = parse_paths(config.kv_paths)
         shared = SharedPool() if config.role == "decode" and config.device == "cpu" and "shm" in paths else None
-        runtime = build_runtime(adapter.load_language(config.device), config.kv_cache,
+        runtime = build_runtime(adapter.load_language(config.device, config.torch_dtype), config.kv_cache,
                                 shared.allocate if shared else None)
         if "prefill" in config.stages:
             engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)

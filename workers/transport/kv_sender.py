@@ -157,7 +157,7 @@ class KVSender:
         reservation = Reservation(request_id, reply.path, list(reply.block_ids), shm_socket=reply.shm_socket,
                                   cuda_ipc_handle=reply.cuda_ipc_handle)
         sink = KVHandoffSink(self, address, reservation)
-        mapped = self._map(address, reservation)
+        mapped = await self._map(address, reservation)
         if mapped is not None:
             sink._write = self._direct_writer(sink, mapped)
         else:
@@ -171,7 +171,7 @@ class KVSender:
         return local if local is not None and local.pool is self.pool else None
 
     # ---- shm / cuda_ipc: straight into decode's pool ----------------------------------
-    def _map(self, address: str, reservation: Reservation) -> _Mapped | None:
+    async def _map(self, address: str, reservation: Reservation) -> _Mapped | None:
         if reservation.path not in ("shm", "cuda_ipc"):
             return None
         key = f"{address}/{reservation.path}"
@@ -180,7 +180,7 @@ class KVSender:
                 if reservation.path == "cuda_ipc":
                     kv = open_handle(reservation.cuda_ipc_handle)
                 else:
-                    fd = receive_descriptor(reservation.shm_socket)
+                    fd = await asyncio.to_thread(receive_descriptor, reservation.shm_socket)
                     try:
                         kv = map_tensor(fd, self._pool_shape(fd), self.layout.dtype)
                     finally:

@@ -1,0 +1,179 @@
+"""epd against vLLM on this machine, same model, same load, same run.
+
+    python -m epd.bench.vllm_compare --vllm-python /path/to/vllm-venv/bin/python \\
+        [--model small-llava] [--rounds 1] --out bench/results/vllm_compare.json
+
+vLLM reads only the hub's checkpoint layout, so the preset is written once in
+it (`workers/models/layouts`) and every server loads that same directory. Each
+server runs alone on the machine, in turn: vLLM (its OpenAI server, OMP threads
+bound to every core), `epd serve` (separate encode, prefill and decode
+processes) and `epd serve --colocated`. Each serves the same loads: 4 images of
+336x336 with 32-token prompts and 16 output tokens at 2 req/s and at
+saturation, and a text-only load at saturation; first, a few greedy requests
+check that every server returns the same text. Installing vLLM's CPU build
+(it needs its own virtualenv): see the README's benchmark section."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+
+from epd.image_size import ImageSize
+from epd.slo import SLO
+
+from ..workers.launcher.processes import free_port
+from .compare import serve
+from .report import table
+from .runner import run_workload
+from .workload import RequestFactory, WorkloadSpec
+
+NAME = "bench-model"  # the name every server is asked for
+
+
+def hub_layout_copy(model: str) -> Path:
+    """The model directory rewritten with the hub's tensor names (what vLLM loads)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..workers.models import load_adapter
+    from ..workers.models.layouts import to_hub_names
+    from ..workers.models.loading import checkpoint_files
+
+    adapter = load_adapter(model)
+    adapter_parts = {**adapter.vision_factories(), **adapter.language_factories()}
+    target = Path(tempfile.mkdtemp(prefix=f"{Path(model).name}-hub-"))
+    shutil.copytree(adapter.model_dir, target, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    tensors: dict = {}
+    for path in checkpoint_files(adapter.model_dir):
+        tensors.update(load_file(str(path)))
+    internal = {_internal_name(adapter, name): tensor for name, tensor in tensors.items()}
+    assert all(any(name.startswith(p) for p in adapter_parts) for name in internal), "unmapped tensor names"
+    save_file({k: v.contiguous() for k, v in to_hub_names(adapter.family, internal).items()},
+              target / "model.safetensors")
+    return target
+
+
+def _internal_name(adapter, name: str) -> str:
+    for old, new in adapter.checkpoint_renames.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def start_vllm(python: str, model_dir: Path, threads: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": threads, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    process = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                                "--served-model-name", NAME, "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tempfile.gettempdir())
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {process.returncode} during start-up")
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return process, url
+        except OSError:
+            time.sleep(1)  # polling a condition with a deadline
+    process.terminate()
+    raise RuntimeError("vLLM did not start within 600s")
+
+
+async def greedy_texts(url: str, spec: WorkloadSpec, count: int = 4) -> list[str]:
+    factory = RequestFactory(replace(spec, model=NAME))
+    texts = []
+    async with aiohttp.ClientSession() as session:
+        for index in range(count):
+            body = {**factory.body(index), "stream": False, "temperature": 0}
+            body.pop("stream_options", None)
+            async with session.post(url + "/chat/completions", json=body) as response:
+                texts.append((await response.json())["choices"][0]["message"]["content"])
+    return texts
+
+
+def loads(spec: WorkloadSpec) -> dict[str, tuple[WorkloadSpec, int]]:
+    """name -> (workload, concurrency)."""
+    images = replace(spec, images_per_request=4, image_size=ImageSize(336, 336), prompt_tokens=32, max_tokens=16)
+    return {"4 images @ 2 req/s": (replace(images, rate=2.0, fixed_rate=True, requests=40), 64),
+            "4 images @ saturation": (replace(images, rate=0.0, requests=60), 32),
+            "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240), 64)}
+
+
+def measure(label: str, url: str, spec: WorkloadSpec) -> dict:
+    result: dict = {"greedy": asyncio.run(greedy_texts(url, spec))}
+    for name, (load, concurrency) in loads(spec).items():
+        asyncio.run(run_workload(url, replace(load, requests=4, seed=99), SLO(), concurrency, progress=False))
+        summary = asyncio.run(run_workload(url, load, SLO(), concurrency, progress=False))
+        print(f"--- {label}: {name}\n{table(summary)}", flush=True)
+        result[name] = summary
+    return result
+
+
+def ratios(results: dict) -> dict:
+    """epd's figures over vLLM's, per load: TTFT p50/p90 (lower is better) and output tokens/s."""
+    out: dict = {}
+    base = results["vllm"]
+    for label in ("epd", "epd --colocated"):
+        out[label] = {name: {"ttft_p50": results[label][name]["ttft_s"]["p50"] / base[name]["ttft_s"]["p50"],
+                             "ttft_p90": results[label][name]["ttft_s"]["p90"] / base[name]["ttft_s"]["p90"],
+                             "output_tokens_per_s": results[label][name]["output_tokens_per_s"]
+                             / base[name]["output_tokens_per_s"]}
+                      for name in loads(WorkloadSpec(model=NAME))}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vllm-python", required=True, help="python of a virtualenv with vLLM's CPU build")
+    parser.add_argument("--model", default="small-llava")
+    parser.add_argument("--vllm-threads", default=f"0-{(os.cpu_count() or 1) - 1}",
+                        help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model_dir = hub_layout_copy(args.model)
+    spec = WorkloadSpec(model=NAME)
+    rounds = []
+    for round_index in range(args.rounds):
+        results = {}
+        process, url = start_vllm(args.vllm_python, model_dir, args.vllm_threads)
+        try:
+            results["vllm"] = measure("vLLM", url, spec)
+        finally:
+            process.terminate()
+            process.wait(60)
+        for label, extra in (("epd", ()), ("epd --colocated", ("--colocated",))):
+            process, url = serve(str(model_dir), "--served-model-name", NAME, *extra)
+            try:
+                results[label] = measure(label, url, spec)
+            finally:
+                process.terminate()
+                process.wait(60)
+        results["same_greedy_text"] = results["vllm"]["greedy"] == results["epd"]["greedy"] \
+            == results["epd --colocated"]["greedy"]
+        results["ratios_vs_vllm"] = ratios(results)
+        print(f"round {round_index + 1}: same greedy text: {results['same_greedy_text']}\n"
+              + json.dumps(results["ratios_vs_vllm"], indent=2), flush=True)
+        rounds.append(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "rounds": rounds}, indent=2))
+    print(f"wrote {args.out}")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

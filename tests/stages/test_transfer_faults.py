@@ -1,0 +1,169 @@
+"""Faults in the middle of a KV handoff, and back-pressure, against real
+workers in this process (gRPC over sockets, real Redis, shared memory). A
+"killed" worker is cut off the way a dead process is seen from outside: its
+server stops at once (every call it serves fails) and its channels to peers
+close (every call it makes breaks), at the exact moment the test picks, which
+a SIGKILL to a subprocess could not hit reliably. Afterwards the survivor's
+block pool is idle and nothing was left under /dev/shm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+
+from epd.v1 import stages_pb2 as pb
+from epd.v1 import stages_pb2_grpc as pb_grpc
+from epd.workers.messages import SamplingParams
+from epd.workers.stages.decode import DecodeServicer
+from epd.workers.stages.prefill import PrefillServicer
+from epd.workers.stages.worker import Worker, WorkerConfig
+from epd.workers.wire import sampling_to_proto
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = [1, *range(10, 90)]  # 81 tokens: 6 blocks of 16
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+async def start(redis_url: str, role: str, paths: str, **extra) -> Worker:
+    worker = Worker(WorkerConfig(role=role, model="tiny-llava", redis_url=redis_url, kv_paths=paths,
+                                 drain_timeout=0.0, **extra))
+    await worker.start()
+    return worker
+
+
+async def kill(worker: Worker) -> None:
+    """Cut the worker off as a dead process would be: no more serving, no more calling."""
+    await worker.server.stop(0)
+    await worker.ctx.channels.close()
+
+
+def servicer(worker: Worker, kind: type):
+    return next(s for s in worker.servicers if isinstance(s, kind))
+
+
+def prefill_request(request_id: str, decode: Worker, max_tokens: int = 4) -> pb.PrefillRequest:
+    return pb.PrefillRequest(request_id=request_id, input_ids=PROMPT, decode_address=decode.ctx.address,
+                             sampling=sampling_to_proto(SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+
+
+async def until(condition, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)  # polling a condition with a deadline
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+async def pair(redis_server, request):
+    """A prefill and a decode worker that hand KV over `request.param` (shm or grpc)."""
+    before = shm_entries()
+    prefill = await start(redis_server.url, "prefill", request.param)
+    decode = await start(redis_server.url, "decode", request.param)
+    yield prefill, decode
+    for worker in (prefill, decode):
+        await worker.server.stop(0)
+        for stage in worker.servicers:
+            await stage.stop()
+    assert shm_entries() == before  # memfd memory has no name: nothing can leak there
+
+
+@pytest.mark.parametrize("pair", ["grpc", "shm"], indirect=True)
+async def test_decode_killed_mid_transfer_fails_the_request_and_frees_prefill(pair):
+    prefill, decode = pair
+    receiver = servicer(decode, DecodeServicer).receiver
+    if receiver.shm is not None:  # shm: the KV is written straight into decode's memory; die at the commit
+        target, name = servicer(decode, DecodeServicer), "_arrive"
+    else:  # grpc: die as the first frame lands
+        target, name = receiver, "_write_frame"
+    killed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def dying(*args, **kwargs):
+        killed.set()
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(kill(decode)))
+        raise ConnectionResetError("the decode process is gone")  # it never answers this call
+    setattr(target, name, dying)
+    async with grpc.aio.insecure_channel(prefill.ctx.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await pb_grpc.PrefillServiceStub(channel).Prefill(prefill_request("r1", decode), timeout=60)
+    assert killed.is_set()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and decode.ctx.address in failed.value.details()
+    engine = servicer(prefill, PrefillServicer).engine
+    await until(lambda: engine.allocator.used == 0 and not engine.handing_off)
+
+
+@pytest.mark.parametrize("pair", ["grpc"], indirect=True)
+async def test_prefill_killed_mid_transfer_frees_the_decode_reservation(pair):
+    prefill, decode = pair
+    decode_servicer = servicer(decode, DecodeServicer)
+    receiver = decode_servicer.receiver
+    original = receiver._write_frame
+    killed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def first_frame_then_the_sender_dies(*args):
+        if not killed.is_set():
+            killed.set()
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(kill(prefill)))
+        return original(*args)
+    receiver._write_frame = first_frame_then_the_sender_dies
+    async with grpc.aio.insecure_channel(prefill.ctx.address) as channel:
+        call = pb_grpc.PrefillServiceStub(channel).Prefill(prefill_request("r2", decode), timeout=60)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    await until(lambda: not receiver.reservations and decode_servicer.engine.allocator.used == 0)
+
+
+@pytest.mark.parametrize("pair", ["shm"], indirect=True)
+async def test_a_reservation_whose_sender_died_is_released_by_the_sweep(pair):
+    prefill, decode = pair
+    decode_servicer = servicer(decode, DecodeServicer)
+    spec = pb.ReserveKVRequest(request_id="orphan", prompt_tokens=len(PROMPT), max_tokens=4, sender_host="x",
+                               paths=["grpc"])
+    spec.layout.CopyFrom(_layout(decode_servicer))
+    async with grpc.aio.insecure_channel(decode.ctx.address) as channel:
+        reply = await pb_grpc.DecodeServiceStub(channel).ReserveKV(spec, timeout=10)
+    assert len(reply.block_ids) == 6 and decode_servicer.engine.allocator.used == 6
+    decode_servicer.clock = lambda: 1e12  # its lease has long passed: nobody will commit
+    await until(lambda: decode_servicer.engine.allocator.used == 0 and not decode_servicer.receiver.reservations,
+                timeout=decode_servicer.handoff_wait)
+
+
+def _layout(decode_servicer: DecodeServicer):
+    from epd.workers.wire import layout_to_proto
+
+    return layout_to_proto(decode_servicer.engine.pool.layout)
+
+
+@pytest.mark.parametrize("pair", ["shm"], indirect=True)
+async def test_a_full_decode_worker_makes_prefill_wait_and_drops_nothing(redis_server, pair):
+    prefill, _ = pair
+    small = await start(redis_server.url, "decode", "shm", decode_max_batch=1)
+    try:
+        async with grpc.aio.insecure_channel(prefill.ctx.address) as prefill_channel, \
+                grpc.aio.insecure_channel(small.ctx.address) as decode_channel:
+            decode_stub, prefill_stub = pb_grpc.DecodeServiceStub(decode_channel), pb_grpc.PrefillServiceStub(
+                prefill_channel)
+
+            async def one(index: int) -> list[int]:
+                stream = decode_stub.Generate(pb.GenerateRequest(request_id=f"q{index}"), timeout=120)
+                await prefill_stub.Prefill(prefill_request(f"q{index}", small, max_tokens=8), timeout=120)
+                return [t for chunk in [c async for c in stream] for t in chunk.token_ids]
+
+            outputs = await asyncio.gather(*(one(i) for i in range(4)))
+        engine = servicer(small, DecodeServicer).engine
+        assert [len(tokens) for tokens in outputs] == [8] * 4
+        assert len({tuple(tokens) for tokens in outputs}) == 1  # the same prompt: the same greedy tokens
+        assert engine.stats.peak_batch == 1 and engine.allocator.used == 0
+    finally:
+        await small.server.stop(0)
+        for stage in small.servicers:
+            await stage.stop()
