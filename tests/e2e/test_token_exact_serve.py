@@ -24,6 +24,7 @@ TEXTS = ["What is shown?", "How many objects are there?", "Describe the image in
 
 KV_PATHS = {"shm": ("--encode", "2", "--worker-arg=--kv-paths=shm"),
             "grpc": ("--encode", "2", "--worker-arg=--kv-paths=grpc"),
+            "nixl": ("--encode", "2", "--worker-arg=--kv-paths=nixl"),  # UCX over shared memory / TCP here
             "inproc": ("--colocated",)}
 
 

@@ -75,11 +75,12 @@ async def pair(redis_server, request):
     assert shm_entries() == before  # memfd memory has no name: nothing can leak there
 
 
-@pytest.mark.parametrize("pair", ["grpc", "shm"], indirect=True)
+@pytest.mark.parametrize("pair", ["grpc", "shm", "nixl"], indirect=True)
 async def test_decode_killed_mid_transfer_fails_the_request_and_frees_prefill(pair):
     prefill, decode = pair
     receiver = servicer(decode, DecodeServicer).receiver
-    if receiver.shm is not None:  # shm: the KV is written straight into decode's memory; die at the commit
+    if receiver.shm is not None or receiver.nixl is not None:  # the KV goes straight into decode's memory:
+        # die at the commit
         target, name = servicer(decode, DecodeServicer), "_arrive"
     else:  # grpc: die as the first frame lands
         target, name = receiver, "_write_frame"

@@ -30,7 +30,8 @@ from ..security.tls import TLSFiles, bind, plaintext_health_server
 from ..transport.grpc_transport import ChannelPool
 from ..transport.cuda_ipc import export_handle
 from ..transport.grpc_transport import CHANNEL_OPTIONS
-from ..transport.kv_paths import PATHS, parse_paths
+from ..transport.kv_paths import PATHS, nixl_available, parse_paths
+from ..transport.nixl_path import NixlAgent
 from ..transport.shm import SharedPool
 from .context import WorkerContext
 from .decode import DecodeServicer
@@ -208,8 +209,10 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
                 engine.capture_cuda_graphs()
             ipc = export_handle(runtime.pool.kv) if config.role == "decode" and runtime.pool.device.type == "cuda" \
                 and "cuda_ipc" in paths else b""
+            nixl = NixlAgent("decode", runtime.pool.kv) if config.role == "decode" and "nixl" in paths \
+                and nixl_available() else None
             servicers.append(DecodeServicer(ctx, engine, shared_fd=shared.fd if shared else None,
-                                            cuda_ipc_handle=ipc, kv_paths=paths))
+                                            cuda_ipc_handle=ipc, kv_paths=paths, nixl=nixl))
     return servicers
 
 

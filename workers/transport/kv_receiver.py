@@ -23,7 +23,8 @@ from .. import metrics
 from ..engine import DecodeEngine
 from ..engine.kv_pool import KVLayout
 from .block_copy import block_runs
-from .kv_paths import PATHS, choose_path, host_id, nixl_available
+from .kv_paths import PATHS, choose_path, host_id
+from .nixl_path import NixlAgent
 from .raw_frames import decode_frame
 from .shm import DescriptorServer
 
@@ -60,8 +61,10 @@ class Reservation:
 class KVReceiver:
     def __init__(self, engine: DecodeEngine, compute: Compute, wait: float = 60.0, lease: float = 60.0,
                  shared_fd: int | None = None, cuda_ipc_handle: bytes = b"",
-                 clock: Callable[[], float] = time.monotonic, allowed: frozenset[str] = frozenset(PATHS)) -> None:
+                 clock: Callable[[], float] = time.monotonic, allowed: frozenset[str] = frozenset(PATHS),
+                 nixl: NixlAgent | None = None) -> None:
         self.engine = engine
+        self.nixl = nixl
         self.clock = clock
         self.compute = compute
         self.wait = wait
@@ -71,7 +74,7 @@ class KVReceiver:
         self.shm = DescriptorServer(shared_fd) if shared_fd is not None else None
         self.cuda_ipc_handle = cuda_ipc_handle
         offered = {"inproc", "grpc"} | ({"shm"} if self.shm else set()) \
-            | ({"cuda_ipc"} if cuda_ipc_handle else set()) | ({"nixl"} if nixl_available() else set())
+            | ({"cuda_ipc"} if cuda_ipc_handle else set()) | ({"nixl"} if nixl is not None else set())
         self.offered = offered & allowed
 
     async def start(self) -> None:
@@ -115,7 +118,8 @@ class KVReceiver:
             await self.expire()
         reservation = Reservation(spec.request_id, path, blocks, self.clock(),
                                   shm_socket=self.shm.path if path == "shm" and self.shm else "",
-                                  cuda_ipc_handle=self.cuda_ipc_handle if path == "cuda_ipc" else b"")
+                                  cuda_ipc_handle=self.cuda_ipc_handle if path == "cuda_ipc" else b"",
+                                  nixl_metadata=self.nixl.metadata() if path == "nixl" and self.nixl else b"")
         self.reservations[spec.request_id] = reservation
         return reservation
 

@@ -7,7 +7,8 @@ gives the reservation back.
 
 Per path: `inproc` does nothing per layer (decode adopts the prefill blocks);
 `shm` and `cuda_ipc` copy the layer's blocks straight into decode's pool (on
-CUDA on a side stream, after the layer's kernels); `grpc` queues the layer for
+CUDA on a side stream, after the layer's kernels); `nixl` posts the layer's
+RDMA writes and waits for them all at the end; `grpc` queues the layer for
 a sender task that gathers its blocks off the compute thread and streams raw
 frames."""
 
@@ -34,6 +35,7 @@ from ..wire import layout_to_proto, sampling_to_proto
 from .block_copy import BlockCopyPlan, copy_layer
 from .cuda_ipc import open_handle
 from .kv_paths import PATHS, host_id, sender_paths
+from .nixl_path import NixlAgent, NixlLayerWriter
 from .kv_receiver import Reservation, ReserveSpec
 from .raw_frames import FRAME_BYTES, FrameHeader, encode_frame, write_call
 from .shm import map_tensor, receive_descriptor
@@ -135,6 +137,7 @@ class KVSender:
         self.allowed = allowed
         self.timeout = timeout
         self._mapped: dict[str, _Mapped] = {}
+        self._nixl: NixlAgent | None = None  # made on the first handoff over NIXL
         self._copy_stream = torch.cuda.Stream(pool.device) if pool.device.type == "cuda" else None
 
     @property
@@ -155,15 +158,40 @@ class KVSender:
             request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens, sender_host=spec.sender_host,
             paths=spec.paths, layout=layout_to_proto(self.layout)), timeout=self.timeout)
         reservation = Reservation(request_id, reply.path, list(reply.block_ids), shm_socket=reply.shm_socket,
-                                  cuda_ipc_handle=reply.cuda_ipc_handle)
+                                  cuda_ipc_handle=reply.cuda_ipc_handle, nixl_metadata=reply.nixl_metadata)
         sink = KVHandoffSink(self, address, reservation)
         mapped = await self._map(address, reservation)
+        nixl = self._nixl_writer(address, reservation) if reservation.path == "nixl" else None
         if mapped is not None:
             sink._write = self._direct_writer(sink, mapped)
+        elif nixl is not None:
+            sink._write = self._nixl_write(sink, nixl)
         else:
             reservation.path = "grpc"  # every decode worker takes raw frames
             sink._write = self._grpc_writer(sink)
         return sink
+
+    # ---- nixl: RDMA writes into decode's registered pool --------------------------------
+    def _nixl_writer(self, address: str, reservation: Reservation) -> NixlLayerWriter | None:
+        try:
+            if self._nixl is None:
+                self._nixl = NixlAgent("prefill", self.pool.kv)
+            return NixlLayerWriter(self._nixl, self._nixl.remote(reservation.nixl_metadata), reservation.blocks)
+        except Exception as exc:  # no UCX transport to that peer, a broken agent: the universal path serves
+            log.warning("cannot write to %s over NIXL (%s); using grpc", address, exc)
+            return None
+
+    def _nixl_write(self, sink: KVHandoffSink, writer: NixlLayerWriter) -> Callable[[int, list[int]], None]:
+        layers = self.layout.num_layers
+        loop = asyncio.get_running_loop()
+
+        def write(layer: int, table: list[int]) -> None:
+            writer.write(layer, table)
+            sink.bytes = writer.bytes
+            if layer == layers - 1:
+                loop.call_soon_threadsafe(self._settle, sink, writer.wait)
+
+        return write
 
     def _local(self, address: str) -> LocalDecode | None:
         """The decode servicer at `address` if it runs in this process over this very pool."""
@@ -220,8 +248,13 @@ class KVSender:
     @staticmethod
     def _settle(sink: KVHandoffSink, wait: Callable[[], None] | None) -> None:
         async def settle() -> None:
-            if wait is not None:
-                await asyncio.to_thread(wait)
+            try:
+                if wait is not None:
+                    await asyncio.to_thread(wait)
+            except Exception as exc:  # the data path failed: the handoff does too
+                if not sink.finished.done():
+                    sink.finished.set_exception(exc)
+                return
             if not sink.finished.done():
                 sink.finished.set_result(None)
         asyncio.ensure_future(settle())
