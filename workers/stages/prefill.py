@@ -19,6 +19,7 @@ from .. import metrics
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
 from ..wire import sampling_from_proto, tensor_from_proto
+from ..transport.grpc_transport import LOCAL_EMBEDDING_SINKS
 from ..transport.kv_sender import KVHandoffSink, KVSender
 from ..transport.kv_paths import PATHS
 from .context import WorkerContext
@@ -42,9 +43,16 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
     def start(self) -> None:
         self._loop.start(self._run)
+        if self.ctx is not None:  # an encode stage in this process hands embeddings over by reference
+            LOCAL_EMBEDDING_SINKS[self.ctx.address] = self._receive
 
     async def stop(self) -> None:
+        if self.ctx is not None:
+            LOCAL_EMBEDDING_SINKS.pop(self.ctx.address, None)
         await self._loop.stop()
+
+    def _receive(self, key: str, tensor) -> None:
+        self.embeddings.store(key, self.embeddings.validated(tensor))
 
     @property
     def queue_depth(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -59,12 +60,25 @@ class ChannelPool:
         self._retired.clear()
 
 
+# address -> the prefill worker in this process that takes embeddings (key, tensor) by reference
+LOCAL_EMBEDDING_SINKS: dict[str, Callable[[str, torch.Tensor], None]] = {}
+
+
 class GrpcEmbeddingTransport:
+    """Embeddings to a prefill worker: by reference when it runs in this process (colocated), else over
+    its gRPC service."""
+
     def __init__(self, channels: ChannelPool, timeout: float = 30.0) -> None:
         self.channels = channels
         self.timeout = timeout
 
     async def push(self, address: str, request_id: str, owner: str, embeddings: dict[str, torch.Tensor]) -> None:
+        local = LOCAL_EMBEDDING_SINKS.get(address)
+        if local is not None:
+            for key, tensor in embeddings.items():
+                local(key, tensor)
+            metrics.TRANSFER_BYTES.labels("embedding", "inproc").inc(0)  # handed over, nothing copied
+            return
         start = time.perf_counter()
         chunks = [pb.EmbeddingChunk(request_id=request_id, item_key=key, owner_address=owner,
                                     embedding=tensor_to_proto(tensor)) for key, tensor in embeddings.items()]
