@@ -114,21 +114,21 @@ async def frames(*items: bytes):
 
 async def test_raw_frames_must_match_their_reservation(servicer):
     await servicer.ReserveKV(reserve_request(servicer, "r"), FakeContext())
-    layer_bytes = servicer.engine.pool.layout.bytes_per_block // 2  # one block of one layer, keys and values
+    layer_bytes = servicer.engine.pool.layout.bytes_per_block // 4  # one block of one layer's values (2 layers)
     payload = memoryview(torch.ones(layer_bytes, dtype=torch.uint8).numpy())
-    cases = [(encode_frame(FrameHeader("nobody", 0, 0, 1), payload), grpc.StatusCode.FAILED_PRECONDITION),
-             (encode_frame(FrameHeader("r", 0, 2, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
-             (encode_frame(FrameHeader("r", 5, 0, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
-             (encode_frame(FrameHeader("r", 0, 0, 1), payload[:-4]), grpc.StatusCode.INVALID_ARGUMENT),
+    cases = [(encode_frame(FrameHeader("nobody", 0, 0, 0, 1), payload), grpc.StatusCode.FAILED_PRECONDITION),
+             (encode_frame(FrameHeader("r", 0, 0, 2, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
+             (encode_frame(FrameHeader("r", 5, 0, 0, 1), payload), grpc.StatusCode.INVALID_ARGUMENT),
+             (encode_frame(FrameHeader("r", 0, 0, 0, 1), payload[:-4]), grpc.StatusCode.INVALID_ARGUMENT),
              (b"not a frame", grpc.StatusCode.INVALID_ARGUMENT)]
     for frame, code in cases:
         with pytest.raises(Aborted) as refused:
             await servicer.receiver.write_stream(frames(frame), FakeContext())
         assert refused.value.code == code
-    assert await servicer.receiver.write_stream(frames(encode_frame(FrameHeader("r", 1, 1, 1), payload)),
+    assert await servicer.receiver.write_stream(frames(encode_frame(FrameHeader("r", 1, 1, 1, 1), payload)),
                                                 FakeContext()) == b"%d" % layer_bytes
     block = servicer.receiver.reservations["r"].blocks[1]
-    assert bool((servicer.engine.pool.kv[1, :, block].flatten().view(torch.uint8) == 1).all())
+    assert bool((servicer.engine.pool.kv[1, 1, block].flatten().view(torch.uint8) == 1).all())
 
 
 async def test_kv_whose_generate_gave_up_is_released(servicer):

@@ -17,7 +17,11 @@ from ..wire import tensor_from_proto, tensor_to_proto
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   # KV frames are megabytes: read the socket in large chunks
+                   ("grpc.experimental.tcp_min_read_chunk_size", 4 << 20),
+                   ("grpc.experimental.tcp_max_read_chunk_size", 64 << 20),
+                   ("grpc.experimental.tcp_read_chunk_size", 16 << 20)]
 
 
 class ChannelPool:

@@ -156,7 +156,7 @@ class KVReceiver:
                 if reservation is None or reservation.path == "inproc":  # grpc is every sender's fallback
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"no KV reservation for request {request_id!r}")
-                received += await asyncio.to_thread(self._write_frame, reservation, header.layer,
+                received += await asyncio.to_thread(self._write_frame, reservation, header.layer, header.plane,
                                                     header.first_block, header.blocks, payload)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -168,20 +168,20 @@ class KVReceiver:
         metrics.TRANSFER_LATENCY.labels("kv", "grpc").observe(time.perf_counter() - start)
         return b"%d" % received
 
-    def _write_frame(self, reservation: Reservation, layer: int, first: int, count: int, payload: memoryview) -> int:
+    def _write_frame(self, reservation: Reservation, layer: int, plane: int, first: int, count: int,
+                     payload: memoryview) -> int:
         layout = self.layout
         if not 0 <= layer < layout.num_layers or first < 0 or first + count > len(reservation.blocks):
             raise ValueError(f"KV frame for layer {layer}, blocks {first}..{first + count} is outside "
                              f"the reservation of {len(reservation.blocks)} blocks")
         pool = self.engine.pool.kv
-        expected = count * layout.bytes_per_block // layout.num_layers  # keys and values of one layer
+        expected = count * layout.bytes_per_block // (2 * layout.num_layers)  # keys or values of one layer
         if payload.nbytes != expected:
             raise ValueError(f"KV frame of {payload.nbytes} bytes, expected {expected}")
         with warnings.catch_warnings():  # read-only bytes: the view is only read from
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(payload, dtype=torch.uint8)
-        data = raw.view(layout.dtype).view(2, count, *pool.shape[3:])
-        targets = reservation.blocks[first:first + count]
-        for src, dst, length in block_runs(list(range(count)), targets):
-            pool[layer, :, dst:dst + length].copy_(data[:, src:src + length])
+        data = raw.view(layout.dtype).view(count, *pool.shape[3:])
+        for src, dst, length in block_runs(list(range(count)), reservation.blocks[first:first + count]):
+            pool[layer, plane, dst:dst + length].copy_(data[src:src + length])
         return payload.nbytes

@@ -32,7 +32,7 @@ from .. import metrics
 from ..engine.kv_pool import KVLayout, KVPool
 from ..messages import KVHandoff
 from ..wire import layout_to_proto, sampling_to_proto
-from .block_copy import BlockCopyPlan, copy_layer
+from .block_copy import BlockCopyPlan, block_runs, copy_layer
 from .cuda_ipc import open_handle
 from .kv_paths import PATHS, host_id, sender_paths
 from .nixl_path import NixlAgent, NixlLayerWriter
@@ -284,15 +284,21 @@ class KVSender:
         await write_call(self.channels.get(sink.address))(frames(), timeout=self.timeout)
 
     def _layer_frames(self, reservation: Reservation, layer: int, table: list[int]) -> list[bytes]:
+        """The layer's keys and values as frames; runs of consecutive source blocks go out as views of the
+        pool (the frame's join is the only copy; a GPU pool is copied to host first)."""
         count = len(reservation.blocks)
-        per_frame = max(1, FRAME_BYTES // (self.layout.bytes_per_block // self.layout.num_layers))
-        source = torch.tensor(table[:count], device=self.pool.device)
+        block_bytes = self.layout.bytes_per_block // (2 * self.layout.num_layers)
+        per_frame = max(1, FRAME_BYTES // block_bytes)
         frames = []
-        for first in range(0, count, per_frame):
-            blocks = source[first:first + per_frame]
-            data = self.pool.kv[layer].index_select(1, blocks).cpu().contiguous()
-            payload = memoryview(data.view(torch.uint8).numpy())
-            frames.append(encode_frame(FrameHeader(reservation.request_id, layer, first, len(blocks)), payload))
+        for plane in range(2):
+            first = 0
+            for start, _, length in block_runs(table[:count], table[:count]):
+                for offset in range(0, length, per_frame):
+                    blocks = min(per_frame, length - offset)
+                    part = self.pool.kv[layer, plane, start + offset:start + offset + blocks].cpu()
+                    header = FrameHeader(reservation.request_id, layer, plane, first, blocks)
+                    frames.append(encode_frame(header, memoryview(part.view(torch.uint8).numpy())))
+                    first += blocks
         return frames
 
 

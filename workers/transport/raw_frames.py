@@ -13,39 +13,38 @@ import grpc
 
 SERVICE = "epd.v1.KVData"
 WRITE_METHOD = f"/{SERVICE}/Write"
-FRAME_BYTES = 8 << 20  # large frames: few Python round trips per layer, still well under message limits
-_HEADER = struct.Struct("<4sHHII")  # magic, request id length, layer, first block, block count
-_MAGIC = b"EPK1"
+FRAME_BYTES = 4 << 20  # large frames (few Python round trips per layer) that gRPC still moves smoothly
+_HEADER = struct.Struct("<4sHHBII")  # magic, request id length, layer, plane, first block, block count
+_MAGIC = b"EPK2"
 
 
 @dataclass(frozen=True)
 class FrameHeader:
     request_id: str
     layer: int
+    plane: int  # 0: keys, 1: values
     first_block: int  # index into the reservation's block list
     blocks: int
 
 
 def encode_frame(header: FrameHeader, payload: memoryview) -> bytes:
-    """Header and payload in one bytes object (gRPC sends bytes; this is the one copy of the sender)."""
+    """Header and payload in one bytes object: gRPC sends bytes, and this join is the sender's one copy
+    (the payload is a view of the pool's blocks)."""
     rid = header.request_id.encode()
-    frame = bytearray(_HEADER.size + len(rid) + payload.nbytes)
-    _HEADER.pack_into(frame, 0, _MAGIC, len(rid), header.layer, header.first_block, header.blocks)
-    frame[_HEADER.size:_HEADER.size + len(rid)] = rid
-    frame[_HEADER.size + len(rid):] = payload.cast("B")
-    return bytes(frame)
+    head = _HEADER.pack(_MAGIC, len(rid), header.layer, header.plane, header.first_block, header.blocks)
+    return b"".join((head, rid, payload.cast("B")))
 
 
 def decode_frame(frame: bytes) -> tuple[FrameHeader, memoryview]:
     """The header and a view of the payload (no copy); ValueError for a frame that is not ours."""
     if len(frame) < _HEADER.size:
         raise ValueError(f"KV frame of {len(frame)} bytes is shorter than its header")
-    magic, rid_len, layer, first, count = _HEADER.unpack_from(frame)
-    if magic != _MAGIC:
-        raise ValueError("not a KV frame (bad magic)")
+    magic, rid_len, layer, plane, first, count = _HEADER.unpack_from(frame)
+    if magic != _MAGIC or plane > 1:
+        raise ValueError("not a KV frame (bad magic or plane)")
     start = _HEADER.size + rid_len
     request_id = frame[_HEADER.size:start].decode(errors="replace")
-    return FrameHeader(request_id, layer, first, count), memoryview(frame)[start:]
+    return FrameHeader(request_id, layer, plane, first, count), memoryview(frame)[start:]
 
 
 def write_handler(consume: Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[bytes]]

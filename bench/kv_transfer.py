@@ -1,0 +1,150 @@
+"""KV handoff throughput between two processes, per path, against memcpy of
+the same bytes measured in the same run (the physical limit here).
+
+    python -m epd.bench.kv_transfer [--sizes-mb 64,256,1024] --out bench/results/kv_transfer.json
+
+A child process serves a decode worker's handoff side (the real
+`DecodeServicer` RPCs, `KVReceiver`, its data paths and block pool; only the
+model is left out: a pool of LLaVA-1.5-7B's KV shape, bf16, 512 KiB per token)
+and the parent sends like a prefill worker (the real `KVSender`): reserve,
+write every layer's blocks, wait for the data path. The time is from the first
+layer write to the data path's end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from epd.v1 import stages_pb2_grpc as pb_grpc
+
+from ..workers.engine.block_allocator import BlockAllocator
+from ..workers.engine.kv_pool import KVLayout, KVPool
+from ..workers.stages.decode import DecodeServicer
+from ..workers.transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
+from ..workers.transport.kv_paths import PATHS, nixl_available
+from ..workers.transport.kv_sender import KVSender
+from ..workers.transport.nixl_path import NixlAgent
+from ..workers.transport.shm import SharedPool
+
+LAYOUT = KVLayout(num_layers=32, num_kv_heads=32, head_dim=128, block_size=16, dtype=torch.bfloat16)
+
+
+class BlockReserver:
+    """The decode engine's reservation side over a real pool, without a model to decode with."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.allocator = BlockAllocator(pool.num_blocks, 0)
+        self.reserved: dict[str, list[int]] = {}
+
+    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, adopt: bool = False) -> list[int]:
+        self.reserved[request_id] = self.allocator.allocate(self.pool.layout.blocks_for(prompt_tokens))
+        return self.reserved[request_id]
+
+    def release(self, request_id: str, adopted_blocks: list[int] | None = None) -> bool:
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is not None:
+            self.allocator.free_blocks(blocks)
+        return blocks is not None
+
+
+def decode_side(blocks: int, paths: str, ready) -> None:
+    async def serve() -> None:
+        shared = SharedPool() if "shm" in paths else None
+        pool = KVPool(LAYOUT, blocks, allocate=shared.allocate if shared else None)
+        nixl = NixlAgent("decode", pool.kv) if "nixl" in paths else None
+        servicer = DecodeServicer(ctx=None, engine=BlockReserver(pool), shared_fd=shared.fd if shared else None,
+                                  kv_paths=frozenset(paths.split(",")), nixl=nixl)
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        pb_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers(servicer.generic_handlers())
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await servicer.receiver.start()
+        ready.send(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+async def send(address: str, path: str, sizes: list[int], repeats: int) -> dict:
+    tokens = [size // LAYOUT.bytes_per_token for size in sizes]
+    pool = KVPool(LAYOUT, LAYOUT.blocks_for(max(tokens)))
+    pool.kv.normal_()
+    sender = KVSender(ChannelPool(), pool, allowed=frozenset({path, "grpc"}))
+    results = {}
+    for size, count in zip(sizes, tokens):
+        table = list(range(LAYOUT.blocks_for(count)))
+        times = []
+        for attempt in range(repeats + 1):
+            sink = await sender.open(address, f"{size}.{attempt}", count, 1)
+            start = time.perf_counter()
+            for layer in range(LAYOUT.num_layers):
+                sink.write_layer(layer, table)
+            await sink.finish()
+            if attempt:  # the first one warms the path up (mapping, agents, connections)
+                times.append(time.perf_counter() - start)
+            assert sink.path == path, f"asked for {path}, got {sink.path}"
+            await sink.abort()  # give the reservation back
+        seconds = sorted(times)[len(times) // 2]
+        results[f"{size >> 20}MB"] = {"bytes": count * LAYOUT.bytes_per_token, "seconds": seconds,
+                                      "bytes_per_s": count * LAYOUT.bytes_per_token / seconds}
+    return results
+
+
+def memcpy(sizes: list[int], repeats: int) -> dict:
+    results = {}
+    for size in sizes:
+        src, dst = torch.empty(size, dtype=torch.uint8).random_(), torch.empty(size, dtype=torch.uint8)
+        dst.copy_(src)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+        results[f"{size >> 20}MB"] = {"bytes_per_s": size / sorted(times)[len(times) // 2]}
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes-mb", default="64,256,1024")
+    parser.add_argument("--paths", default=",".join(p for p in PATHS if p in ("shm", "grpc")
+                                                    or (p == "nixl" and nixl_available())))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    sizes = [int(mb) << 20 for mb in args.sizes_mb.split(",")]
+    report = {"layout": str(LAYOUT), "memcpy": memcpy(sizes, args.repeats), "paths": {}}
+    blocks = LAYOUT.blocks_for(max(sizes) // LAYOUT.bytes_per_token) + 2
+    context = mp.get_context("spawn")
+    for path in args.paths.split(","):
+        ours, theirs = context.Pipe()
+        child = context.Process(target=decode_side, args=(blocks, f"{path},grpc", theirs), daemon=True)
+        child.start()
+        port = ours.recv()
+        try:
+            report["paths"][path] = asyncio.run(send(f"127.0.0.1:{port}", path, sizes, args.repeats))
+        finally:
+            child.terminate()
+            child.join(10)
+        for name, entry in report["paths"][path].items():
+            entry["of_memcpy"] = entry["bytes_per_s"] / report["memcpy"][name]["bytes_per_s"]
+            print(f"{path:5} {name:>7}: {entry['bytes_per_s'] / 1e9:6.2f} GB/s = {entry['of_memcpy']:.0%} of memcpy",
+                  flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
