@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import Callable
@@ -24,6 +25,18 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+async def eventually(condition: Callable[[], T], within: float = 30.0, message: str = "condition") -> T:
+    """`wait_until` inside an event loop: other tasks run while `condition` is polled for `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {message}")
+        await asyncio.sleep(0.01)
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:

@@ -62,6 +62,47 @@ class ChatMessage:
     parts: tuple[TextPart | ImagePart, ...]
 
 
+@dataclass(frozen=True)
+class EncodeItem:
+    """One piece of an image that the vision tower encodes on its own (the whole image, or a tile)."""
+
+    item_key: str  # content key of its embedding (epd.workers.cache.item_key)
+    tile_index: int  # -1: the whole image
+    n_tokens: int  # rows of embedding it becomes
+    dispatched: bool = False  # the router sent it to an encode worker for this attempt (prefill waits for it)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image of a request as the stages see it: its content key, bytes (kept so that prefill
+    can recompute a miss), size and items in order."""
+
+    image_key: str
+    image: bytes
+    size: ImageSize
+    items: tuple[EncodeItem, ...]
+
+
+@dataclass(frozen=True)
+class PrefillCall:
+    """What the router asks a prefill worker: prefill this prompt and hand the KV to `decode_address`."""
+
+    request_id: str
+    input_ids: list[int]
+    images: list[ImageRef]
+    sampling: SamplingParams
+    decode_address: str
+
+
+@dataclass(frozen=True)
+class GeneratedChunk:
+    """Tokens a decode worker streams back: their ids, their new text, and the finish reason once done."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""  # "", "stop" or "length"
+
+
 @dataclass
 class PrefillJob:
     """Everything a prefill forward needs, embeddings already merged per image."""

@@ -8,7 +8,13 @@ from epd.v1 import stages_pb2 as pb
 
 from .engine.kv_pool import KVLayout
 from .engine.tensors import PackedTensor, pack, unpack
-from .messages import KVHandoff, SamplingParams
+from .messages import EncodeItem, GeneratedChunk, ImageRef, KVHandoff, PrefillCall, SamplingParams
+
+# Trailing metadata of a failed call that blames a peer of the failing stage (prefill failing because
+# its decode worker is gone): the router retries elsewhere without that peer. Structured, so nobody
+# parses error text for it.
+FAILED_STAGE_KEY = "epd-failed-stage"
+FAILED_ADDRESS_KEY = "epd-failed-address"
 
 
 def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
@@ -51,3 +57,37 @@ def handoff_from_commit(message: pb.CommitKVRequest) -> KVHandoff:
                      first_token=message.first_token, next_position=message.next_position,
                      rope_delta=message.rope_delta, sampling=sampling_from_proto(message.sampling),
                      generator_state=message.generator_state, cached_tokens=message.cached_tokens)
+
+
+def encode_item_to_proto(item: EncodeItem, image: bytes = b"") -> pb.EncodeItem:
+    """`image`: the image's bytes, for an item sent to an encode worker (inside an ImageRef they travel once)."""
+    return pb.EncodeItem(item_key=item.item_key, image=image, tile_index=item.tile_index, n_tokens=item.n_tokens,
+                         dispatched=item.dispatched)
+
+
+def image_ref_to_proto(ref: ImageRef) -> pb.ImageRef:
+    return pb.ImageRef(image_key=ref.image_key, image=ref.image, items=[encode_item_to_proto(i) for i in ref.items],
+                       width=ref.size.width, height=ref.size.height)
+
+
+def prefill_to_proto(call: PrefillCall) -> pb.PrefillRequest:
+    return pb.PrefillRequest(request_id=call.request_id, input_ids=call.input_ids,
+                             images=[image_ref_to_proto(ref) for ref in call.images],
+                             sampling=sampling_to_proto(call.sampling), decode_address=call.decode_address)
+
+
+def chunk_from_proto(message: pb.GenerateChunk) -> GeneratedChunk:
+    return GeneratedChunk(tuple(message.token_ids), message.text, message.finish_reason)
+
+
+def failed_peer_metadata(stage: str, address: str) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for `context.abort(..., trailing_metadata=...)` naming the peer at fault."""
+    return ((FAILED_STAGE_KEY, stage), (FAILED_ADDRESS_KEY, address))
+
+
+def failed_peer(metadata: object) -> tuple[str, str] | None:
+    """The (stage, address) a failed call's trailing metadata blames, if any."""
+    found = dict((str(key), value if isinstance(value, str) else value.decode()) for key, value in metadata or ())
+    if FAILED_STAGE_KEY in found and FAILED_ADDRESS_KEY in found:
+        return found[FAILED_STAGE_KEY], found[FAILED_ADDRESS_KEY]
+    return None

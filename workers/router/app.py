@@ -24,6 +24,7 @@ from ..security.tls import TLSFiles
 from ..security.url_guard import URLPolicy
 from ..transport.grpc_transport import ChannelPool
 from .errors import APIError, bad_request, from_http_exception
+from .grpc_stage_client import GrpcStageClient
 from .image_cost import ImageCostCheck, ImageLimits
 from .images import FetchedImage, ImageFetcher, image_session
 from .pipeline import StagePipeline
@@ -74,7 +75,7 @@ class Router:
         self.redis = connect(config.redis_url)
         self.directory = WorkerDirectory(self.redis)
         self.channels = ChannelPool(config.tls)
-        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), self.channels,
+        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), GrpcStageClient(self.channels),
                                       RoutePlanner(affinity=PrefixAffinity(config.prefix_block_size)))
         self.recovering = RecoveringStream(self.pipeline, adapter, config.prefix_block_size, config.max_recoveries)
         self.encoder = PromptEncoder(adapter, config.special_tokens_in_text)
@@ -213,6 +214,6 @@ class Router:
         raw = await asyncio.gather(*(fetcher.fetch(url, param) for url, param in chat.image_urls))
 
         def inspect_all() -> list[FetchedImage]:
-            return [fetcher.inspect(data, param) for data, (_, param) in zip(raw, chat.image_urls)]
+            return [fetcher.inspect(data, param) for data, (_, param) in zip(raw, chat.image_urls, strict=True)]
 
         return await asyncio.get_running_loop().run_in_executor(self.cpu, inspect_all)

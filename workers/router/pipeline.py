@@ -10,28 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-
-import grpc
-
-from epd.v1 import stages_pb2 as pb
-from epd.v1 import stages_pb2_grpc as pb_grpc
+from dataclasses import dataclass, field, replace
 
 from .. import metrics
 from ..cache import MetadataStore
+from ..messages import EncodeItem, GeneratedChunk, ImageRef, PrefillCall
 from ..registry import WorkerDirectory
-from ..transport.grpc_transport import ChannelPool
-from ..wire import sampling_to_proto
 from .errors import APIError
 from .prepare import PreparedRequest
 from .routing import RoutePlan, RoutePlanner
+from .stage_client import DecodeStream, StageCallError, StageClient
 
 log = logging.getLogger(__name__)
-
-GRPC_TO_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
-                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
-# A worker that is gone or shutting down fails this way; another worker may well succeed.
-WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 
 
 @dataclass
@@ -74,29 +64,27 @@ class _Holders:
 
 
 class StagePipeline:
-    def __init__(self, directory: WorkerDirectory, metadata: MetadataStore, channels: ChannelPool,
-                 planner: RoutePlanner, timeout: float = 300.0, cancel_timeout: float = 2.0) -> None:
+    """Runs attempts through the stages with `stages` (gRPC to real workers, or in-process servicers)."""
+
+    def __init__(self, directory: WorkerDirectory, metadata: MetadataStore, stages: StageClient,
+                 planner: RoutePlanner) -> None:
         self.directory = directory
         self.metadata = metadata
-        self.channels = channels
+        self.stages = stages
         self.planner = planner
-        self.timeout = timeout
-        self.cancel_timeout = cancel_timeout
 
-    async def attempt(self, request: PreparedRequest) -> AsyncIterator[pb.GenerateChunk]:
+    async def attempt(self, request: PreparedRequest) -> AsyncIterator[GeneratedChunk]:
         to_encode, images = await self._dispatch_plan(request)
         plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode),
                                  request.prefix_blocks)
         holders = _Holders(plan)
-        generate = None
+        generate: DecodeStream | None = None
         finished = False
         try:
             holders.encodes = {address: asyncio.create_task(
                 self._encode(address, request, [to_encode[k] for k in keys], plan))
                 for address, keys in plan.encode.items()}
-            decode_stub = pb_grpc.DecodeServiceStub(self.channels.get(plan.decode.address))
-            generate = decode_stub.Generate(pb.GenerateRequest(request_id=request.stage_request_id),
-                                            timeout=self.timeout)
+            generate = self.stages.generate(plan.decode.address, request.stage_request_id)
             holders.prefill = asyncio.create_task(self._prefill(request, images, plan))
             await self._first_failure(holders.prefill, list(holders.encodes.values()))
             async for chunk in _read_until_told(generate):
@@ -105,13 +93,13 @@ class StagePipeline:
                     finished = True
                     return
             raise StageFailure("decode", plan.decode.address, "the token stream ended before the last token", True)
-        except grpc.aio.AioRpcError as exc:
-            failure = _failure("decode", plan.decode.address, exc)
+        except StageCallError as error:
+            failure = _failure("decode", plan.decode.address, error)
             holders.lost = failure.lost
-            raise failure from exc
+            raise failure from error
         except StageFailure as failure:
-            if failure.stage == "prefill" and failure.retryable and generate is not None and generate.done() \
-                    and await generate.code() in WORKER_LOST:
+            if failure.stage == "prefill" and failure.retryable and generate is not None \
+                    and await generate.ended_lost():
                 failure.stage, failure.address = "decode", plan.decode.address  # prefill failed: decode is gone
             holders.lost = failure.lost
             raise
@@ -127,55 +115,49 @@ class StagePipeline:
 
     async def _cancel(self, request_id: str, held: list[tuple[str, str]]) -> None:
         """Tell every stage that may hold the request to drop it; bounded, never raises."""
-        stubs = {"encode": pb_grpc.EncodeServiceStub, "prefill": pb_grpc.PrefillServiceStub,
-                 "decode": pb_grpc.DecodeServiceStub}
 
         async def one(stage: str, address: str) -> None:
             try:
-                reply = await stubs[stage](self.channels.get(address)).Cancel(
-                    pb.CancelRequest(request_id=request_id), timeout=self.cancel_timeout)
-            except grpc.aio.AioRpcError as exc:
-                log.debug("cancel of %s at %s %s: %s", request_id, stage, address, exc.code().name)
+                cancelled = await self.stages.cancel(stage, address, request_id)
+            except StageCallError as error:
+                log.debug("cancel of %s at %s %s: %s", request_id, stage, address, error.code.name)
                 return
-            if reply.cancelled:
+            if cancelled:
                 metrics.ROUTER_CANCELS.labels(stage).inc()
 
         await asyncio.gather(*(one(stage, address) for stage, address in held))
 
-    async def _dispatch_plan(self, request: PreparedRequest) -> tuple[dict[str, pb.EncodeItem], list[pb.ImageRef]]:
-        """Items to encode now (cache misses), and the ImageRefs marked accordingly."""
+    async def _dispatch_plan(self, request: PreparedRequest) -> tuple[dict[str, tuple[EncodeItem, bytes]],
+                                                                      list[ImageRef]]:
+        """Items to encode now (cache misses, with their image's bytes), and the ImageRefs with each
+        item marked dispatched or not."""
         keys = [item.item_key for ref in request.images for item in ref.items]
         records = await self.metadata.get_many(sorted(set(keys))) if keys and self.directory.redis_ok else {}
-        to_encode: dict[str, pb.EncodeItem] = {}
+        to_encode: dict[str, tuple[EncodeItem, bytes]] = {}
         images = []
         for ref in request.images:
             items = []
             for item in ref.items:
                 record = records.get(item.item_key)
-                cached = record is not None and record.fetchable_from(self.directory)
-                dispatched = not cached
+                dispatched = not (record is not None and record.fetchable_from(self.directory))
                 if dispatched and item.item_key not in to_encode:
-                    to_encode[item.item_key] = pb.EncodeItem(item_key=item.item_key, image=ref.image,
-                                                             tile_index=item.tile_index, n_tokens=item.n_tokens)
-                items.append(pb.EncodeItem(item_key=item.item_key, tile_index=item.tile_index,
-                                           n_tokens=item.n_tokens, dispatched=dispatched))
-            images.append(pb.ImageRef(image_key=ref.image_key, image=ref.image, items=items, width=ref.width,
-                                      height=ref.height))
+                    to_encode[item.item_key] = (item, ref.image)
+                items.append(replace(item, dispatched=dispatched))
+            images.append(replace(ref, items=tuple(items)))
         return to_encode, images
 
-    async def _encode(self, address: str, request: PreparedRequest, items: list[pb.EncodeItem], plan: RoutePlan) -> None:
+    async def _encode(self, address: str, request: PreparedRequest, items: list[tuple[EncodeItem, bytes]],
+                      plan: RoutePlan) -> None:
         """Encode on `address`; if that worker is gone, once more on another live one (prefill is
         waiting for these pushes, and would otherwise only recompute after its timeout)."""
         for attempt in range(2):
-            stub = pb_grpc.EncodeServiceStub(self.channels.get(address))
             try:
-                await stub.Encode(pb.EncodeRequest(request_id=request.stage_request_id, items=items,
-                                                   prefill_address=plan.prefill.address), timeout=self.timeout)
+                await self.stages.encode(address, request.stage_request_id, items, plan.prefill.address)
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise APIError(400, f"encode worker {address}: {exc.details()}", "invalid_image") from exc
-                log.warning("encode on %s failed (%s)", address, exc.code().name)
+            except StageCallError as error:
+                if error.invalid:
+                    raise APIError(400, f"encode worker {address}: {error}", "invalid_image") from error
+                log.warning("encode on %s failed (%s)", address, error.code.name)
                 self.planner.suspect(address)
                 others = [w.address for w in self.directory.live("encode")
                           if w.address != address and w.address not in self.planner.suspects]
@@ -183,24 +165,19 @@ class StagePipeline:
                     return  # prefill falls back to fetching or recomputing the items itself
                 address = others[0]
 
-    async def _prefill(self, request: PreparedRequest, images: list[pb.ImageRef], plan: RoutePlan) -> None:
-        stub = pb_grpc.PrefillServiceStub(self.channels.get(plan.prefill.address))
-        message = pb.PrefillRequest(request_id=request.stage_request_id, input_ids=request.input_ids,
-                                    images=images, sampling=sampling_to_proto(request.sampling),
-                                    decode_address=plan.decode.address)
+    async def _prefill(self, request: PreparedRequest, images: list[ImageRef], plan: RoutePlan) -> None:
+        call = PrefillCall(request.stage_request_id, request.input_ids, images, request.sampling,
+                           plan.decode.address)
         try:
-            reply = await stub.Prefill(message, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            # prefill itself, or the decode worker it streams the KV cache to, may be the one lost
-            lost = plan.decode.address if plan.decode.address in (exc.details() or "") else plan.prefill.address
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise APIError(400, f"prefill worker {plan.prefill.address}: {exc.details()}",
-                               "prefill_failed") from exc
-            failure = _failure("prefill", plan.prefill.address, exc)
-            if failure.retryable and lost != plan.prefill.address:
-                failure.stage, failure.address = "decode", lost
-            raise failure from exc
-        request.cached_tokens = reply.cached_tokens
+            request.cached_tokens = await self.stages.prefill(plan.prefill.address, call)
+        except StageCallError as error:
+            if error.invalid:
+                raise APIError(400, f"prefill worker {plan.prefill.address}: {error}", "prefill_failed") from error
+            failure = _failure("prefill", plan.prefill.address, error)
+            blamed = error.blamed or _decode_named(error, plan)
+            if failure.retryable and blamed is not None:  # prefill lost a peer (its decode worker), not itself
+                failure.stage, failure.address = blamed
+            raise failure from error
 
     @staticmethod
     async def _first_failure(prefill: asyncio.Task, encodes: list[asyncio.Task]) -> None:
@@ -214,25 +191,28 @@ class StagePipeline:
                     raise task.exception()
 
 
-def _failure(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageFailure:
-    code = exc.code()
-    retryable = code in WORKER_LOST
-    return StageFailure(stage, address, exc.details() or code.name, retryable,
-                        GRPC_TO_HTTP.get(code, 503 if retryable else 500))
+def _decode_named(error: StageCallError, plan: RoutePlan) -> tuple[str, str] | None:
+    """Until the prefill servicer blames its decode worker in the call's metadata (epd.workers.wire),
+    its error text names it."""
+    return ("decode", plan.decode.address) if plan.decode.address in error.detail else None
 
 
-async def _read_until_told(call) -> AsyncIterator[pb.GenerateChunk]:
-    """The stream's messages. Cancelling the reader (the client left) leaves the call open, so the
+def _failure(stage: str, address: str, error: StageCallError) -> StageFailure:
+    return StageFailure(stage, address, error.detail, error.lost, error.http_status)
+
+
+async def _read_until_told(stream: DecodeStream) -> AsyncIterator[GeneratedChunk]:
+    """The stream's chunks. Cancelling the reader (the client left) leaves the call open, so the
     decode worker learns of it from a `Cancel` while it still holds the request; the call is
     cancelled after that."""
     while True:
-        read = asyncio.ensure_future(call.read())
+        read = asyncio.ensure_future(stream.read())
         try:
             chunk = await asyncio.shield(read)
         except asyncio.CancelledError:
             read.add_done_callback(_retrieve)  # nobody reads it now
             raise
-        if chunk is grpc.aio.EOF:
+        if chunk is None:
             return
         yield chunk
 

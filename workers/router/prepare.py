@@ -8,10 +8,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from epd.v1 import stages_pb2 as pb
-
 from ..cache import block_hashes, image_key, item_key
-from ..messages import SamplingParams
+from ..messages import EncodeItem, ImageRef, SamplingParams
 from ..models import ModelAdapter
 from .errors import APIError
 from .images import FetchedImage
@@ -25,7 +23,7 @@ UINT64 = 2**64
 class PreparedRequest:
     request_id: str  # what the client sees
     input_ids: list[int]
-    images: list[pb.ImageRef]
+    images: list[ImageRef]
     chat: ChatRequest
     sampling: SamplingParams
     image_tokens: list[int]  # placeholder rows of each image (names prompt blocks)
@@ -84,10 +82,8 @@ def prepare(adapter: ModelAdapter, encoder: PromptEncoder, chat: ChatRequest, im
         key = image_key(adapter.model_id, adapter.processor_fingerprint, image.data)
         counts = adapter.image_items(image.size)
         tiles = [-1] if len(counts) == 1 else list(range(len(counts)))
-        items = [pb.EncodeItem(item_key=item_key(key, tile), tile_index=tile, n_tokens=n)
-                 for tile, n in zip(tiles, counts)]
-        refs.append(pb.ImageRef(image_key=key, image=image.data, items=items, width=image.size.width,
-                                height=image.size.height))
+        items = tuple(EncodeItem(item_key(key, tile), tile, n) for tile, n in zip(tiles, counts, strict=True))
+        refs.append(ImageRef(key, image.data, image.size, items))
     rows = [adapter.image_tokens(image.size) for image in images]
     blocks = block_hashes(ids, adapter.image_token_id, [ref.image_key for ref in refs], rows, prefix_block_size)
     return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, chat.sampling(max_tokens), rows, blocks)

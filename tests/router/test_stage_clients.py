@@ -1,0 +1,136 @@
+"""The router's stage clients: the pipeline runs the same over gRPC and over the
+in-process client (real servicers of a real colocated worker, no router-to-stage
+sockets), and a failing stage call is attributed from its status and structured
+metadata (epd.workers.wire), not from its text."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import grpc
+import pytest
+from PIL import Image
+
+from epd.image_size import ImageSize
+from epd.workers.cache import MetadataStore
+from epd.workers.messages import EncodeItem, PrefillCall, SamplingParams
+from epd.workers.models import load_adapter
+from epd.workers.redis_connection import connect
+from epd.workers.registry import WorkerDirectory
+from epd.workers.router.grpc_stage_client import GrpcStageClient
+from epd.workers.router.images import FetchedImage
+from epd.workers.router.inprocess_stage_client import InProcessStageClient, _Context
+from epd.workers.router.pipeline import StageFailure, StagePipeline
+from epd.workers.router.prepare import prepare
+from epd.workers.router.prompt import PromptEncoder
+from epd.workers.router.routing import RoutePlanner
+from epd.workers.router.schema import parse_chat_request
+from epd.workers.router.stage_client import StageCallError
+from epd.workers.stages.worker import Worker, WorkerConfig
+from epd.workers.transport.grpc_transport import ChannelPool
+from epd.workers.wire import failed_peer, failed_peer_metadata
+
+from ..helpers import eventually, png_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def worker(redis_server):
+    worker = Worker(WorkerConfig(role="colocated", model="tiny-llava", redis_url=redis_server.url))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+def request(adapter, text: str, images: list[bytes], max_tokens: int = 6):
+    body = {"model": "tiny-llava", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                *({"type": "image_url", "image_url": {"url": "data:,"}} for _ in images),
+                {"type": "text", "text": text}]}]}
+    fetched = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            fetched.append(FetchedImage(data, ImageSize(*image.size)))
+    return prepare(adapter, PromptEncoder(adapter), parse_chat_request(body), fetched, 16)
+
+
+async def tokens(pipeline: StagePipeline, prepared) -> list[int]:
+    return [t async for chunk in pipeline.attempt(prepared) for t in chunk.token_ids]
+
+
+async def test_the_pipeline_gives_the_same_tokens_in_process_and_over_grpc(worker, redis_server):
+    adapter = load_adapter("tiny-llava")
+    redis = connect(redis_server.url)
+    directory = WorkerDirectory(redis)
+    await directory.refresh()
+    channels = ChannelPool()
+    clients = {"grpc": GrpcStageClient(channels),
+               "in-process": InProcessStageClient({worker.ctx.address: worker.servicers})}
+    try:
+        produced = {}
+        for name, client in clients.items():
+            pipeline = StagePipeline(directory, MetadataStore(redis), client, RoutePlanner())
+            produced[name] = [await tokens(pipeline, request(adapter, f"describe {n}", [png_bytes(32, 32, n)]))
+                              for n in range(2)]
+        assert produced["grpc"] == produced["in-process"]
+        assert all(len(ids) == 6 for ids in produced["grpc"])
+    finally:
+        await channels.close()
+        await redis.aclose()
+
+
+async def test_a_stage_cancelling_a_request_fails_its_in_process_call_as_cancelled(worker, monkeypatch):
+    """As over gRPC: Cancel ends the encode call held by the stage, and its caller sees CANCELLED."""
+    encode = next(s for s in worker.servicers if hasattr(s, "Encode"))
+    held, release = threading.Event(), threading.Event()
+    original = encode.vision.encode
+
+    def held_encode(items):
+        held.set()
+        release.wait(60)
+        return original(items)
+
+    monkeypatch.setattr(encode.vision, "encode", held_encode)
+    client = InProcessStageClient({worker.ctx.address: worker.servicers})
+    item = EncodeItem("item-held", -1, 1)
+    call = asyncio.create_task(client.encode(worker.ctx.address, "r-held", [(item, png_bytes(32, 32, 7))], ""))
+    try:
+        await eventually(held.is_set, 30, "the encode batch to start")
+        assert await client.cancel("encode", worker.ctx.address, "r-held") is True
+        with pytest.raises(StageCallError) as caught:
+            await call
+        assert caught.value.code == grpc.StatusCode.CANCELLED and caught.value.lost
+        assert await client.cancel("encode", worker.ctx.address, "r-held") is False  # no longer held
+    finally:
+        release.set()
+
+
+async def test_a_stage_blaming_its_peer_in_metadata_is_attributed_to_the_peer():
+    class PrefillLosingItsDecode:
+        async def Prefill(self, request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the KV transfer failed",
+                                trailing_metadata=failed_peer_metadata("decode", "10.0.0.9:7000"))
+
+    client = InProcessStageClient({"prefill:1": [PrefillLosingItsDecode()]})
+    with pytest.raises(StageCallError) as caught:
+        await client.prefill("prefill:1", PrefillCall("r1", [1, 2, 3], [], SamplingParams(), "10.0.0.9:7000"))
+    assert caught.value.blamed == ("decode", "10.0.0.9:7000") and caught.value.lost
+    assert caught.value.http_status == 503 and str(caught.value) == "the KV transfer failed"
+
+
+def test_failure_metadata_round_trips_and_is_absent_from_other_failures():
+    assert failed_peer(failed_peer_metadata("decode", "host:1")) == ("decode", "host:1")
+    assert failed_peer([("epd-failed-stage", b"decode"), ("epd-failed-address", b"host:2")]) == ("decode", "host:2")
+    assert failed_peer(()) is None and failed_peer(None) is None
+    invalid = StageCallError.of(grpc.StatusCode.INVALID_ARGUMENT, "bad image")
+    assert (invalid.invalid, invalid.lost, invalid.blamed, invalid.http_status) == (True, False, None, 400)
+    assert StageFailure("prefill", "a:1", "x", True).lost == "a:1"
+
+
+async def test_the_in_process_context_aborts_like_grpc():
+    with pytest.raises(StageCallError) as caught:
+        await _Context().abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool full")
+    assert caught.value.http_status == 429 and caught.value.blamed is None
