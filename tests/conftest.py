@@ -52,6 +52,17 @@ def _pings(server: RedisServer) -> bool:
         return False
 
 
+@pytest.fixture
+async def worker(redis_server: RedisServer):
+    """A real colocated tiny-llava worker in this process: gRPC on a loopback socket, real Redis."""
+    from epd.workers.stages.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(role="colocated", model="tiny-llava", redis_url=redis_server.url))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     server = start_redis()

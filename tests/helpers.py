@@ -14,29 +14,35 @@ from PIL import Image
 T = TypeVar("T")
 
 
+class Deadline:
+    """The end of a wait: `check()` fails the test, naming what it waited for, once it has passed."""
+
+    def __init__(self, seconds: float, message: str) -> None:
+        self.seconds, self.message = seconds, message
+        self.end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise AssertionError(f"timed out after {self.seconds}s waiting for {self.message}")
+
+
 def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
                message: str = "condition") -> T:
     """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    deadline = Deadline(timeout, message)
+    while not (value := condition()):
+        deadline.check()
         time.sleep(interval)
+    return value
 
 
 async def eventually(condition: Callable[[], T], within: float = 30.0, message: str = "condition") -> T:
     """`wait_until` inside an event loop: other tasks run while `condition` is polled for `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {message}")
+    deadline = Deadline(within, message)
+    while not (value := condition()):
+        deadline.check()
         await asyncio.sleep(0.01)
+    return value
 
 
 def png_bytes(width: int, height: int, seed: int) -> bytes:

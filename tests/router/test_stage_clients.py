@@ -28,21 +28,12 @@ from epd.workers.router.prompt import PromptEncoder
 from epd.workers.router.routing import RoutePlanner
 from epd.workers.router.schema import parse_chat_request
 from epd.workers.router.stage_client import StageCallError
-from epd.workers.stages.worker import Worker, WorkerConfig
 from epd.workers.transport.grpc_transport import ChannelPool
 from epd.workers.wire import failed_peer, failed_peer_metadata
 
 from ..helpers import eventually, png_bytes
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-async def worker(redis_server):
-    worker = Worker(WorkerConfig(role="colocated", model="tiny-llava", redis_url=redis_server.url))
-    await worker.start()
-    yield worker
-    await worker.stop()
 
 
 def request(adapter, text: str, images: list[bytes], max_tokens: int = 6):

@@ -17,14 +17,14 @@ from PIL import Image
 
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
+from epd.workers.messages import SamplingParams
 from epd.workers.registry import KEY_PREFIX
 from epd.workers.stages.batching import MicroBatcher
 from epd.workers.stages.prefill import PrefillServicer
-from epd.workers.stages.worker import Worker, WorkerConfig
+from epd.workers.stages.worker import Worker
 from epd.workers.wire import sampling_to_proto, tensor_to_proto
-from epd.workers.messages import SamplingParams
 
-from ..helpers import png_bytes
+from ..helpers import eventually, png_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,11 +42,9 @@ async def test_a_failing_batch_fails_only_its_items_and_the_loop_goes_on():
                            fail_batch=lambda batch, exc: failed.append((batch, str(exc))))
     batcher.start()
     batcher.submit(0)
-    while not failed:
-        await asyncio.sleep(0.01)  # yield to the loop until it has run the batch
+    await eventually(lambda: failed, 30, "the failing batch to run")
     batcher.submit(1)
-    while not ran:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: ran, 30, "the next batch to run")
     await batcher.stop()
     assert failed == [([0], "device out of memory")] and ran == [[1]]
 
@@ -56,14 +54,6 @@ def bomb_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (15000, 15000)).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
-
-
-@pytest.fixture
-async def worker(redis_server):
-    worker = Worker(WorkerConfig(role="colocated", model="tiny-llava", redis_url=redis_server.url))
-    await worker.start()
-    yield worker
-    await worker.stop()
 
 
 def prefill_request(worker: Worker, request_id: str, text_ids: list[int]) -> pb.PrefillRequest:

@@ -41,13 +41,23 @@ class EncodeInput:
     tile_index: int = -1
 
 
+# Pillow's own decompression-bomb bound (twice its MAX_IMAGE_PIXELS default), checked here rather than
+# through that process-wide setting, which the router lifts for its own limits.
+MAX_DECODED_PIXELS = 2 * 89_478_485
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to RGB, raising InvalidImageError with the reason."""
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
+        pixels = image.width * image.height
+        if pixels <= MAX_DECODED_PIXELS:
+            image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"cannot decode image: {exc}") from exc
+    if pixels > MAX_DECODED_PIXELS:
+        raise InvalidImageError(f"cannot decode image: {image.width}x{image.height} pixels could be a "
+                                f"decompression bomb (at most {MAX_DECODED_PIXELS} are decoded)")
     return image.convert("RGB")
 
 
