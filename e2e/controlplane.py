@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from epd.workers.launcher.processes import free_port
 
+from epd.workers.launcher.processes import free_port
 from tests.helpers import wait_until
 
 from .pki import Pki, create_pki

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Self
 
 import yaml
-from epd.workers.launcher.processes import free_port
 
+from epd.workers.launcher.processes import free_port
 from tests.helpers import wait_until
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from epd.stages import STAGES  # noqa: F401  (re-exported for the tests)
+
 from .controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("encode", "prefill", "decode")
 CHILD_KINDS = ("statefulsets", "deployments", "services", "configmaps", "poddisruptionbudgets", "networkpolicies",
                "epdstages")
 

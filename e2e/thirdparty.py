@@ -7,7 +7,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from .controlplane import ControlPlane
+from .controlplane import ControlPlane, wait_for
 
 SCRIPT = Path(__file__).resolve().parent / "fetch-crds.sh"
 MONITORING = ("monitoring.coreos.com_podmonitors.yaml", "monitoring.coreos.com_servicemonitors.yaml")
@@ -28,7 +28,10 @@ def install(plane: ControlPlane, files: tuple[str, ...]) -> list[str]:
     for name in files:
         plane.kubectl("apply", "--server-side", "-f", str(crd_dir() / name))
         names.append(name.split("_", 1)[1].removesuffix(".yaml") + "." + name.split("_", 1)[0])
-    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in names])
+    for crd in names:  # (`kubectl wait` fails outright while a new CRD has no conditions yet)
+        wait_for(lambda crd=crd: any(c["type"] == "Established" and c["status"] == "True"
+                                     for c in plane.get("crd", crd).get("status", {}).get("conditions") or []),
+                 60, f"{crd} established")
     return names
 
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epd import metric_names as names
+
 REGISTRY = CollectorRegistry()
 
-RECONCILES = Counter("epd_operator_reconciles_total", "Reconciles by result (ok, degraded, retry)", ["result"],
+RECONCILES = Counter(names.OPERATOR_RECONCILES, "Reconciles by result (ok, degraded, retry)", ["result"],
                      registry=REGISTRY)
-RECONCILE_SECONDS = Histogram("epd_operator_reconcile_seconds", "Time one reconcile took", registry=REGISTRY,
+RECONCILE_SECONDS = Histogram(names.OPERATOR_RECONCILE_SECONDS, "Time one reconcile took", registry=REGISTRY,
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-APPLY_ERRORS = Counter("epd_operator_apply_errors_total", "Writes the apiserver refused, by reason",
+APPLY_ERRORS = Counter(names.OPERATOR_APPLY_ERRORS, "Writes the apiserver refused, by reason",
                        ["reason"], registry=REGISTRY)
-PRUNED = Counter("epd_operator_pruned_total", "Children deleted because the spec no longer builds them", ["kind"],
+PRUNED = Counter(names.OPERATOR_PRUNED, "Children deleted because the spec no longer builds them", ["kind"],
                  registry=REGISTRY)
-SCALING_DECISIONS = Counter("epd_operator_scaling_decisions_total",
+SCALING_DECISIONS = Counter(names.OPERATOR_SCALING_DECISIONS,
                             "Replica changes chosen by the built-in autoscaler",
-                            ["epd_namespace", "epd_deployment", "stage", "direction"], registry=REGISTRY)
+                            ["epd_namespace", names.DEPLOYMENT_LABEL, "stage", "direction"], registry=REGISTRY)
 # Labels say epd_namespace, not namespace: a scrape of the operator adds its own `namespace`.
-SLO_SECONDS = Gauge("epd_operator_slo_seconds", "Each EPDDeployment's latency targets (spec.slo), for dashboards",
-                    ["epd_namespace", "epd_deployment", "target"], registry=REGISTRY)
-DEPLOYMENTS = Gauge("epd_operator_deployments", "EPDDeployments the operator tracks", registry=REGISTRY)
-LEADER = Gauge("epd_operator_leader", "1 while this replica holds the Lease and reconciles", registry=REGISTRY)
+SLO_SECONDS = Gauge(names.OPERATOR_SLO_SECONDS, "Each EPDDeployment's latency targets (spec.slo), for dashboards",
+                    ["epd_namespace", names.DEPLOYMENT_LABEL, "target"], registry=REGISTRY)
+DEPLOYMENTS = Gauge(names.OPERATOR_DEPLOYMENTS, "EPDDeployments the operator tracks", registry=REGISTRY)
+LEADER = Gauge(names.OPERATOR_LEADER, "1 while this replica holds the Lease and reconciles", registry=REGISTRY)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("encode", "prefill", "decode")
+from epd.stages import STAGES
+
 # Seconds a stage's pod gets between SIGTERM and SIGKILL to drain what it holds: decode streams
 # whole answers, prefill finishes a batch and hands its KV over, encode only finishes a batch.
 GRACE_SECONDS = {"encode": 30, "prefill": 60, "decode": 300}

@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..sizing.scaling import STAGES, ObservedWindow, StageMetrics
+from epd import metric_names as names
+from epd.stages import STAGES
+
+from ..sizing.scaling import ObservedWindow, StageMetrics
 from .window import StageState
 
 
@@ -60,8 +63,8 @@ class Queries:
     seconds: int
 
     def select(self, component: str, **labels: str) -> str:
-        matchers = {"namespace": self.namespace, "epd_deployment": self.deployment, "epd_component": component,
-                    **labels}
+        matchers = {"namespace": self.namespace, names.DEPLOYMENT_LABEL: self.deployment,
+                    names.COMPONENT_LABEL: component, **labels}
         return "{" + ",".join(f'{k}="{v}"' for k, v in matchers.items()) + "}"
 
     def increase(self, name: str, component: str, **labels: str) -> str:
@@ -90,25 +93,25 @@ def prometheus_window(prometheus: Prometheus, queries: Queries, now: float, stat
         if (role == "router" or states[role].ready) and ask(queries.targets_up(role)) < 1:
             return None
     q = percentile / 100
-    requests = ask(queries.increase("epd_requests_total", "router"))
+    requests = ask(queries.increase(names.REQUESTS, "router"))
     per_request = max(requests, 1.0)
     stages = {}
     for stage in STAGES:
         state = states[stage]
-        queue = ask(queries.gauge("sum", "epd_stage_queue_depth", stage, stage=stage))
+        queue = ask(queries.gauge("sum", names.STAGE_QUEUE_DEPTH, stage, stage=stage))
         decode = stage == "decode"
-        in_flight = ask(queries.gauge("sum", "epd_stage_in_flight", stage, stage=stage)) if decode else 0.0
+        in_flight = ask(queries.gauge("sum", names.STAGE_IN_FLIGHT, stage, stage=stage)) if decode else 0.0
         stages[stage] = StageMetrics(
             replicas=state.replicas, pending=max(0, state.replicas - state.ready), queue=int(queue),
             busy=min(1.0, ask(queries.busy(stage))),
-            latency=ask(queries.quantile(q, "epd_stage_latency_seconds", stage, stage=stage)),
-            kv_usage=ask(queries.gauge("avg", "epd_kv_cache_usage_ratio", stage)) if decode else 0.0,
+            latency=ask(queries.quantile(q, names.STAGE_LATENCY, stage, stage=stage)),
+            kv_usage=ask(queries.gauge("avg", names.KV_CACHE_USAGE, stage)) if decode else 0.0,
             occupancy=(in_flight + queue) / (max(1, state.replicas) * decode_batch) if decode else 0.0)
     return ObservedWindow(
         time=now, seconds=queries.seconds, arrival_rate=requests / queries.seconds,
-        images_per_request=ask(queries.increase("epd_request_images_total", "router")) / per_request,
-        prompt_tokens=ask(queries.increase("epd_prompt_tokens_total", "router")) / per_request,
-        output_tokens=ask(queries.increase("epd_completion_tokens_total", "router")) / per_request,
-        ttft_p90=ask(queries.quantile(q, "epd_request_ttft_seconds", "router")),
-        tpot_p90=ask(queries.quantile(q, "epd_request_tpot_seconds", "router")),
+        images_per_request=ask(queries.increase(names.REQUEST_IMAGES, "router")) / per_request,
+        prompt_tokens=ask(queries.increase(names.PROMPT_TOKENS, "router")) / per_request,
+        output_tokens=ask(queries.increase(names.COMPLETION_TOKENS, "router")) / per_request,
+        ttft_p90=ask(queries.quantile(q, names.REQUEST_TTFT, "router")),
+        tpot_p90=ask(queries.quantile(q, names.REQUEST_TPOT, "router")),
         stages=stages)

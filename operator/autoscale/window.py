@@ -3,11 +3,14 @@ Pure: readings in, window out."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..sizing.scaling import STAGES, ObservedWindow, StageMetrics
+from epd import metric_names as names
+from epd.percentiles import histogram_percentile
+from epd.stages import STAGES
+
+from ..sizing.scaling import ObservedWindow, StageMetrics
 from .prom import Reading
 
 PodReadings = Mapping[str, Reading]  # pod name -> reading
@@ -41,23 +44,6 @@ def bucket_delta(before: PodReadings, after: PodReadings, name: str, **labels: s
     return out
 
 
-def quantile(q: float, buckets: Mapping[float, float]) -> float:
-    """histogram_quantile over cumulative buckets, linear within a bucket; 0 with no observations."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return 0.0
-    rank = q * buckets[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank:
-            if math.isinf(bound):
-                return lower  # above the largest finite bound: the best we can say
-            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
-        lower, below = bound, count
-    return lower
-
-
 def gauge_sum(readings: PodReadings, name: str, **labels: str) -> float:
     return sum(r.total(name, **labels) for r in readings.values())
 
@@ -65,28 +51,27 @@ def gauge_sum(readings: PodReadings, name: str, **labels: str) -> float:
 def observe(before: Mapping[str, PodReadings], after: Mapping[str, PodReadings], seconds: float, now: float,
             states: Mapping[str, StageState], decode_batch: int, percentile: float) -> ObservedWindow:
     """The window between two readings of the router pods (`router`) and each stage's pods."""
-    q = percentile / 100
     router_before, router_after = before.get("router", {}), after.get("router", {})
-    requests = counter_delta(router_before, router_after, "epd_requests_total")
+    requests = counter_delta(router_before, router_after, names.REQUESTS)
     per_request = max(requests, 1.0)
     stages = {}
     for stage in STAGES:
         old, new = before.get(stage, {}), after.get(stage, {})
         state = states[stage]
-        queue = gauge_sum(new, "epd_stage_queue_depth", stage=stage)
-        busy = counter_delta(old, new, "epd_stage_busy_seconds_total", stage=stage) / (seconds * max(1, len(new)))
-        latency = quantile(q, bucket_delta(old, new, "epd_stage_latency_seconds", stage=stage))
-        kv_usage = gauge_sum(new, "epd_kv_cache_usage_ratio") / len(new) if stage == "decode" and new else 0.0
-        occupancy = ((gauge_sum(new, "epd_stage_in_flight", stage=stage) + queue)
+        queue = gauge_sum(new, names.STAGE_QUEUE_DEPTH, stage=stage)
+        busy = counter_delta(old, new, names.STAGE_BUSY_SECONDS, stage=stage) / (seconds * max(1, len(new)))
+        latency = histogram_percentile(bucket_delta(old, new, names.STAGE_LATENCY, stage=stage), percentile)
+        kv_usage = gauge_sum(new, names.KV_CACHE_USAGE) / len(new) if stage == "decode" and new else 0.0
+        occupancy = ((gauge_sum(new, names.STAGE_IN_FLIGHT, stage=stage) + queue)
                      / (max(1, state.replicas) * decode_batch)) if stage == "decode" else 0.0
         stages[stage] = StageMetrics(replicas=state.replicas, pending=max(0, state.replicas - state.ready),
                                      queue=int(queue), busy=min(1.0, busy), latency=latency, kv_usage=kv_usage,
                                      occupancy=occupancy)
     return ObservedWindow(
         time=now, seconds=seconds, arrival_rate=requests / seconds,
-        images_per_request=counter_delta(router_before, router_after, "epd_request_images_total") / per_request,
-        prompt_tokens=counter_delta(router_before, router_after, "epd_prompt_tokens_total") / per_request,
-        output_tokens=counter_delta(router_before, router_after, "epd_completion_tokens_total") / per_request,
-        ttft_p90=quantile(q, bucket_delta(router_before, router_after, "epd_request_ttft_seconds")),
-        tpot_p90=quantile(q, bucket_delta(router_before, router_after, "epd_request_tpot_seconds")),
+        images_per_request=counter_delta(router_before, router_after, names.REQUEST_IMAGES) / per_request,
+        prompt_tokens=counter_delta(router_before, router_after, names.PROMPT_TOKENS) / per_request,
+        output_tokens=counter_delta(router_before, router_after, names.COMPLETION_TOKENS) / per_request,
+        ttft_p90=histogram_percentile(bucket_delta(router_before, router_after, names.REQUEST_TTFT), percentile),
+        tpot_p90=histogram_percentile(bucket_delta(router_before, router_after, names.REQUEST_TPOT), percentile),
         stages=stages)

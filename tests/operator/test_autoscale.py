@@ -1,23 +1,18 @@
 """The operator's autoscaling, pure parts: Prometheus readings -> observed
-window (with the workers' real metric definitions), histogram quantiles, the
-PromQL of the Prometheus source, and the policy the spec implies."""
+window (with the workers' real metric definitions), the PromQL of the
+Prometheus source, and the policy the spec implies."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client import generate_latest
+
 from epd.operator.autoscale.controller import Autoscaler, policy
 from epd.operator.autoscale.prom import Reading
 from epd.operator.autoscale.promql import MetricsUnavailable, Prometheus, Queries
-from epd.operator.autoscale.window import StageState, observe, quantile
+from epd.operator.autoscale.window import StageState, observe
 from epd.operator.spec import EPDDeploymentSpec
 from epd.workers import metrics
-from prometheus_client import generate_latest
-
-
-def test_quantile_interpolates_inside_the_bucket_like_histogram_quantile():
-    assert quantile(0.9, {0.1: 5, 0.5: 10, float("inf"): 10}) == pytest.approx(0.42)
-    assert quantile(0.5, {0.1: 0, 0.5: 0, float("inf"): 0}) == 0.0  # nothing observed
-    assert quantile(0.99, {0.1: 1, float("inf"): 10}) == 0.1  # beyond the last finite bound
 
 
 def reading() -> Reading:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from epd.operator import pods
 from epd.operator.naming import Owner
 from epd.operator.spec import EPDDeploymentSpec

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import yaml
+
 from epd.operator import crd, stage_crd
 from epd.operator.schema import QUANTITY_PATTERN
 from epd.operator.spec import (

@@ -9,6 +9,7 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from epd.operator import network, tls
 from epd.operator.naming import Owner
 
