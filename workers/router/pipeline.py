@@ -174,9 +174,8 @@ class StagePipeline:
             if error.invalid:
                 raise APIError(400, f"prefill worker {plan.prefill.address}: {error}", "prefill_failed") from error
             failure = _failure("prefill", plan.prefill.address, error)
-            blamed = error.blamed or _decode_named(error, plan)
-            if failure.retryable and blamed is not None:  # prefill lost a peer (its decode worker), not itself
-                failure.stage, failure.address = blamed
+            if failure.retryable and error.blamed is not None:  # prefill lost a peer (its decode worker)
+                failure.stage, failure.address = error.blamed
             raise failure from error
 
     @staticmethod
@@ -189,12 +188,6 @@ class StagePipeline:
                 if task.exception() is not None:
                     prefill.cancel()
                     raise task.exception()
-
-
-def _decode_named(error: StageCallError, plan: RoutePlan) -> tuple[str, str] | None:
-    """Until the prefill servicer blames its decode worker in the call's metadata (epd.workers.wire),
-    its error text names it."""
-    return ("decode", plan.decode.address) if plan.decode.address in error.detail else None
 
 
 def _failure(stage: str, address: str, error: StageCallError) -> StageFailure:

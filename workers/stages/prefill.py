@@ -18,10 +18,10 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 from .. import metrics
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
-from ..wire import sampling_from_proto, tensor_from_proto
 from ..transport.grpc_transport import LOCAL_EMBEDDING_SINKS
-from ..transport.kv_sender import KVHandoffSink, KVSender
 from ..transport.kv_paths import PATHS
+from ..transport.kv_sender import KVHandoffSink, KVSender
+from ..wire import failed_peer_metadata, sampling_from_proto, tensor_from_proto
 from .context import WorkerContext
 from .embeddings import EmbeddingSource, ItemSources
 from .supervision import SupervisedLoop
@@ -93,7 +93,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             except (grpc.aio.AioRpcError, OSError, RuntimeError) as exc:
                 details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"KV transfer to decode worker {request.decode_address} failed: {details}")
+                                    f"KV transfer to decode worker {request.decode_address} failed: {details}",
+                                    trailing_metadata=failed_peer_metadata("decode", request.decode_address))
             self.engine.release(request.request_id, adopted=sink.path == "inproc")
             metrics.TRANSFER_WAIT.labels(sink.path).observe(time.perf_counter() - computed)
             sink = None  # committed: decode owns the KV now
@@ -131,7 +132,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.aio.AioRpcError as exc:
             code = exc.code() if exc.code() in _PASSED_ON else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"decode worker {request.decode_address}: {exc.details() or exc.code().name}")
+            await context.abort(code, f"decode worker {request.decode_address}: {exc.details() or exc.code().name}",
+                                trailing_metadata=failed_peer_metadata("decode", request.decode_address))
         finally:
             if job.kv_sink is None:
                 self.engine.release_prefix(job.prefix)
