@@ -10,6 +10,7 @@ from __future__ import annotations
 STAGE_QUEUE_DEPTH = "epd_stage_queue_depth"
 STAGE_IN_FLIGHT = "epd_stage_in_flight"
 STAGE_BATCH_SIZE = "epd_stage_batch_size"
+STAGE_BATCH_LIMIT = "epd_stage_batch_limit"  # the discovery record's batch_limit, for whoever scrapes
 STAGE_BUSY_SECONDS = "epd_stage_busy_seconds_total"
 STAGE_LATENCY = "epd_stage_latency_seconds"
 ENCODED_ITEMS = "epd_encode_items_total"

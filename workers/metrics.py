@@ -14,6 +14,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUEUE_DEPTH = Gauge(names.STAGE_QUEUE_DEPTH, "Work items waiting in the stage queue", ["stage"])
 IN_FLIGHT = Gauge(names.STAGE_IN_FLIGHT, "Requests being handled by the stage", ["stage"])
 BATCH_SIZE = Histogram(names.STAGE_BATCH_SIZE, "Items per executed batch", ["stage"], buckets=BATCH_BUCKETS)
+BATCH_LIMIT = Gauge(names.STAGE_BATCH_LIMIT, "The stage's batch limit, as in its discovery record (encode: images, "
+                    "prefill: tokens per step, decode: sequences per step)", ["stage"])
 BUSY_SECONDS = Counter(names.STAGE_BUSY_SECONDS, "Seconds the stage spent computing (busy fraction = rate)",
                        ["stage"])
 STAGE_LATENCY = Histogram(names.STAGE_LATENCY, "Time from admission to completion in the stage", ["stage"],

@@ -3,7 +3,11 @@
 Each worker keeps a record `epd:worker:<stage>:<address>` alive with a short
 TTL and refreshes its published load on every heartbeat; a worker that stops
 heartbeating drops out of routing within `ttl` seconds. The router reads the
-live set."""
+live set. The record also says what peers must agree on, so that nobody
+repeats it in a flag: the model and its image-processor settings (part of
+every multimodal cache key), the KV block size (the prefix cache's
+granularity, which the router's prefix-affinity hashes must use) and the
+stage's batch limit."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -36,10 +41,12 @@ class WorkerLoad:
 class WorkerInfo:
     stage: str
     address: str  # host:port of the gRPC server
-    model: str
-    capacity: int
+    model: str  # the model id it serves (what the router and the cache keys call it)
+    batch_limit: int  # encode: images per batch; prefill: tokens per step; decode: sequences per step
     metrics_url: str = ""
     pid: int = 0
+    processor: str = ""  # fingerprint of the image-processor settings (ModelAdapter.processor_fingerprint)
+    block_size: int = 0  # tokens per KV block, prefill and decode (0: encode, or not published)
     load: WorkerLoad = field(default_factory=WorkerLoad)
 
     def to_json(self) -> str:
@@ -47,10 +54,12 @@ class WorkerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerInfo:
-        """Parse a record; ValueError if it is not one (anyone who can write to Redis could write it)."""
+        """Parse a record; ValueError if it is not one (anyone who can write to Redis could write it).
+        Fields this version does not know are ignored (a newer worker during a rolling update)."""
         try:
             data = json.loads(raw)
-            info = cls(**{**data, "load": WorkerLoad(**data.get("load", {}))})
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            info = cls(**{**known, "load": WorkerLoad(**data.get("load", {}))})
         except (TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed worker record: {exc}") from exc
         host, sep, port = info.address.rpartition(":")
@@ -112,13 +121,29 @@ class WorkerRegistration:
             pass
 
 
-class WorkerDirectory:
-    """The router's view of live workers, refreshed from Redis in the background."""
+@dataclass(frozen=True)
+class Peering:
+    """What a worker must publish to be a peer of this process: the same model, with the same
+    image-processor settings (else the multimodal cache keys of the two would mean different things)."""
 
-    def __init__(self, client: aioredis.Redis, interval: float = 0.5, reset_grace: float = 5.0) -> None:
+    model: str
+    processor: str
+
+    def admits(self, info: WorkerInfo) -> bool:
+        return info.model == self.model and info.processor == self.processor
+
+
+class WorkerDirectory:
+    """The live workers as the router (or a prefill worker, for encode workers) sees them, refreshed
+    from Redis in the background; with `peering`, only workers that agree with it."""
+
+    def __init__(self, client: aioredis.Redis, interval: float = 0.5, reset_grace: float = 5.0,
+                 peering: Peering | None = None) -> None:
         self.client = client
         self.interval = interval
         self.reset_grace = reset_grace  # how long workers take to re-register after Redis lost its data
+        self.peering = peering
+        self._disagreeing: set[str] = set()  # addresses already warned about
         self.workers: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
         self.redis_ok = False
         self._keep_until = 0.0  # until then, workers missing from Redis stay in the view
@@ -151,8 +176,7 @@ class WorkerDirectory:
         self.workers = found
         return found
 
-    @staticmethod
-    def _parse(keys: list, values: list) -> dict[str, list[WorkerInfo]]:
+    def _parse(self, keys: list, values: list) -> dict[str, list[WorkerInfo]]:
         found: dict[str, list[WorkerInfo]] = {stage: [] for stage in STAGES}
         for key, raw in zip(keys, values, strict=True):
             if not raw:
@@ -162,11 +186,24 @@ class WorkerDirectory:
             except ValueError as exc:
                 log.warning("ignoring %s: %s", key, exc)
                 continue
+            if self.peering is not None and not self.peering.admits(info):
+                if info.address not in self._disagreeing:
+                    self._disagreeing.add(info.address)
+                    log.warning("ignoring the %s worker %s: it serves %s with image processor %s, not %s with %s",
+                                info.stage, info.address, info.model, info.processor or "(none published)",
+                                self.peering.model, self.peering.processor)
+                continue
             found[info.stage].append(info)
         return found
 
     def live(self, stage: str) -> list[WorkerInfo]:
         return self.workers.get(stage, [])
+
+    def block_size(self) -> int | None:
+        """The KV block size the live prefill workers publish, which prompt block hashes must use (the
+        most common one while a rolling update mixes two); None while none publishes one."""
+        sizes = Counter(info.block_size for info in self.live("prefill") if info.block_size > 0)
+        return sizes.most_common(1)[0][0] if sizes else None
 
     async def start(self) -> None:
         await self.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from epd.workers.security.api_keys import API_KEYS_ENV, APIKeys, api_keys_from
 
 

@@ -5,9 +5,17 @@ discovery lists, and the router's view survives Redis going away or losing its d
 from __future__ import annotations
 
 import pytest
+
 from epd.workers.cache import CacheRecord, MetadataStore
 from epd.workers.redis_connection import REDIS_URL_ENV, connect, redacted, redis_url
-from epd.workers.registry import KEY_PREFIX, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
+from epd.workers.registry import (
+    KEY_PREFIX,
+    Peering,
+    WorkerDirectory,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRegistration,
+)
 
 from ..conftest import start_redis
 
@@ -35,13 +43,41 @@ async def test_malformed_worker_records_are_skipped(redis_server):
     client = connect(redis_server.url)
     await register(client, info("encode", "10.0.0.1:50051"))
     for key, raw in {"encode:x": "{not json", "decode:y": '{"stage": "decode"}', "prefill:z": "[]",
-                     "encode:w": '{"stage": "sidecar", "address": "a:1", "model": "m", "capacity": 1}',
-                     "decode:v": '{"stage": "decode", "address": "no-port", "model": "m", "capacity": 1}'}.items():
+                     "encode:w": '{"stage": "sidecar", "address": "a:1", "model": "m", "batch_limit": 1}',
+                     "decode:v": '{"stage": "decode", "address": "no-port", "model": "m", "batch_limit": 1}'}.items():
         await client.set(KEY_PREFIX + key, raw)
     directory = WorkerDirectory(client)
     workers = await directory.refresh()
     assert [w.address for w in workers["encode"]] == ["10.0.0.1:50051"]
     assert workers["prefill"] == workers["decode"] == []
+    await client.aclose()
+
+
+async def test_only_workers_of_the_same_model_and_image_processor_are_peers(redis_server):
+    client = connect(redis_server.url)
+    await register(client, WorkerInfo("encode", "10.0.0.1:1", "tiny-llava", 8, processor="p1"),
+                   WorkerInfo("encode", "10.0.0.2:1", "tiny-llava", 8, processor="p2"),  # other image settings
+                   WorkerInfo("encode", "10.0.0.3:1", "tiny-qwen2-vl", 8, processor="p1"))  # another model
+    # a newer worker's record, with a field this version does not know, is still read
+    await client.set(KEY_PREFIX + "encode:10.0.0.4:1", '{"stage": "encode", "address": "10.0.0.4:1", "model": '
+                     '"tiny-llava", "batch_limit": 8, "processor": "p1", "something_new": true}')
+    directory = WorkerDirectory(client, peering=Peering("tiny-llava", "p1"))
+    workers = await directory.refresh()
+    assert [w.address for w in workers["encode"]] == ["10.0.0.1:1", "10.0.0.4:1"]
+    assert len((await WorkerDirectory(client).refresh())["encode"]) == 4  # no peering: everyone
+    await client.aclose()
+
+
+async def test_the_block_size_is_the_one_prefill_workers_publish(redis_server):
+    client = connect(redis_server.url)
+    directory = WorkerDirectory(client)
+    await register(client, WorkerInfo("decode", "10.0.0.9:1", "m", 8, block_size=32))
+    await directory.refresh()
+    assert directory.block_size() is None  # no prefill worker yet: prompts are not hashed
+    await register(client, *(WorkerInfo("prefill", f"10.0.0.{i}:1", "m", 8192, block_size=size)
+                             for i, size in enumerate((16, 16, 32))))
+    await directory.refresh()
+    assert directory.block_size() == 16  # a rolling update mixing two: the most common
     await client.aclose()
 
 

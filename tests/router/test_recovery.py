@@ -5,6 +5,7 @@ the text across the seam (a character split over tokens, a stop string spanning 
 from __future__ import annotations
 
 import pytest
+
 from epd.workers.cache import block_hashes
 from epd.workers.engine.detokenizer import IncrementalDetokenizer
 from epd.workers.messages import SamplingParams
@@ -21,12 +22,12 @@ def adapter():
 
 def request(sampling: SamplingParams, ids: list[int] | None = None) -> PreparedRequest:
     chat = parse_chat_request({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}]})
-    return PreparedRequest("chatcmpl-1", ids or list(range(40)), [], chat, sampling, [])
+    return PreparedRequest("chatcmpl-1", ids or list(range(40)), [], chat, sampling, [], block_size=16)
 
 
 def test_the_continued_request_prefills_what_was_produced_and_asks_for_the_rest(adapter):
     original = request(SamplingParams(max_tokens=50, temperature=0))
-    resumed = original.continued([7, 8, 9], attempt=1, image_token_id=adapter.image_token_id, block_size=16)
+    resumed = original.continued([7, 8, 9], attempt=1, image_token_id=adapter.image_token_id)
     assert resumed.input_ids == list(range(40)) + [7, 8, 9]
     assert (resumed.max_tokens, resumed.sampling.seed, resumed.prompt_tokens) == (47, None, 40)
     assert resumed.stage_request_id == "chatcmpl-1.1" and resumed.request_id == "chatcmpl-1"
@@ -37,7 +38,7 @@ def test_the_continued_request_prefills_what_was_produced_and_asks_for_the_rest(
 @pytest.mark.parametrize("seed, produced, expected", [(5, 3, 8), (2**64 - 2, 3, 1), (None, 3, None)])
 def test_a_sampled_request_resumes_with_the_seed_advanced_by_the_tokens_produced(seed, produced, expected):
     original = request(SamplingParams(max_tokens=50, temperature=0.8, seed=seed))
-    resumed = original.continued(list(range(produced)), attempt=2, image_token_id=4, block_size=16)
+    resumed = original.continued(list(range(produced)), attempt=2, image_token_id=4)
     assert resumed.sampling.seed == expected and resumed.sampling.temperature == 0.8
 
 

@@ -22,27 +22,27 @@ def pool(p1_load: int = 0, p2_load: int = 0) -> dict[str, list[WorkerInfo]]:
 
 
 def test_a_repeated_prefix_follows_its_worker_unless_it_is_much_busier():
-    planner = RoutePlanner(affinity=PrefixAffinity(block_size=16))
+    planner = RoutePlanner()
     chat = [f"b{i}" for i in range(10)]  # 160 tokens of blocks
-    first = planner.plan(pool(), 170, [], chat)
+    first = planner.plan(pool(), 170, [], chat, 16)
     assert first.prefill.address == "p1"  # equal load: address order
     planner.release(first, 170)
     # p1 is busier, but by less than the 160 tokens it would not recompute
-    assert planner.plan(pool(p1_load=100), 180, [], chat + ["b10"]).prefill.address == "p1"
-    planner = RoutePlanner(affinity=PrefixAffinity(block_size=16))
-    planner.release(planner.plan(pool(), 170, [], chat), 170)
-    assert planner.plan(pool(p1_load=400), 180, [], chat).prefill.address == "p2"  # too busy: go elsewhere
+    assert planner.plan(pool(p1_load=100), 180, [], chat + ["b10"], 16).prefill.address == "p1"
+    planner = RoutePlanner()
+    planner.release(planner.plan(pool(), 170, [], chat, 16), 170)
+    assert planner.plan(pool(p1_load=400), 180, [], chat, 16).prefill.address == "p2"  # too busy: go elsewhere
     # the blocks now point at p2, so the next turn goes there
-    assert planner.affinity.cached_tokens(chat) == {"p2": 160}
+    assert planner.affinity.cached_tokens(chat, 16) == {"p2": 160}
 
 
 def test_affinity_forgets_the_oldest_blocks_beyond_capacity():
-    affinity = PrefixAffinity(block_size=4, capacity=3)
+    affinity = PrefixAffinity(capacity=3)
     affinity.record(["a", "b", "c"], "p1")
     affinity.record(["x"], "p2")
-    assert affinity.cached_tokens(["a", "b", "c"]) == {"p1": 12}
-    assert affinity.cached_tokens(["a"]) == {}  # evicted
-    assert affinity.cached_tokens(["q", "x"]) == {"p2": 8}
+    assert affinity.cached_tokens(["a", "b", "c"], 4) == {"p1": 12}
+    assert affinity.cached_tokens(["a"], 4) == {}  # evicted
+    assert affinity.cached_tokens(["q", "x"], 4) == {"p2": 8}
 
 
 def test_items_spread_over_encode_workers_and_suspects_are_avoided():

@@ -18,7 +18,7 @@ from epd.workers.cache import MetadataStore
 from epd.workers.messages import EncodeItem, PrefillCall, SamplingParams
 from epd.workers.models import load_adapter
 from epd.workers.redis_connection import connect
-from epd.workers.registry import WorkerDirectory
+from epd.workers.registry import Peering, WorkerDirectory
 from epd.workers.router.grpc_stage_client import GrpcStageClient
 from epd.workers.router.images import FetchedImage
 from epd.workers.router.inprocess_stage_client import InProcessStageClient, _Context
@@ -36,7 +36,7 @@ from ..helpers import eventually, png_bytes
 pytestmark = pytest.mark.timeout(300)
 
 
-def request(adapter, text: str, images: list[bytes], max_tokens: int = 6):
+def request(adapter, text: str, images: list[bytes], max_tokens: int = 6, block_size: int | None = 16):
     body = {"model": "tiny-llava", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [
                 *({"type": "image_url", "image_url": {"url": "data:,"}} for _ in images),
@@ -45,7 +45,7 @@ def request(adapter, text: str, images: list[bytes], max_tokens: int = 6):
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
             fetched.append(FetchedImage(data, ImageSize(*image.size)))
-    return prepare(adapter, PromptEncoder(adapter), parse_chat_request(body), fetched, 16)
+    return prepare(adapter, PromptEncoder(adapter), parse_chat_request(body), fetched, 16, block_size)
 
 
 async def tokens(pipeline: StagePipeline, prepared) -> list[int]:
@@ -125,3 +125,23 @@ async def test_the_in_process_context_aborts_like_grpc():
     with pytest.raises(StageCallError) as caught:
         await _Context().abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool full")
     assert caught.value.http_status == 429 and caught.value.blamed is None
+
+
+async def test_a_worker_publishes_what_its_peers_must_agree_on(worker, redis_server):
+    """The discovery record carries the model, its image-processor fingerprint, the KV block size
+    and each stage's batch limit; the router reads the block size from there (no flag of its own)."""
+    adapter = load_adapter("tiny-llava")
+    redis = connect(redis_server.url)
+    try:
+        directory = WorkerDirectory(redis, peering=Peering("tiny-llava", adapter.processor_fingerprint))
+        workers = await directory.refresh()
+        records = {stage: infos[0] for stage, infos in workers.items()}
+        assert {s: (r.model, r.processor, r.block_size, r.batch_limit) for s, r in records.items()} == {
+            "encode": ("tiny-llava", adapter.processor_fingerprint, 0, 16),
+            "prefill": ("tiny-llava", adapter.processor_fingerprint, 16, 8192),
+            "decode": ("tiny-llava", adapter.processor_fingerprint, 16, 64)}
+        assert directory.block_size() == 16
+        prepared = request(adapter, "hello " * 20, [], max_tokens=2, block_size=directory.block_size())
+        assert len(prepared.prefix_blocks) == len(prepared.input_ids) // 16 and prepared.block_size == 16
+    finally:
+        await redis.aclose()

@@ -9,12 +9,13 @@ import ipaddress
 import threading
 
 import pytest
+from yarl import URL
+
 from epd.workers.models import load_adapter
 from epd.workers.router.errors import APIError
 from epd.workers.router.image_cost import ImageCostCheck, ImageLimits
 from epd.workers.router.images import ImageFetcher, image_session
 from epd.workers.security.url_guard import URLPolicy, parse_allow_hosts, refusal
-from yarl import URL
 
 from ..helpers import png_bytes
 

@@ -13,12 +13,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from epd.stages import STAGES
+
 from .. import metrics
 from ..cache import MetadataStore
 from ..messages import TextPart
 from ..models import ModelAdapter
 from ..redis_connection import connect
-from ..registry import STAGES, WorkerDirectory
+from ..registry import Peering, WorkerDirectory
 from ..security.api_keys import APIKeys
 from ..security.tls import TLSFiles
 from ..security.url_guard import URLPolicy
@@ -28,7 +30,6 @@ from .grpc_stage_client import GrpcStageClient
 from .image_cost import ImageCostCheck, ImageLimits
 from .images import FetchedImage, ImageFetcher, image_session
 from .pipeline import StagePipeline
-from .prefix_affinity import PrefixAffinity
 from .prepare import prepare
 from .prompt import PromptEncoder
 from .recovery import RecoveringStream
@@ -50,7 +51,6 @@ class RouterConfig:
     default_max_tokens: int = 256
     limits: ImageLimits = field(default_factory=ImageLimits)
     request_limits: RequestLimits = field(default_factory=RequestLimits)
-    prefix_block_size: int = 16  # the prefill workers' prefix-cache block size
     api_keys: APIKeys = field(default_factory=APIKeys)
     url_policy: URLPolicy = field(default_factory=URLPolicy)
     tls: TLSFiles | None = None  # mutual TLS to the workers
@@ -58,8 +58,8 @@ class RouterConfig:
     max_recoveries: int = 3  # retries / resumes of one request after lost workers
 
     def __post_init__(self) -> None:
-        if self.max_images_per_request < 0 or self.default_max_tokens <= 0 or self.prefix_block_size <= 0:
-            raise ValueError("max_images_per_request must be >= 0, default_max_tokens and prefix_block_size > 0")
+        if self.max_images_per_request < 0 or self.default_max_tokens <= 0:
+            raise ValueError("max_images_per_request must be >= 0 and default_max_tokens > 0")
         if self.max_recoveries < 0:
             raise ValueError("max_recoveries must be >= 0")
 
@@ -73,11 +73,12 @@ class Router:
         self.config = config
         self.adapter = adapter
         self.redis = connect(config.redis_url)
-        self.directory = WorkerDirectory(self.redis)
+        # only workers of this model with these image-processor settings: they publish both
+        self.directory = WorkerDirectory(self.redis, peering=Peering(adapter.model_id, adapter.processor_fingerprint))
         self.channels = ChannelPool(config.tls)
         self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), GrpcStageClient(self.channels),
-                                      RoutePlanner(affinity=PrefixAffinity(config.prefix_block_size)))
-        self.recovering = RecoveringStream(self.pipeline, adapter, config.prefix_block_size, config.max_recoveries)
+                                      RoutePlanner())
+        self.recovering = RecoveringStream(self.pipeline, adapter, config.max_recoveries)
         self.encoder = PromptEncoder(adapter, config.special_tokens_in_text)
         self.cost = ImageCostCheck(adapter, config.limits)
         # JSON parsing, image headers and tokenizing run here, never on the event loop.
@@ -192,8 +193,9 @@ class Router:
                            "messages")
         images = await self._images(chat)
         loop = asyncio.get_running_loop()
+        # prompt blocks hashed at the prefill workers' KV block size, as they publish it
         prepared = await loop.run_in_executor(self.cpu, prepare, self.adapter, self.encoder, chat, images,
-                                              self.config.default_max_tokens, self.config.prefix_block_size)
+                                              self.config.default_max_tokens, self.directory.block_size())
         metrics.IMAGES.inc(len(images))
         metrics.PROMPT_TOKENS.inc(len(prepared.input_ids))
         stream = self.recovering.run(prepared)

@@ -58,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--image-url-allow-host", action="append", default=[], metavar="HOST",
                           help="fetch image URLs only from this host or *.domain (repeatable)")
     add_tls_arguments(parser)
-    parser.add_argument("--prefix-block-size", type=int, default=16,
-                        help="prefill workers' prefix-cache block size (prefix-affinity routing)")
     parser.add_argument("--max-recoveries", type=int, default=3,
                         help="times one request is retried or resumed after losing a worker")
 
@@ -74,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                               served_model_name=args.served_model_name,
                               max_images_per_request=args.max_images_per_request,
                               default_max_tokens=args.default_max_tokens, limits=limits,
-                              request_limits=request_limits, prefix_block_size=args.prefix_block_size,
+                              request_limits=request_limits,
                               api_keys=api_keys_from(args.api_key, args.api_key_file),
                               url_policy=URLPolicy(args.allow_private_image_urls,
                                                    parse_allow_hosts(args.image_url_allow_host)),

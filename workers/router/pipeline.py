@@ -76,7 +76,7 @@ class StagePipeline:
     async def attempt(self, request: PreparedRequest) -> AsyncIterator[GeneratedChunk]:
         to_encode, images = await self._dispatch_plan(request)
         plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode),
-                                 request.prefix_blocks)
+                                 request.prefix_blocks, request.block_size)
         holders = _Holders(plan)
         generate: DecodeStream | None = None
         finished = False

@@ -11,18 +11,18 @@ from collections.abc import Sequence
 class PrefixAffinity:
     """Bounded LRU of block hash -> prefill worker address."""
 
-    def __init__(self, block_size: int = 16, capacity: int = 100_000) -> None:
-        self.block_size = block_size
+    def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self._owner: OrderedDict[str, str] = OrderedDict()
 
-    def cached_tokens(self, blocks: Sequence[str]) -> dict[str, int]:
-        """Prompt tokens each worker probably holds: the longest leading run of the blocks, found
-        from the end (a worker sent block i was sent every block before it in the same request)."""
+    def cached_tokens(self, blocks: Sequence[str], block_size: int) -> dict[str, int]:
+        """Prompt tokens each worker probably holds: the longest leading run of the blocks (of
+        `block_size` tokens), found from the end (a worker sent block i was sent every block before
+        it in the same request)."""
         for index in range(len(blocks) - 1, -1, -1):
             address = self._owner.get(blocks[index])
             if address is not None:
-                return {address: (index + 1) * self.block_size}
+                return {address: (index + 1) * block_size}
         return {}
 
     def record(self, blocks: Sequence[str], address: str) -> None:

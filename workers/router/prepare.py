@@ -28,6 +28,7 @@ class PreparedRequest:
     sampling: SamplingParams
     image_tokens: list[int]  # placeholder rows of each image (names prompt blocks)
     prefix_blocks: list[str] = field(default_factory=list)  # chained block hashes (prefix-affinity routing)
+    block_size: int = 0  # tokens per prefix block (the prefill workers' KV block size); 0: not hashed
     prompt_tokens: int = 0  # the client's prompt; usage reports it even after a resume
     stage_request_id: str = ""  # the id the stages know this attempt by
     cached_tokens: int = 0  # prompt tokens prefill took from its prefix KV cache (usage reports them)
@@ -44,8 +45,7 @@ class PreparedRequest:
         """The same request under a fresh stage id (nothing was produced yet)."""
         return replace(self, stage_request_id=f"{self.request_id}.{attempt}", cached_tokens=0)
 
-    def continued(self, produced: Sequence[int], attempt: int, image_token_id: int,
-                  block_size: int) -> PreparedRequest:
+    def continued(self, produced: Sequence[int], attempt: int, image_token_id: int) -> PreparedRequest:
         """The request resumed after `produced` tokens: prompt + those tokens are prefilled again
         and generation goes on for the tokens still allowed. Greedy output is unchanged; a
         sampled one goes on with the seed advanced by the tokens produced (a fresh random seed
@@ -56,14 +56,15 @@ class PreparedRequest:
             seed = (seed + len(produced)) % UINT64
         sampling = replace(self.sampling, max_tokens=self.sampling.max_tokens - len(produced), seed=seed)
         blocks = block_hashes(ids, image_token_id, [ref.image_key for ref in self.images], self.image_tokens,
-                              block_size)
+                              self.block_size) if self.block_size else []
         return replace(self, input_ids=ids, sampling=sampling, prefix_blocks=blocks, cached_tokens=0,
                        stage_request_id=f"{self.request_id}.{attempt}")
 
 
 def prepare(adapter: ModelAdapter, encoder: PromptEncoder, chat: ChatRequest, images: list[FetchedImage],
-            default_max_tokens: int, prefix_block_size: int = 16) -> PreparedRequest:
-    """Prompt ids with image placeholders expanded, and one ImageRef per image; APIError 400 if
+            default_max_tokens: int, block_size: int | None) -> PreparedRequest:
+    """Prompt ids with image placeholders expanded, one ImageRef per image, and the prompt's block
+    hashes at `block_size` (None: no prefill worker published one yet, no hashes); APIError 400 if
     the prompt (images included) leaves no room for the answer. Runs off the event loop."""
     try:
         ids = encoder.encode(list(chat.messages), [image.size for image in images])
@@ -85,5 +86,7 @@ def prepare(adapter: ModelAdapter, encoder: PromptEncoder, chat: ChatRequest, im
         items = tuple(EncodeItem(item_key(key, tile), tile, n) for tile, n in zip(tiles, counts, strict=True))
         refs.append(ImageRef(key, image.data, image.size, items))
     rows = [adapter.image_tokens(image.size) for image in images]
-    blocks = block_hashes(ids, adapter.image_token_id, [ref.image_key for ref in refs], rows, prefix_block_size)
-    return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, chat.sampling(max_tokens), rows, blocks)
+    blocks = block_hashes(ids, adapter.image_token_id, [ref.image_key for ref in refs], rows,
+                          block_size) if block_size else []
+    return PreparedRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, refs, chat, chat.sampling(max_tokens), rows, blocks,
+                           block_size or 0)

@@ -62,11 +62,10 @@ class ContinuedText:
 class RecoveringStream:
     """Drives attempts of one request until its last token, recovering from lost workers."""
 
-    def __init__(self, pipeline: StagePipeline, adapter: ModelAdapter, block_size: int, max_recoveries: int = 3,
+    def __init__(self, pipeline: StagePipeline, adapter: ModelAdapter, max_recoveries: int = 3,
                  worker_wait: float = 15.0) -> None:
         self.pipeline = pipeline
         self.adapter = adapter
-        self.block_size = block_size
         self.max_recoveries = max_recoveries
         self.worker_wait = worker_wait  # how long a recovery waits for a sibling to be live
 
@@ -97,8 +96,7 @@ class RecoveringStream:
                 metrics.ROUTER_RECOVERIES.labels(kind).inc()
                 if produced:
                     continued = continued or ContinuedText(self.adapter, request, produced, sent)
-                    attempt = request.continued(produced, recovery + 1, self.adapter.image_token_id,
-                                                self.block_size)
+                    attempt = request.continued(produced, recovery + 1, self.adapter.image_token_id)
                 else:
                     attempt = request.retried(recovery + 1)
 

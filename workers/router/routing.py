@@ -44,12 +44,12 @@ class RoutePlanner:
         return {stage: [w for w in infos if w.address not in self.suspects] for stage, infos in workers.items()}
 
     def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str],
-             prefix_blocks: Sequence[str] = ()) -> RoutePlan:
+             prefix_blocks: Sequence[str] = (), block_size: int = 0) -> RoutePlan:
         workers = self._healthy(workers)
         for stage in ("prefill", "decode") + (("encode",) if items_to_encode else ()):
             if not workers.get(stage):
                 raise APIError(503, f"no live {stage} worker is registered", "stage_unavailable")
-        cached = self.affinity.cached_tokens(prefix_blocks)  # tokens a worker need not recompute
+        cached = self.affinity.cached_tokens(prefix_blocks, block_size)  # tokens a worker need not recompute
         prefill = min(workers["prefill"], key=lambda w: (w.load.outstanding_tokens + self.sent_tokens[w.address]
                                                          - cached.get(w.address, 0), w.address))
         self.affinity.record(prefix_blocks, prefill.address)

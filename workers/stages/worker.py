@@ -20,16 +20,16 @@ from prometheus_client import start_http_server
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
+from .. import metrics
 from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
-from ..models import load_adapter
+from ..models import ModelAdapter, load_adapter
 from ..redis_connection import connect
-from ..registry import WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
+from ..registry import Peering, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
 from ..security.tls import TLSFiles, bind, plaintext_health_server
-from ..transport.grpc_transport import ChannelPool
 from ..transport.cuda_ipc import export_handle
-from ..transport.grpc_transport import CHANNEL_OPTIONS
+from ..transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
 from ..transport.kv_paths import PATHS, nixl_available, parse_paths
 from ..transport.nixl_path import NixlAgent
 from ..transport.shm import SharedPool
@@ -83,7 +83,7 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
-        self.kv_cache  # validates the KV settings
+        _ = self.kv_cache  # building it validates the KV settings
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_paths(self.kv_paths)
@@ -121,7 +121,8 @@ class Worker:
         self.redis = connect(config.redis_url)
         self.ctx = ctx = WorkerContext(address=address, adapter=adapter, redis=self.redis,
                                        metadata=MetadataStore(self.redis, config.cache_ttl),
-                                       directory=WorkerDirectory(self.redis), channels=ChannelPool(config.tls))
+                                       directory=WorkerDirectory(self.redis, peering=peering(config, adapter)),
+                                       channels=ChannelPool(config.tls))
         self.servicers = _build_servicers(config, ctx)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -139,9 +140,9 @@ class Worker:
                               if config.health_port else None)
         self.metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
         metrics_url = f"http://{config.host}:{self.metrics_server.server_port}/metrics"
-        infos = [WorkerInfo(stage=stage, address=address, model=config.model, capacity=_capacity(config, stage),
-                            metrics_url=metrics_url, pid=os.getpid())
-                 for stage in config.stages]
+        infos = [published(config, adapter, stage, address, metrics_url) for stage in config.stages]
+        for info in infos:
+            metrics.BATCH_LIMIT.labels(info.stage).set(info.batch_limit)
         self.registration = WorkerRegistration(self.redis, infos, lambda: _load(self.servicers))
         if "prefill" in config.stages:
             await ctx.directory.start()  # prefill recomputes on encode workers it finds here
@@ -216,9 +217,19 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
     return servicers
 
 
-def _capacity(config: WorkerConfig, stage: str) -> int:
-    return {"encode": config.encode_max_batch, "prefill": config.prefill_token_budget,
-            "decode": config.decode_max_batch}[stage]
+def peering(config: WorkerConfig, adapter: ModelAdapter) -> Peering:
+    """The peers this worker works with: its model, with its image-processor settings."""
+    return Peering(config.model, adapter.processor_fingerprint)
+
+
+def published(config: WorkerConfig, adapter: ModelAdapter, stage: str, address: str, metrics_url: str) -> WorkerInfo:
+    """This worker's discovery record for `stage`: what peers must agree on, read from here rather
+    than repeated in their flags (the router hashes prompt blocks at this block size)."""
+    batch_limit = {"encode": config.encode_max_batch, "prefill": config.prefill_token_budget,
+                   "decode": config.decode_max_batch}[stage]
+    return WorkerInfo(stage=stage, address=address, model=config.model, batch_limit=batch_limit,
+                      metrics_url=metrics_url, pid=os.getpid(), processor=peering(config, adapter).processor,
+                      block_size=config.block_size if stage != "encode" else 0)
 
 
 def _load(servicers: list) -> WorkerLoad:
