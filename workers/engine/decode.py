@@ -181,30 +181,40 @@ class DecodeEngine:
         self._free(blocks)
         return True
 
-    def commit(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> TokenEvent:
-        """The reserved blocks hold the prompt's KV (or `adopted_blocks`, handed over in-process, do):
-        the sequence joins at the next step. Returns the event of its first token."""
-        request_id = handoff.request_id
+    def open(self, handoff: KVHandoff) -> tuple[DecodeSequence, TokenEvent]:
+        """The sequence of a committed handoff and the event of its first token (sampled by prefill), made
+        without touching the batch: the server sends that token at once, then `join`s the sequence."""
+        seq = DecodeSequence(request_id=handoff.request_id, sampling=handoff.sampling,
+                             generator=restore_generator(handoff.generator_state),
+                             detokenizer=IncrementalDetokenizer(self.adapter.tokenizer, handoff.sampling.stop),
+                             rope_delta=handoff.rope_delta, length=handoff.next_position,
+                             last_token=handoff.first_token)
+        return seq, self._advance(seq, handoff.first_token)
+
+    def join(self, seq: DecodeSequence, adopted_blocks: list[int] | None = None) -> None:
+        """The reserved blocks hold the sequence's prompt KV (or `adopted_blocks`, handed over in-process,
+        do): it joins the batch at the next step."""
+        request_id = seq.request_id
         if adopted_blocks is not None:
             if request_id not in self.adopting:
                 raise KeyError(f"request {request_id} has no adoption reserved")
             self.blocks_held += len(adopted_blocks) - self.adopting.pop(request_id)
-            blocks = list(adopted_blocks)
+            seq.block_table = list(adopted_blocks)
         else:
             if request_id not in self.reserved:
                 raise KeyError(f"request {request_id} has no KV blocks reserved")
-            blocks = self.reserved.pop(request_id)
-        seq = DecodeSequence(request_id=request_id, sampling=handoff.sampling,
-                             generator=restore_generator(handoff.generator_state),
-                             detokenizer=IncrementalDetokenizer(self.adapter.tokenizer, handoff.sampling.stop),
-                             rope_delta=handoff.rope_delta, length=handoff.next_position,
-                             last_token=handoff.first_token, arrival=self.arrivals, block_table=blocks)
+            seq.block_table = self.reserved.pop(request_id)
+        seq.arrival = self.arrivals
         self.arrivals += 1
-        event = self._advance(seq, handoff.first_token)
+        self.waiting.append(seq)
+
+    def commit(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> TokenEvent:
+        """`open` and, unless its first token ended it, `join` (the reservation is given back if it did)."""
+        seq, event = self.open(handoff)
         if event.finish_reason is None:
-            self.waiting.append(seq)
+            self.join(seq, adopted_blocks)
         else:
-            self._release(seq)
+            self.release(handoff.request_id, adopted_blocks)
         return event
 
     def cancel(self, request_id: str) -> bool:

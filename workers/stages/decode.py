@@ -17,6 +17,7 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
 from ..engine import DecodeEngine
+from ..engine.decode import DecodeSequence
 from ..messages import KVHandoff, TokenEvent
 from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec
 from ..transport.kv_sender import LOCAL_DECODERS
@@ -47,7 +48,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.arrived: dict[str, tuple[Arrival, float]] = {}  # committed, not yet taken by Generate
         self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their commit
         self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
-        self.joining: list[Arrival] = []
+        self.joining: list[tuple[DecodeSequence, list[int] | None]] = []  # opened, joining at the next step
         self.cancelled: set[str] = set()
         self.wakeup = asyncio.Event()
         self._loop_task = SupervisedLoop("decode", ctx.health if ctx is not None else None)
@@ -160,16 +161,22 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             finally:
                 self.arrival_events.pop(request_id, None)
         arrival, _ = self.arrived.pop(request_id)
-        handoff = arrival[0]
+        handoff, adopted = arrival
+        # the first token (prefill sampled it) goes out now, not after the batch's next step
+        seq, first = self.engine.open(handoff)
         queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
+        queue.put_nowait(first)
         self.streams[request_id] = queue
         metrics.IN_FLIGHT.labels("decode").inc()
         start = time.perf_counter()
         completion = 0
         finished = False
         try:
-            self.joining.append(arrival)
-            self.wakeup.set()
+            if first.finish_reason is None:
+                self.joining.append((seq, adopted))
+                self.wakeup.set()
+            else:
+                await self._discard(arrival)
             while True:
                 token = await queue.get()
                 if isinstance(token, Exception):
@@ -225,16 +232,16 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             metrics.KV_USAGE.set(self.engine.kv_usage)
             metrics.KV_TOKENS.set(self.engine.kv_tokens)
 
-    def _step(self, joining: list[Arrival], cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
+    def _step(self, joining: list[tuple[DecodeSequence, list[int] | None]],
+              cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
         for request_id in cancelled:
             self.engine.cancel(request_id)
-        events: list[tuple[str, TokenEvent | Exception]] = []
-        for handoff, adopted in joining:
-            if handoff.request_id in cancelled:
-                self.engine.release(handoff.request_id, adopted)
-                continue
-            events.append((handoff.request_id, self.engine.commit(handoff, adopted)))
-        return events + [(event.request_id, event) for event in self.engine.step()]
+        for seq, adopted in joining:
+            if seq.request_id in cancelled:
+                self.engine.release(seq.request_id, adopted)
+            else:
+                self.engine.join(seq, adopted)
+        return [(event.request_id, event) for event in self.engine.step()]
 
 
 async def _direct(fn, *args):
