@@ -33,8 +33,8 @@ import aiohttp
 from epd.image_size import ImageSize
 from epd.slo import SLO
 
-from ..workers.launcher.processes import free_port
-from .compare import serve
+from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
+from ..workers.registry import KEY_PREFIX, WorkerInfo
 from .report import table
 from .runner import run_workload
 from .workload import RequestFactory, WorkloadSpec
@@ -112,14 +112,38 @@ def loads(spec: WorkloadSpec) -> dict[str, tuple[WorkloadSpec, int]]:
             "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240), 64)}
 
 
-def measure(label: str, url: str, spec: WorkloadSpec) -> dict:
+def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: list[str] = ()) -> dict:
     result: dict = {"greedy": asyncio.run(greedy_texts(url, spec))}
     for name, (load, concurrency) in loads(spec).items():
         asyncio.run(run_workload(url, replace(load, requests=4, seed=99), SLO(), concurrency, progress=False))
+        before = transfer_wait(prefill_metrics)
         summary = asyncio.run(run_workload(url, load, SLO(), concurrency, progress=False))
+        if prefill_metrics:  # the share of TTFT spent waiting on the KV handoff after prefill's compute
+            waited, count = (a - b for a, b in zip(transfer_wait(prefill_metrics), before))
+            summary["transfer_wait_mean_s"] = waited / count if count else 0.0
+            summary["transfer_share_of_ttft"] = summary["transfer_wait_mean_s"] / summary["ttft_s"]["mean"]
         print(f"--- {label}: {name}\n{table(summary)}", flush=True)
         result[name] = summary
     return result
+
+
+def transfer_wait(urls: list[str]) -> tuple[float, float]:
+    """Sum and count of epd_transfer_wait_seconds over the prefill workers."""
+    total = count = 0.0
+    for url in urls:
+        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+            if line.startswith("epd_transfer_wait_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("epd_transfer_wait_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def prefill_metric_urls(redis_url: str) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    return [WorkerInfo.from_json(raw).metrics_url for raw in client.mget(client.keys(KEY_PREFIX + "prefill:*"))]
 
 
 def ratios(results: dict) -> dict:
@@ -141,6 +165,8 @@ def main() -> int:
     parser.add_argument("--model", default="small-llava")
     parser.add_argument("--vllm-threads", default=f"0-{(os.cpu_count() or 1) - 1}",
                         help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")
+    parser.add_argument("--epd-dtype", default="bfloat16",
+                        help="epd workers' --dtype (vLLM's CPU build runs float32 checkpoints in bfloat16)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -156,12 +182,12 @@ def main() -> int:
             process.terminate()
             process.wait(60)
         for label, extra in (("epd", ()), ("epd --colocated", ("--colocated",))):
-            process, url = serve(str(model_dir), "--served-model-name", NAME, *extra)
-            try:
-                results[label] = measure(label, url, spec)
-            finally:
-                process.terminate()
-                process.wait(60)
+            port = free_port()
+            with ProcessGroup(quiet=True) as group:
+                child = start_serve(group, str(model_dir), port, "--quiet", "--served-model-name", NAME,
+                                    f"--worker-arg=--dtype={args.epd_dtype}", *extra)
+                results[label] = measure(label, f"http://127.0.0.1:{port}/v1", spec,
+                                         prefill_metric_urls(child.ready_fields["redis"]))
         results["same_greedy_text"] = results["vllm"]["greedy"] == results["epd"]["greedy"] \
             == results["epd --colocated"]["greedy"]
         results["ratios_vs_vllm"] = ratios(results)

@@ -14,13 +14,17 @@ import os
 import grpc
 import pytest
 
+from epd.image_size import ImageSize
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
-from epd.workers.messages import SamplingParams
+from epd.workers.messages import ChatMessage, ImagePart, SamplingParams, TextPart
+from epd.workers.models import load_adapter
 from epd.workers.stages.decode import DecodeServicer
 from epd.workers.stages.prefill import PrefillServicer
 from epd.workers.stages.worker import Worker, WorkerConfig
 from epd.workers.wire import sampling_to_proto
+
+from ..helpers import png_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -168,3 +172,53 @@ async def test_a_full_decode_worker_makes_prefill_wait_and_drops_nothing(redis_s
         await small.server.stop(0)
         for stage in small.servicers:
             await stage.stop()
+
+
+async def test_encode_killed_while_pushing_is_recomputed_elsewhere(redis_server):
+    """The encode worker dies as it pushes an image's embedding to prefill: prefill stops waiting after
+    its embedding wait, finds the owner gone and recomputes on the other encode worker; the request
+    completes and every pool is idle afterwards."""
+    before = shm_entries()
+    dying = await start(redis_server.url, "encode", "shm")
+    spare = await start(redis_server.url, "encode", "shm")
+    prefill = await start(redis_server.url, "prefill", "shm")
+    decode = await start(redis_server.url, "decode", "shm")
+    stage = servicer(prefill, PrefillServicer)
+    stage.embeddings.embedding_wait = 1.0  # how long prefill waits for a push before falling back
+    original = dying.ctx.embeddings.push
+
+    async def die_while_pushing(*args, **kwargs):
+        await kill(dying)
+        raise ConnectionResetError("the encode process is gone")
+    dying.ctx.embeddings.push = die_while_pushing
+    try:
+        await until(lambda: len(prefill.ctx.directory.live("encode")) == 2)
+        adapter = load_adapter("tiny-llava")
+        image = png_bytes(40, 30, seed=5)
+        ids = adapter.build_prompt([ChatMessage("user", (ImagePart(0), TextPart("What is it?")))],
+                                   [ImageSize(40, 30)])
+        item = pb.EncodeItem(item_key="img-1", image=image, tile_index=-1, n_tokens=16, dispatched=True)
+        ref = pb.ImageRef(image_key="img-1", image=image, width=40, height=30,
+                          items=[pb.EncodeItem(item_key="img-1", tile_index=-1, n_tokens=16, dispatched=True)])
+        request = pb.PrefillRequest(request_id="e1", input_ids=ids, images=[ref], decode_address=decode.ctx.address,
+                                    sampling=sampling_to_proto(SamplingParams(max_tokens=4, ignore_eos=True)))
+        async with grpc.aio.insecure_channel(dying.ctx.address) as encode_channel, \
+                grpc.aio.insecure_channel(prefill.ctx.address) as prefill_channel, \
+                grpc.aio.insecure_channel(decode.ctx.address) as decode_channel:
+            stream = pb_grpc.DecodeServiceStub(decode_channel).Generate(pb.GenerateRequest(request_id="e1"), timeout=60)
+            encode = pb_grpc.EncodeServiceStub(encode_channel).Encode(
+                pb.EncodeRequest(request_id="e1", items=[item], prefill_address=prefill.ctx.address), timeout=60)
+            reply = await pb_grpc.PrefillServiceStub(prefill_channel).Prefill(request, timeout=60)
+            tokens = [t for chunk in [c async for c in stream] for t in chunk.token_ids]
+            with pytest.raises(grpc.aio.AioRpcError):
+                await encode
+        assert reply.items_recomputed == 1 and len(tokens) == 4
+        await until(lambda: stage.engine.allocator.used == 0
+                    and servicer(decode, DecodeServicer).engine.allocator.used == 0)
+    finally:
+        dying.ctx.embeddings.push = original
+        for worker in (spare, prefill, decode):
+            await worker.server.stop(0)
+            for stage_servicer in worker.servicers:
+                await stage_servicer.stop()
+    assert shm_entries() == before
