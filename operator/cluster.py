@@ -94,7 +94,12 @@ class Cluster:
 
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
-        found = self.dynamic.get(self._resource(api_version, kind), namespace=namespace, label_selector=label_selector)
+        try:
+            found = self.dynamic.get(self._resource(api_version, kind), namespace=namespace,
+                                     label_selector=label_selector)
+        except NotFoundError:  # the kind went away (its CRD was deleted): nothing of it exists
+            self._discovery.pop(api_version, None)
+            return []
         return [item.to_dict() for item in found.items]
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str, uid: str) -> None:
