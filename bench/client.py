@@ -24,14 +24,15 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
 
-async def stream_chat(session: aiohttp.ClientSession, base_url: str, body: dict, timeout: float) -> RequestResult:
+async def stream_chat(session: aiohttp.ClientSession, base_url: str, body: dict,
+                      request_timeout: float) -> RequestResult:
     start = time.perf_counter()
     first = last = None
     tokens = 0
     gaps: list[float] = []
     try:
         async with session.post(f"{base_url}/chat/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                timeout=aiohttp.ClientTimeout(total=request_timeout)) as response:
             if response.status != 200:
                 return RequestResult(False, error=f"HTTP {response.status}: {(await response.text())[:200]}")
             async for raw in response.content:

@@ -81,7 +81,7 @@ async def send(address: str, path: str, sizes: list[int], repeats: int) -> dict:
     pool.kv.normal_()
     sender = KVSender(ChannelPool(), pool, allowed=frozenset({path, "grpc"}))
     results = {}
-    for size, count in zip(sizes, tokens):
+    for size, count in zip(sizes, tokens, strict=True):
         table = list(range(LAYOUT.blocks_for(count)))
         times = []
         for attempt in range(repeats + 1):

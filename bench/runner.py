@@ -16,7 +16,7 @@ from .workload import RequestFactory, WorkloadSpec, arrival_times
 
 
 async def run_workload(base_url: str, spec: WorkloadSpec, slo: SLO, concurrency: int = 64,
-                       timeout: float = 600.0, progress: bool = True, api_key: str = "") -> dict:
+                       request_timeout: float = 600.0, progress: bool = True, api_key: str = "") -> dict:
     """Send the workload (arrivals on schedule, at most `concurrency` in flight); returns the summary."""
     count = spec.requests if spec.duration <= 0 else max(1, int(spec.rate * spec.duration) if spec.rate else spec.requests)
     factory = RequestFactory(spec)
@@ -35,7 +35,7 @@ async def run_workload(base_url: str, spec: WorkloadSpec, slo: SLO, concurrency:
             if delay > 0:
                 await asyncio.sleep(delay)  # the arrival schedule, not synchronisation
             async with limit:
-                result = await stream_chat(session, base_url, body, timeout)
+                result = await stream_chat(session, base_url, body, request_timeout)
             results.append(result)
             bar.update(1)
 

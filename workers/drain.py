@@ -24,10 +24,24 @@ NOT_WORK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ActiveCalls(grpc.aio.ServerInterceptor):
-    """Counts the stage RPCs in progress."""
+    """Counts the stage RPCs in progress; `idle` is set while there are none."""
 
     def __init__(self) -> None:
-        self.active = 0
+        self._active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @active.setter
+    def active(self, count: int) -> None:
+        self._active = count
+        if count:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -62,17 +76,17 @@ class ActiveCalls(grpc.aio.ServerInterceptor):
         return answered
 
 
-async def drain(calls: ActiveCalls, timeout: float, settle: float = 1.0) -> bool:
+async def drain(calls: ActiveCalls, within: float, settle: float = 1.0) -> bool:
     """After the worker has left discovery: give peers `settle` seconds to notice (calls they
-    had already routed here still arrive), then wait up to `timeout` for the calls in progress.
-    Returns whether everything finished."""
+    had already routed here still arrive), then wait until `within` seconds from the start for the
+    calls in progress. Returns whether everything finished."""
     start = time.monotonic()
     await asyncio.sleep(settle)  # the routers refresh their view of the workers twice a second
     log.info("draining: %d call(s) in progress", calls.active)
-    while calls.active and time.monotonic() - start < timeout:
-        await asyncio.sleep(0.05)  # polling the call count, with a deadline
-    if calls.active:
-        log.warning("drain timed out after %.0fs with %d call(s) in progress", timeout, calls.active)
+    try:
+        await asyncio.wait_for(calls.idle.wait(), max(0.0, within - (time.monotonic() - start)))
+    except TimeoutError:
+        log.warning("drain timed out after %.0fs with %d call(s) in progress", within, calls.active)
         return False
     log.info("drained in %.1fs", time.monotonic() - start)
     return True

@@ -15,6 +15,7 @@ installing it (the device has torch, transformers and Triton)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -62,7 +63,7 @@ def ceilings(device: torch.device) -> dict:
     size = 2 << 30 if device.type == "cuda" else 64 << 20
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), 5, device)
+    copy_s = timed(functools.partial(dst.copy_, src), 5, device)
     del src, dst
     n = 8192 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -175,7 +176,6 @@ def agreement_point(language, device: torch.device, batch: int = 8, context: int
     from epd.workers.engine import KVCacheConfig, build_runtime
     from epd.workers.engine.attention import SdpaAttention
     from epd.workers.engine.batch import PackedBatch
-
     from epd.workers.engine.forward import kv_layout
 
     per_token = kv_layout(language, 16).bytes_per_token
@@ -204,10 +204,9 @@ def agreement_point(language, device: torch.device, batch: int = 8, context: int
 def prefill_point(adapter, language, ceiling: dict, device: torch.device, prompts: int = 16,
                   length: int = 2048) -> dict:
     from epd.workers.engine import KVCacheConfig
+    from epd.workers.engine.forward import kv_layout
     from epd.workers.engine.offline import OfflineEngines
     from epd.workers.messages import PrefillJob, SamplingParams
-
-    from epd.workers.engine.forward import kv_layout
 
     per_token = kv_layout(language, 16).bytes_per_token
     engines = OfflineEngines(language, adapter, KVCacheConfig(capacity_bytes=prompts * (length + 16) * per_token,
@@ -215,7 +214,7 @@ def prefill_point(adapter, language, ceiling: dict, device: torch.device, prompt
     generator = torch.Generator().manual_seed(0)
     top = min(int(adapter.text_config.vocab_size), adapter.image_token_id)  # text ids only
 
-    def run() -> None:
+    def run(engines: OfflineEngines = engines) -> None:
         ids = torch.randint(10, top, (prompts, length), generator=generator).tolist()
         engines.prefill_only([PrefillJob(f"p{i}", row, [], [], SamplingParams(max_tokens=1))
                               for i, row in enumerate(ids)])
@@ -263,7 +262,6 @@ def _decode_side(connection, shape, dtype_name: str) -> None:
 
 def ipc_point(device: torch.device, tokens: int = 2400) -> dict:
     from epd.workers.models.reference_configs import llava_15_7b
-
     from epd.workers.transport.block_copy import BlockCopyPlan, copy_layer
     from epd.workers.transport.cuda_ipc import open_handle
 
@@ -284,7 +282,7 @@ def ipc_point(device: torch.device, tokens: int = 2400) -> dict:
         sources = src_blocks if label == "fragmented" else list(range(count))
         plan = BlockCopyPlan.between(sources, dst_blocks, device)
 
-        def send() -> int:
+        def send(plan: BlockCopyPlan = plan) -> int:
             return sum(copy_layer(source, target, layer, plan) for layer in range(layers))
 
         seconds = timed(send, 5, device)

@@ -46,7 +46,7 @@ class SearchSpace:
         names = [name for name, _ in self.axes(mode)]
         for base in placements(mode, gpus):
             for values in itertools.product(*(values for _, values in self.axes(mode))):
-                yield replace(base, **dict(zip(names, values)))
+                yield replace(base, **dict(zip(names, values, strict=True)))
 
 
 def stage_splits(gpus: int) -> list[tuple[int, int, int]]:
@@ -157,7 +157,7 @@ class Planner:
             return tuple(abs(values[i] - getattr(config, name)) if isinstance(values[i], int) else 0
                          for i, name in enumerate(names))
 
-        variants = [config] + [replace(config, **dict(zip(names, values)))
+        variants = [config] + [replace(config, **dict(zip(names, values, strict=True)))
                                for values in sorted(itertools.product(*(v for _, v in axes)), key=distance)]
         return next((v for v in variants if not self._memory_problem(v)), config)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 import torch
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from epd.workers.cache import ByteLRU, MetadataStore, image_key, item_key
 from epd.workers.cache.metadata import KEY_PREFIX
 from epd.workers.launcher.processes import free_port
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ..conftest import RedisServer
 

@@ -66,7 +66,7 @@ async def _run_load(served, disturb) -> list[dict]:
 
 
 def _assert_nothing_lost(results: list[dict], undisturbed: list[str]) -> None:
-    for index, (result, expected) in enumerate(zip(results, undisturbed)):
+    for index, (result, expected) in enumerate(zip(results, undisturbed, strict=True)):
         assert result["errors"] == [], (index, result["errors"])
         assert (result["tokens"], result["finish"]) == (TOKENS, "length"), index
         assert result["text"] == expected, index

@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
+from PIL import Image
+
 from epd.workers.messages import ChatMessage, TextPart
 from epd.workers.models import load_adapter
 from epd.workers.router.prompt import PromptEncoder
-from PIL import Image
 
 from ..conftest import wait_until
 from .harness import chat_body, data_url, png_bytes, start_serve

@@ -89,7 +89,7 @@ def test_32_concurrent_streams_complete_without_mixing(served):
     import json
 
     streams, singles = asyncio.run(run())
-    for events, single in zip(streams, singles + [None] * 24):
+    for events, single in zip(streams, singles + [None] * 24, strict=True):
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert len({c["id"] for c in chunks}) == 1  # one request per stream: nothing interleaved

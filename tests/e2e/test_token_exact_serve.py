@@ -74,7 +74,7 @@ def test_eight_concurrent_mixed_requests_match_generate(served):
                                           for text, images in cases))
 
     results = asyncio.run(run_all())
-    for (text, images), result in zip(cases, results):
+    for (text, images), result in zip(cases, results, strict=True):
         assert result["choices"][0]["message"]["content"] == expected_text(served.model, text, images), \
             f"{len(images)} images: {text!r}"
         assert result["usage"]["completion_tokens"] == MAX_TOKENS

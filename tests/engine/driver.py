@@ -27,7 +27,7 @@ def make_job(stages: Stages, request_id: str, text: str, images: list[bytes], ma
     parts = tuple([ImagePart(i) for i in range(len(images))] + [TextPart(text)])
     ids = stages.adapter.build_prompt([ChatMessage("user", parts)], sizes)
     embeddings = []
-    for data, size in zip(images, sizes):
+    for data, size in zip(images, sizes, strict=True):
         items = [EncodeInput(data, tile) for tile in range(len(stages.adapter.image_items(size)))]
         embeddings.append(stages.language.merge_image(size, [stages.vision.encode([item])[0] for item in items]))
     return PrefillJob(request_id, ids, embeddings, sizes, SamplingParams(max_tokens=max_tokens, ignore_eos=True),

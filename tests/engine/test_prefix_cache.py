@@ -35,7 +35,7 @@ def test_blocks_are_named_by_text_and_image_content():
 def test_named_blocks_are_shared_kept_when_free_and_evicted_least_recently_used():
     allocator = BlockAllocator(4, max_cached_blocks=2)
     first = allocator.allocate(3)
-    for block, name in zip(first, "xyz"):
+    for block, name in zip(first, "xyz", strict=True):
         allocator.name(block, name)
     assert allocator.share_prefix(["x", "y", "q"], limit=3) == first[:2]  # shared: refs 2, no copy
     allocator.free_blocks(first)

@@ -19,7 +19,7 @@ def items_of(stages, width: int, height: int, seed: int) -> list[EncodeInput]:
 def test_a_batch_equals_its_items_encoded_alone(stages):
     items = items_of(stages, 40, 30, 1) + items_of(stages, 64, 48, 2) + items_of(stages, 50, 50, 3)
     batched = stages.vision.encode(items)
-    for item, together in zip(items, batched):
+    for item, together in zip(items, batched, strict=True):
         alone = stages.vision.encode([item])[0]
         assert together.shape == alone.shape
         assert torch.allclose(together, alone, atol=1e-5)

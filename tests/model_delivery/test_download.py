@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from epd.workers.models import download, load_adapter
 
 from .checkpoints import REPO, sharded_checkpoint, start_worker

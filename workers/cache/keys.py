@@ -26,7 +26,7 @@ def block_hashes(input_ids: Sequence[int], image_token_id: int, image_keys: Sequ
     """Chained hashes of the prompt's full blocks; a block holding image rows of an image
     without a content key ends the chain (its content cannot be named)."""
     owners: list[tuple[str, int]] = []  # (image key, row) of each placeholder, in prompt order
-    for key, rows in zip(image_keys, image_rows):
+    for key, rows in zip(image_keys, image_rows, strict=False):  # images past the keys have none
         owners.extend((key, row) for row in range(rows))
     slot = 0
     hashes: list[str] = []

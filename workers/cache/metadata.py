@@ -79,7 +79,7 @@ class MetadataStore:
                 results = await pipe.execute()
         except (RedisError, OSError):
             return {}
-        records = {key: CacheRecord.from_hash(data) for key, data in zip(keys, results) if data}
+        records = {key: CacheRecord.from_hash(data) for key, data in zip(keys, results, strict=True) if data}
         return {key: record for key, record in records.items() if record is not None}
 
     async def forget(self, key: str, owner: str | None = None) -> bool:

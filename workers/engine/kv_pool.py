@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # e.g. shared memory (transport.shm)
 
 

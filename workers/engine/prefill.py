@@ -195,7 +195,7 @@ class PrefillEngine:
         slots = (ids == self.adapter.image_token_id).nonzero().view(-1)
         images = [e.to(embeds.device, embeds.dtype) if e is not None
                   else embeds.new_zeros((self.adapter.image_tokens(size), embeds.shape[-1]))
-                  for e, size in zip(job.image_embeddings, job.image_sizes)]
+                  for e, size in zip(job.image_embeddings, job.image_sizes, strict=True)]
         rows = torch.cat(images) if images else embeds.new_zeros((0, embeds.shape[-1]))
         if rows.shape[0] != slots.numel():
             raise ValueError(f"request {job.request_id}: {slots.numel()} image placeholders but "

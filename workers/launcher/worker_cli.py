@@ -8,8 +8,8 @@ import logging
 import sys
 from dataclasses import fields
 
-from ..models import UnknownModelError, download
 from ..engine import ATTENTION_BACKENDS
+from ..models import UnknownModelError, download
 from ..redis_connection import add_redis_argument, redis_url
 from ..security.tls import add_tls_arguments, tls_from_args
 from ..stages.worker import DTYPES, ROLES, WorkerConfig, serve_worker

@@ -6,12 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapter import (EncodeInput, InvalidImageError, LanguagePartBase, ModelAdapter, UnknownModelError,
-                      VisionPartBase, decode_image)
 from . import download
+from .adapter import (
+    EncodeInput,
+    InvalidImageError,
+    LanguagePartBase,
+    ModelAdapter,
+    UnknownModelError,
+    VisionPartBase,
+    decode_image,
+)
 from .llava import LlavaAdapter, LlavaNextAdapter
 from .presets import PRESETS, materialize
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,

@@ -17,6 +17,7 @@ from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase
 from .layouts import reading_renames
 from .loading import ModuleFactory
 
+
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_class = LlavaForConditionalGeneration

@@ -20,6 +20,7 @@ from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase
 from .layouts import reading_renames
 from .loading import ModuleFactory
 
+
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration

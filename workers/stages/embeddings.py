@@ -98,11 +98,11 @@ class EmbeddingSource:
             return None
         return tensor
 
-    async def _wait_for_push(self, key: str, timeout: float) -> None:
+    async def _wait_for_push(self, key: str, seconds: float) -> None:
         event = self.arrived.setdefault(key, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
             pass
 
     async def _fetch_from_owner(self, key: str) -> torch.Tensor | None:

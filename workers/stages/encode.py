@@ -15,6 +15,7 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
+from ..background import spawn
 from ..cache import ByteLRU
 from ..cancellation import CancellableRequests
 from ..models import EncodeInput, InvalidImageError, VisionPartBase
@@ -67,7 +68,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
             keys = [item.item_key for item in request.items]
             if request.prefill_address:
                 await self.ctx.embeddings.push(request.prefill_address, request.request_id, self.ctx.address,
-                                               dict(zip(keys, tensors)))
+                                               dict(zip(keys, tensors, strict=True)))
             metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - start)
             return pb.EncodeResponse(item_keys=keys)
         finally:
@@ -87,7 +88,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         if cached is not None:
             metrics.CACHE_EVENTS.labels("encode", "hit").inc()
             # re-announce: refreshes the TTL, and restores the record if Redis lost it
-            asyncio.ensure_future(self._announce(item.item_key, cached))
+            spawn(self._announce(item.item_key, cached))
             done = asyncio.get_running_loop().create_future()
             done.set_result(cached)
             return done
@@ -97,14 +98,14 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         metrics.CACHE_EVENTS.labels("encode", "miss").inc()
         future = asyncio.get_running_loop().create_future()
         self.in_flight[item.item_key] = future
-        asyncio.ensure_future(self.ctx.metadata.mark_pending(item.item_key, self.ctx.address))
+        spawn(self.ctx.metadata.mark_pending(item.item_key, self.ctx.address))
         self.batcher.submit(EncodeTask(item.item_key, EncodeInput(item.image, item.tile_index), future))
         return future
 
     async def _run_batch(self, tasks: list[EncodeTask]) -> None:
         results = await self.ctx.compute("encode", encode_isolating_bad, self.vision, [t.item for t in tasks])
         metrics.ENCODED_ITEMS.inc(sum(not isinstance(r, Exception) for r in results))
-        for task, result in zip(tasks, results):
+        for task, result in zip(tasks, results, strict=True):
             self.in_flight.pop(task.key, None)
             if isinstance(result, Exception):
                 await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
@@ -124,7 +125,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
     def _fail_batch(self, tasks: list[EncodeTask], error: Exception) -> None:
         for task in tasks:
             self.in_flight.pop(task.key, None)
-            asyncio.ensure_future(self.ctx.metadata.forget(task.key, owner=self.ctx.address))
+            spawn(self.ctx.metadata.forget(task.key, owner=self.ctx.address))
             if not task.future.done():
                 task.future.set_exception(error)
 

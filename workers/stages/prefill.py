@@ -122,7 +122,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             needed = self.engine.needed_images(job, job.prefix)
             job.image_embeddings = list(await asyncio.gather(
                 *(self.embeddings.image_embedding(ref, request.request_id, sources) if need else _nothing()
-                  for ref, need in zip(request.images, needed))))
+                  for ref, need in zip(request.images, needed, strict=True))))
             job.kv_sink = await self.kv.open(request.decode_address, job.request_id, len(job.input_ids),
                                              job.sampling.max_tokens)
             return job, job.kv_sink

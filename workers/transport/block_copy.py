@@ -20,7 +20,7 @@ def block_runs(source: list[int], target: list[int]) -> list[tuple[int, int, int
     if len(source) != len(target):
         raise ValueError(f"{len(source)} source blocks for {len(target)} target blocks")
     runs: list[tuple[int, int, int]] = []
-    for src, dst in zip(source, target):
+    for src, dst in zip(source, target, strict=True):
         if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
             start_src, start_dst, length = runs[-1]
             runs[-1] = (start_src, start_dst, length + 1)

@@ -29,14 +29,15 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
+from ..background import spawn
 from ..engine.kv_pool import KVLayout, KVPool
 from ..messages import KVHandoff
 from ..wire import layout_to_proto, sampling_to_proto
 from .block_copy import BlockCopyPlan, block_runs, copy_layer
 from .cuda_ipc import open_handle
 from .kv_paths import PATHS, host_id, sender_paths
-from .nixl_path import NixlAgent, NixlLayerWriter
 from .kv_receiver import Reservation, ReserveSpec
+from .nixl_path import NixlAgent, NixlLayerWriter
 from .raw_frames import FRAME_BYTES, FrameHeader, encode_frame, write_call
 from .shm import map_tensor, receive_descriptor
 
@@ -257,7 +258,7 @@ class KVSender:
                 return
             if not sink.finished.done():
                 sink.finished.set_result(None)
-        asyncio.ensure_future(settle())
+        spawn(settle())
 
     # ---- grpc: raw frames from a sender task -------------------------------------------
     def _grpc_writer(self, sink: KVHandoffSink) -> Callable[[int, list[int]], None]:
