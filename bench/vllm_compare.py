@@ -119,7 +119,7 @@ def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: list[str]
         before = transfer_wait(prefill_metrics)
         summary = asyncio.run(run_workload(url, load, SLO(), concurrency, progress=False))
         if prefill_metrics:  # the share of TTFT spent waiting on the KV handoff after prefill's compute
-            waited, count = (a - b for a, b in zip(transfer_wait(prefill_metrics), before))
+            waited, count = (a - b for a, b in zip(transfer_wait(prefill_metrics), before, strict=True))
             summary["transfer_wait_mean_s"] = waited / count if count else 0.0
             summary["transfer_share_of_ttft"] = summary["transfer_wait_mean_s"] / summary["ttft_s"]["mean"]
         print(f"--- {label}: {name}\n{table(summary)}", flush=True)

@@ -24,7 +24,7 @@ from epd.workers.stages.prefill import PrefillServicer
 from epd.workers.stages.worker import Worker, WorkerConfig
 from epd.workers.wire import sampling_to_proto
 
-from ..helpers import png_bytes
+from ..helpers import eventually, png_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,14 +55,6 @@ def servicer(worker: Worker, kind: type):
 def prefill_request(request_id: str, decode: Worker, max_tokens: int = 4) -> pb.PrefillRequest:
     return pb.PrefillRequest(request_id=request_id, input_ids=PROMPT, decode_address=decode.ctx.address,
                              sampling=sampling_to_proto(SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
-
-
-async def until(condition, timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)  # polling a condition with a deadline
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -102,7 +94,7 @@ async def test_decode_killed_mid_transfer_fails_the_request_and_frees_prefill(pa
     assert killed.is_set()
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and decode.ctx.address in failed.value.details()
     engine = servicer(prefill, PrefillServicer).engine
-    await until(lambda: engine.allocator.used == 0 and not engine.handing_off)
+    await eventually(lambda: engine.allocator.used == 0 and not engine.handing_off)
 
 
 @pytest.mark.parametrize("pair", ["grpc"], indirect=True)
@@ -124,7 +116,7 @@ async def test_prefill_killed_mid_transfer_frees_the_decode_reservation(pair):
         call = pb_grpc.PrefillServiceStub(channel).Prefill(prefill_request("r2", decode), timeout=60)
         with pytest.raises(grpc.aio.AioRpcError):
             await call
-    await until(lambda: not receiver.reservations and decode_servicer.engine.allocator.used == 0)
+    await eventually(lambda: not receiver.reservations and decode_servicer.engine.allocator.used == 0)
 
 
 @pytest.mark.parametrize("pair", ["shm"], indirect=True)
@@ -138,8 +130,8 @@ async def test_a_reservation_whose_sender_died_is_released_by_the_sweep(pair):
         reply = await pb_grpc.DecodeServiceStub(channel).ReserveKV(spec, timeout=10)
     assert len(reply.block_ids) == 6 and decode_servicer.engine.allocator.used == 6
     decode_servicer.clock = lambda: 1e12  # its lease has long passed: nobody will commit
-    await until(lambda: decode_servicer.engine.allocator.used == 0 and not decode_servicer.receiver.reservations,
-                timeout=decode_servicer.handoff_wait)
+    await eventually(lambda: decode_servicer.engine.allocator.used == 0 and not decode_servicer.receiver.reservations,
+                within=decode_servicer.handoff_wait)
 
 
 def _layout(decode_servicer: DecodeServicer):
@@ -192,7 +184,7 @@ async def test_encode_killed_while_pushing_is_recomputed_elsewhere(redis_server)
         raise ConnectionResetError("the encode process is gone")
     dying.ctx.embeddings.push = die_while_pushing
     try:
-        await until(lambda: len(prefill.ctx.directory.live("encode")) == 2)
+        await eventually(lambda: len(prefill.ctx.directory.live("encode")) == 2)
         adapter = load_adapter("tiny-llava")
         image = png_bytes(40, 30, seed=5)
         ids = adapter.build_prompt([ChatMessage("user", (ImagePart(0), TextPart("What is it?")))],
@@ -213,7 +205,7 @@ async def test_encode_killed_while_pushing_is_recomputed_elsewhere(redis_server)
             with pytest.raises(grpc.aio.AioRpcError):
                 await encode
         assert reply.items_recomputed == 1 and len(tokens) == 4
-        await until(lambda: stage.engine.allocator.used == 0
+        await eventually(lambda: stage.engine.allocator.used == 0
                     and servicer(decode, DecodeServicer).engine.allocator.used == 0)
     finally:
         dying.ctx.embeddings.push = original

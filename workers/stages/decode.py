@@ -16,12 +16,13 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
+from ..background import spawn
 from ..engine import DecodeEngine
 from ..engine.decode import DecodeSequence
 from ..messages import KVHandoff, TokenEvent
+from ..transport.kv_paths import PATHS
 from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec
 from ..transport.kv_sender import LOCAL_DECODERS
-from ..transport.kv_paths import PATHS
 from ..transport.nixl_path import NixlAgent
 from ..transport.raw_frames import write_handler
 from ..wire import handoff_from_commit, layout_from_proto
@@ -57,7 +58,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self._loop_task.start(self._loop)
         self._sweeper = SupervisedLoop("decode handoff sweep", self.ctx.health if self.ctx is not None else None)
         self._sweeper.start(self._sweep)
-        asyncio.ensure_future(self.receiver.start())
+        spawn(self.receiver.start())
         if self.ctx is not None and "inproc" in self.receiver.offered:
             LOCAL_DECODERS[self.ctx.address] = self
 
@@ -126,7 +127,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.arrived[handoff.request_id] = ((handoff, adopted), self.clock())
         if handoff.request_id in self.arrival_events:
             self.arrival_events[handoff.request_id].set()
-        asyncio.ensure_future(self._drop_orphans())
+        spawn(self._drop_orphans())
 
     async def _drop_orphans(self) -> None:
         """KV nobody will take: its Generate gave up (timed out, or the client left) before it came."""
