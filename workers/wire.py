@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from epd.v1 import stages_pb2 as pb
@@ -85,9 +87,9 @@ def failed_peer_metadata(stage: str, address: str) -> tuple[tuple[str, str], ...
     return ((FAILED_STAGE_KEY, stage), (FAILED_ADDRESS_KEY, address))
 
 
-def failed_peer(metadata: object) -> tuple[str, str] | None:
+def failed_peer(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, str] | None:
     """The (stage, address) a failed call's trailing metadata blames, if any."""
-    found = dict((str(key), value if isinstance(value, str) else value.decode()) for key, value in metadata or ())
+    found = {key: value if isinstance(value, str) else value.decode() for key, value in metadata or ()}
     if FAILED_STAGE_KEY in found and FAILED_ADDRESS_KEY in found:
         return found[FAILED_STAGE_KEY], found[FAILED_ADDRESS_KEY]
     return None

@@ -6,9 +6,11 @@ degrades to "unknown" and is counted by the caller."""
 
 from __future__ import annotations
 
+import builtins
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -30,12 +32,12 @@ class CacheRecord:
     created: float
 
     @classmethod
-    def from_hash(cls, data: dict[bytes, bytes]) -> CacheRecord | None:
+    def from_hash(cls, data: Mapping[builtins.bytes | str, builtins.bytes | str]) -> CacheRecord | None:
         """The record, or None if the hash is not a well-formed one (Redis content is not trusted)."""
         try:
-            d = {k.decode(): v.decode() for k, v in data.items()}
+            d = {_text(k): _text(v) for k, v in data.items()}
             record = cls(owner=d["owner"], n_tokens=int(d["n_tokens"]), hidden=int(d["hidden"]), dtype=d["dtype"],
-                         bytes=int(d["bytes"]), state=d["state"], created=float(d["created"]))  # type: ignore[arg-type]
+                         bytes=int(d["bytes"]), state=cast(State, d["state"]), created=float(d["created"]))
         except (KeyError, ValueError, UnicodeDecodeError):
             return None
         if record.state not in ("pending", "ready") or min(record.n_tokens, record.hidden, record.bytes) < 0:
@@ -87,7 +89,7 @@ class MetadataStore:
         try:
             if owner is not None:
                 current = await self.client.hget(KEY_PREFIX + key, "owner")
-                if current is not None and current.decode() != owner:
+                if current is not None and current != owner.encode():
                     return False
             await self.client.delete(KEY_PREFIX + key)
             return True
@@ -115,3 +117,7 @@ class MetadataStore:
             return True
         except (RedisError, OSError):
             return False
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

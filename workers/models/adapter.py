@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -217,8 +217,8 @@ class LanguagePartBase(ABC):
 
     def __init__(self, adapter: ModelAdapter, parts: dict[str, nn.Module]) -> None:
         self.adapter = adapter
-        self.text_model = parts["model.language_model"]
-        self.lm_head = parts["lm_head"]
+        self.text_model: PreTrainedModel = parts["model.language_model"]
+        self.lm_head = cast(nn.Linear, parts["lm_head"])
         self.parts = parts
 
     @property

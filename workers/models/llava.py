@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import cast
 
 import torch
 from torch import nn
@@ -147,6 +148,6 @@ def _pack(config, features: list[torch.Tensor], size: ImageSize, newline: torch.
 
 class LlavaNextLanguage(LlavaLanguage):
     def merge_image(self, size: ImageSize, item_embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
-        newline = self.parts["model"].image_newline
+        newline = cast(torch.Tensor, self.parts["model"].image_newline)
         packed, _ = _pack(self.adapter.config, [torch.stack(list(item_embeddings))], size, newline)
         return packed[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -48,7 +49,7 @@ def load_parts(parts: Mapping[str, nn.Module], model_dir: Path,
 
     `renames` maps legacy checkpoint prefixes to current ones; `tied` maps a
     parameter missing from the checkpoint to the one it is tied to."""
-    wanted = {prefix: {} for prefix in parts}
+    wanted: dict[str, dict[str, tuple[Any, str, Path]]] = {prefix: {} for prefix in parts}
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -57,8 +58,8 @@ def load_parts(parts: Mapping[str, nn.Module], model_dir: Path,
                 if prefix is not None:
                     wanted[prefix][name[len(prefix) + 1:]] = (f, key, path)
                 for target, source in tied.items():
-                    if name == source and _owner(target, parts) is not None:
-                        owner = _owner(target, parts)
+                    owner = _owner(target, parts) if name == source else None
+                    if owner is not None:
                         wanted[owner].setdefault(target[len(owner) + 1:], (f, key, path))
             for prefix, module in parts.items():
                 _copy_from(f, path, module, wanted[prefix])

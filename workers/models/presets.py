@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -37,7 +38,7 @@ PRESET_VERSION = "v2"
 class Preset:
     name: str
     tokens: TokenizerSpec
-    build: Callable[[int], tuple[PreTrainedModel, object]]  # vocab size -> (model, image processor)
+    build: Callable[[int], tuple[PreTrainedModel, Any]]  # vocab size -> (model, image processor)
     seed: int = 0
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25
 from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -25,8 +25,8 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
     checkpoint_renames = reading_renames("qwen2_vl")
-    vision_class: type[nn.Module] = qwen2.Qwen2VisionTransformerPretrainedModel
-    text_class: type[nn.Module] = qwen2.Qwen2VLTextModel
+    vision_class: type[PreTrainedModel] = qwen2.Qwen2VisionTransformerPretrainedModel
+    text_class: type[PreTrainedModel] = qwen2.Qwen2VLTextModel
     model_module = qwen2.Qwen2VLModel
 
     @property

@@ -212,6 +212,7 @@ class Router:
             await stream.aclose()  # a client that left cancels the request at the stages
 
     async def _images(self, chat: ChatRequest) -> list[FetchedImage]:
+        assert self.session is not None, "image fetches start after on_startup"
         fetcher = ImageFetcher(self.config.limits, self.session, self.config.url_policy, self.cost)
         raw = await asyncio.gather(*(fetcher.fetch(url, param) for url, param in chat.image_urls))
 

@@ -3,7 +3,8 @@ internal messages converted at this edge (epd.workers.wire)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -15,8 +16,8 @@ from ..transport.grpc_transport import ChannelPool
 from ..wire import chunk_from_proto, encode_item_to_proto, prefill_to_proto
 from .stage_client import LOST_CODES, StageCallError
 
-STUBS = {"encode": pb_grpc.EncodeServiceStub, "prefill": pb_grpc.PrefillServiceStub,
-         "decode": pb_grpc.DecodeServiceStub}
+STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
+    "encode": pb_grpc.EncodeServiceStub, "prefill": pb_grpc.PrefillServiceStub, "decode": pb_grpc.DecodeServiceStub}
 
 
 def _error(exc: grpc.aio.AioRpcError) -> StageCallError:
@@ -32,7 +33,10 @@ class GrpcDecodeStream:
             message = await self.call.read()
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
-        return None if message is grpc.aio.EOF else chunk_from_proto(message)
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, pb.GenerateChunk)
+        return chunk_from_proto(message)
 
     async def ended_lost(self) -> bool:
         return self.call.done() and await self.call.code() in LOST_CODES

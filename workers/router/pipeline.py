@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from .. import metrics
@@ -73,7 +73,7 @@ class StagePipeline:
         self.stages = stages
         self.planner = planner
 
-    async def attempt(self, request: PreparedRequest) -> AsyncIterator[GeneratedChunk]:
+    async def attempt(self, request: PreparedRequest) -> AsyncGenerator[GeneratedChunk, None]:
         to_encode, images = await self._dispatch_plan(request)
         plan = self.planner.plan(self.directory.workers, len(request.input_ids), list(to_encode),
                                  request.prefix_blocks, request.block_size)
@@ -185,9 +185,10 @@ class StagePipeline:
         while prefill in pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task.exception() is not None:
+                error = task.exception()
+                if error is not None:
                     prefill.cancel()
-                    raise task.exception()
+                    raise error
 
 
 def _failure(stage: str, address: str, error: StageCallError) -> StageFailure:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from .. import metrics
 from ..engine.detokenizer import IncrementalDetokenizer
+from ..messages import GeneratedChunk
 from ..models import ModelAdapter
 from .errors import APIError
 from .pipeline import StageFailure, StagePipeline
@@ -69,7 +70,7 @@ class RecoveringStream:
         self.max_recoveries = max_recoveries
         self.worker_wait = worker_wait  # how long a recovery waits for a sibling to be live
 
-    async def run(self, request: PreparedRequest) -> AsyncIterator[Completion]:
+    async def run(self, request: PreparedRequest) -> AsyncGenerator[Completion, None]:
         produced: list[int] = []
         sent = 0  # characters already given to the client
         continued: ContinuedText | None = None
@@ -100,7 +101,7 @@ class RecoveringStream:
                 else:
                     attempt = request.retried(recovery + 1)
 
-    async def _attempt(self, request: PreparedRequest, recovery: int):
+    async def _attempt(self, request: PreparedRequest, recovery: int) -> AsyncGenerator[GeneratedChunk, None]:
         """The pipeline's attempt; a recovery first waits (bounded) for a sibling to be live."""
         deadline = time.monotonic() + (self.worker_wait if recovery else 0)
         while True:

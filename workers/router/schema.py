@@ -52,7 +52,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise bad_request("'top_p' must be > 0", param="top_p")
-    top_k = _integer(body, "top_k", 0, -1, INT32_MAX)
+    top_k = _integer(body, "top_k", 0, -1, INT32_MAX) or 0
     seed = _integer(body, "seed", None, 0, UINT64_MAX)
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(body, penalty, 0.0, -2.0, 2.0):
@@ -75,7 +75,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
 def _messages(raw: Any) -> tuple[tuple[ChatMessage, ...], tuple[tuple[str, str], ...]]:
     if not isinstance(raw, list) or not raw:
         raise bad_request("'messages' must be a non-empty list", param="messages")
-    messages, urls = [], []
+    messages: list[ChatMessage] = []
+    urls: list[tuple[str, str]] = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:

@@ -7,7 +7,7 @@ without sockets. A failed call raises `StageCallError`, which says how it failed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +32,8 @@ class StageCallError(Exception):
     blamed: tuple[str, str] | None = None
 
     @classmethod
-    def of(cls, code: grpc.StatusCode, detail: str, metadata: object = None) -> StageCallError:
+    def of(cls, code: grpc.StatusCode, detail: str,
+           metadata: Iterable[tuple[str, str | bytes]] | None = None) -> StageCallError:
         return cls(code, detail or code.name, failed_peer(metadata))
 
     def __str__(self) -> str:

@@ -12,7 +12,7 @@ import argparse
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +46,16 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def add_api_key_arguments(parser: argparse.ArgumentParser) -> None:
+def add_api_key_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help=f"accept this key (repeatable; also ${API_KEYS_ENV}, comma-separated)")
     parser.add_argument("--api-key-file", action="append", default=[], metavar="FILE",
                         help="accept the keys in this file, one per line (repeatable)")
 
 
-def api_keys_from(flags: Sequence[str], files: Sequence[str], environ: dict[str, str] | None = None) -> APIKeys:
+def api_keys_from(flags: Sequence[str], files: Sequence[str], environ: Mapping[str, str] | None = None) -> APIKeys:
     """Every configured key; ValueError for an unreadable or empty key file."""
-    environ = os.environ if environ is None else environ
-    keys = list(flags) + environ.get(API_KEYS_ENV, "").split(",")
+    keys = list(flags) + (os.environ if environ is None else environ).get(API_KEYS_ENV, "").split(",")
     for name in files:
         try:
             lines = Path(name).read_text().splitlines()

@@ -64,7 +64,9 @@ class TLSFiles:
             loaded["stamp"] = stamp
             return renewed
 
-        return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
+        # grpc keeps the current configuration when the callback returns None; its stubs do not say so
+        return grpc.dynamic_ssl_server_credentials(configuration(), fetch,  # type: ignore[arg-type]
+                                                   require_client_authentication=True)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Client side: trust only the CA, present this process's certificate."""
