@@ -27,7 +27,8 @@ class RequestResult:
 async def stream_chat(session: aiohttp.ClientSession, base_url: str, body: dict,
                       request_timeout: float) -> RequestResult:
     start = time.perf_counter()
-    first = last = None
+    first: float | None = None
+    last = start
     tokens = 0
     gaps: list[float] = []
     try:

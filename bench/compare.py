@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,13 +25,6 @@ from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from .report import table
 from .runner import run_workload
 from .workload import WorkloadSpec
-
-
-def serve(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`epd serve` started and ready; its process (the caller stops it) and base URL."""
-    port = free_port()
-    child = start_serve(ProcessGroup(quiet=True), model, port, "--quiet", *extra)
-    return child.process, f"http://127.0.0.1:{port}/v1"
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ def main() -> int:
     results = {"model": args.model, "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "points": []}
     for batch in (int(b) for b in args.batches.split(",")):
         batch_prompts = prompts(batch, text_ids, seed=batch)
-        point = {"batch": batch, "prompt_tokens": sum(map(len, batch_prompts)),
+        point: dict[str, Any] = {"batch": batch, "prompt_tokens": sum(map(len, batch_prompts)),
                  "ours": ours(language, adapter, batch_prompts, args.steps, args.repeats),
                  "padded": padded(language, batch_prompts, args.steps, args.repeats),
                  "generate": generate(full, batch_prompts, args.steps, args.repeats)}

@@ -19,14 +19,17 @@ import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import torch
 
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
+from ..workers.engine import DecodeEngine
 from ..workers.engine.block_allocator import BlockAllocator
 from ..workers.engine.kv_pool import KVLayout, KVPool
+from ..workers.stages.context import WorkerContext
 from ..workers.stages.decode import DecodeServicer
 from ..workers.transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
 from ..workers.transport.kv_paths import PATHS, nixl_available
@@ -61,7 +64,9 @@ def decode_side(blocks: int, paths: str, ready) -> None:
         shared = SharedPool() if "shm" in paths else None
         pool = KVPool(LAYOUT, blocks, allocate=shared.allocate if shared else None)
         nixl = NixlAgent("decode", pool.kv) if "nixl" in paths else None
-        servicer = DecodeServicer(ctx=None, engine=BlockReserver(pool), shared_fd=shared.fd if shared else None,
+        # only the reservation side of a decode worker is exercised: no context, no model
+        servicer = DecodeServicer(ctx=cast(WorkerContext, None), engine=cast(DecodeEngine, BlockReserver(pool)),
+                                  shared_fd=shared.fd if shared else None,
                                   kv_paths=frozenset(paths.split(",")), nixl=nixl)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         pb_grpc.add_DecodeServiceServicer_to_server(servicer, server)
@@ -123,7 +128,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     sizes = [int(mb) << 20 for mb in args.sizes_mb.split(",")]
-    report = {"layout": str(LAYOUT), "memcpy": memcpy(sizes, args.repeats), "paths": {}}
+    report: dict[str, Any] = {"layout": str(LAYOUT), "memcpy": memcpy(sizes, args.repeats), "paths": {}}
     blocks = LAYOUT.blocks_for(max(sizes) // LAYOUT.bytes_per_token) + 2
     context = mp.get_context("spawn")
     for path in args.paths.split(","):

@@ -185,7 +185,8 @@ def chaos(serve: Serve, start: float, deadline: float, kill_every: float, redis_
         if now >= next_kill:
             next_kill = now + kill_every
             workers = serve.workers()
-            by_stage = {stage: [w for w in workers if w.stage == stage] for stage in STAGES}
+            by_stage: dict[str, list[WorkerInfo]] = {stage: [w for w in workers if w.stage == stage]
+                                                     for stage in STAGES}
             candidates = [w for w in workers if len(by_stage[w.stage]) >= 2]
             if not candidates:
                 events.append(f"{now - start:7.1f}s no worker with a live sibling in discovery: nothing killed")
@@ -214,7 +215,8 @@ def router_recoveries(metrics_url: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     serve = Serve(args.model, args.replicas)
-    tally, events, stop = Tally(), [], threading.Event()
+    tally, stop = Tally(), threading.Event()
+    events: list[str] = []
     try:
         rss_start = rss_mib(serve.processes())
         start = time.monotonic()

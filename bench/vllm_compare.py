@@ -25,8 +25,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -38,6 +40,9 @@ from ..workers.registry import KEY_PREFIX, WorkerInfo
 from .report import table
 from .runner import run_workload
 from .workload import RequestFactory, WorkloadSpec
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "bench-model"  # the name every server is asked for
 
@@ -55,7 +60,7 @@ def hub_layout_copy(model: str) -> Path:
     target = Path(tempfile.mkdtemp(prefix=f"{Path(model).name}-hub-"))
     shutil.copytree(adapter.model_dir, target, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    tensors: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(adapter.model_dir):
         tensors.update(load_file(str(path)))
     internal = {_internal_name(adapter, name): tensor for name, tensor in tensors.items()}
@@ -112,7 +117,7 @@ def loads(spec: WorkloadSpec) -> dict[str, tuple[WorkloadSpec, int]]:
             "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240), 64)}
 
 
-def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: list[str] = ()) -> dict:
+def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: Sequence[str] = ()) -> dict:
     result: dict = {"greedy": asyncio.run(greedy_texts(url, spec))}
     for name, (load, concurrency) in loads(spec).items():
         asyncio.run(run_workload(url, replace(load, requests=4, seed=99), SLO(), concurrency, progress=False))
@@ -143,7 +148,8 @@ def prefill_metric_urls(redis_url: str) -> list[str]:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    return [WorkerInfo.from_json(raw).metrics_url for raw in client.mget(client.keys(KEY_PREFIX + "prefill:*"))]
+    return [WorkerInfo.from_json(raw).metrics_url for raw in client.mget(client.keys(KEY_PREFIX + "prefill:*"))
+            if raw]
 
 
 def ratios(results: dict) -> dict:

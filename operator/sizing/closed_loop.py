@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from epd.percentiles import percentile
 from epd.slo import SLO
+from epd.stages import STAGES
 
 from .perfmodel import PerformanceModel
 from .results import report
-from .scaling import STAGES, ObservedWindow, ScalingDecision, StageMetrics
+from .scaling import ObservedWindow, ScalingDecision, StageMetrics
 from .simulator import Observation, ServingConfig, Simulation
 from .workload import SimRequest, rescale
 
@@ -18,18 +20,13 @@ class Policy(Protocol):
     def decide(self, window: ObservedWindow) -> list[ScalingDecision]: ...
 
 
-def _p90(values: list[float]) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[int(0.9 * (len(ordered) - 1) + 0.5)]
-
-
 @dataclass
 class WindowBuilder:
-    """Turns the simulator's raw observation into the policy's metric window."""
+    """Turns the simulator's raw observation into the policy's metric window: latencies at the
+    SLO's percentile, as the operator measures them."""
 
     model: PerformanceModel
+    slo: SLO
     last: ObservedWindow | None = None
 
     def __call__(self, obs: Observation) -> ObservedWindow:
@@ -42,15 +39,16 @@ class WindowBuilder:
             images, prompt, output = self.last.images_per_request, self.last.prompt_tokens, self.last.output_tokens
         else:
             images, prompt, output = 0.0, 1.0, 1.0
-        stages = {stage: StageMetrics(replicas=obs.replicas.get(stage, 0), pending=obs.pending.get(stage, 0),
+        stages: dict[str, StageMetrics] = {stage: StageMetrics(replicas=obs.replicas.get(stage, 0), pending=obs.pending.get(stage, 0),
                                       queue=obs.queue.get(stage, 0), busy=obs.busy.get(stage, 0.0),
                                       kv_usage=obs.kv_usage if stage == "decode" else 0.0,
                                       occupancy=obs.occupancy if stage == "decode" else 0.0) for stage in STAGES}
         window = ObservedWindow(time=obs.time, seconds=obs.window, arrival_rate=obs.arrivals / obs.window,
                                 images_per_request=obs.images / obs.arrivals if obs.arrivals else images,
                                 prompt_tokens=prompt, output_tokens=output,
-                                ttft_p90=_p90([r.ttft for r in done]),
-                                tpot_p90=_p90([r.tpot for r in done if r.output_tokens > 1]), stages=stages)
+                                ttft_p90=percentile([r.ttft for r in done], self.slo.percentile),
+                                tpot_p90=percentile([r.tpot for r in done if r.output_tokens > 1], self.slo.percentile),
+                                stages=stages)
         self.last = window
         return window
 
@@ -60,7 +58,7 @@ def run_closed_loop(model: PerformanceModel, start: ServingConfig, requests: lis
     """Simulate with `policy` resizing the pools every `interval` seconds; returns the summary plus
     the scaling history."""
     sim = Simulation(model, start, startup_delay=startup_delay)
-    windows = WindowBuilder(model)
+    windows = WindowBuilder(model, slo)
     history: list[dict] = []
 
     def control(obs: Observation) -> dict[str, int]:

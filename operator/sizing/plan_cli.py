@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import yaml
 from tqdm import tqdm
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     best = recommendation.best
     manifest = deployment_manifest(best, args.model, slo, args.name) if best.config.mode == "epd" else None
     plans = {mode: {**plan.as_dict(), "bound": bound(plan, slo)} for mode, plan in recommendation.by_mode.items()}
-    result = {"model": arch.name, "hardware": hw.name, "gpus": best.config.gpus,
+    result: dict[str, Any] = {"model": arch.name, "hardware": hw.name, "gpus": best.config.gpus,
               "slo": slo.to_json(), "performance_model": model.source,
               "evaluations": planner.evaluations, "recommended_mode": best.config.mode,
               "plan": plans[best.config.mode], "plans": plans, "statement": statement(recommendation),

@@ -100,7 +100,7 @@ def rank(plan: ScoredPlan) -> tuple[float, bool]:
 
 class Planner:
     def __init__(self, model: PerformanceModel, requests: list[SimRequest], slo: SLO,
-                 space: SearchSpace = SearchSpace(), progress: Callable[[int], None] = lambda n: None) -> None:
+                 space: SearchSpace = SearchSpace(), progress: Callable[[int], object] = lambda n: None) -> None:
         self.model = model
         self.requests = requests
         self.slo = slo

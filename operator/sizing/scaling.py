@@ -119,7 +119,7 @@ def recommend(window: ObservedWindow, model: PerformanceModel | None,
     slo = config.slo
     ttft_breach = window.ttft_p90 > slo.ttft_seconds * (1 + config.up_tolerance)
     tpot_breach = window.tpot_p90 > slo.tpot_seconds * (1 + config.up_tolerance)
-    out = {}
+    out: dict[str, tuple[int, str]] = {}
     for stage in STAGES:
         m = window.stages[stage]
         load = m.load(stage)
@@ -219,7 +219,7 @@ class StageScaler:
         budget = self.config.gpu_budget
         if not budget:
             return decisions
-        planned = {s: window.stages[s].replicas for s in STAGES}  # replicas already include pending ones
+        planned: dict[str, int] = {s: window.stages[s].replicas for s in STAGES}  # pending ones included
         for d in decisions:
             planned[d.stage] = d.desired
         result = {d.stage: d for d in decisions}

@@ -58,7 +58,8 @@ def poisson(rate: float, count: int, mix: WorkloadMix, seed: int = 0) -> list[Si
     if rate <= 0 or count <= 0:
         raise ValueError("rate and count must be positive")
     rng = random.Random(seed)
-    now, requests = 0.0, []
+    now = 0.0
+    requests: list[SimRequest] = []
     for i in range(count):
         now += rng.expovariate(rate)
         requests.append(_request(i, now, mix))
@@ -70,7 +71,8 @@ def bursty(base_rate: float, burst_rate: float, period: float, burst_fraction: f
     """Poisson arrivals whose rate switches between base and burst: each period ends with a burst
     lasting `burst_fraction` of it (so a run starts quiet, as a service does)."""
     rng = random.Random(seed)
-    now, requests = 0.0, []
+    now = 0.0
+    requests: list[SimRequest] = []
     while now < duration:
         in_burst = (now % period) >= (1 - burst_fraction) * period
         now += rng.expovariate(burst_rate if in_burst else base_rate)
@@ -86,7 +88,7 @@ def _request(index: int, arrival: float, mix: WorkloadMix) -> SimRequest:
 
 def load_trace(path: Path) -> list[SimRequest]:
     """JSON lines: {"arrival": s, "images": [[w, h], ...], "prompt_tokens": n, "output_tokens": n}."""
-    requests = []
+    requests: list[SimRequest] = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
