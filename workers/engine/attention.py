@@ -73,7 +73,8 @@ class CpuPagedAttention(SdpaAttention):
         if not batch.is_decode:
             return super().attend(layer, query, keys, values, batch)
         key_cache, value_cache = self.pool.kv[layer]
-        return paged_decode(query, key_cache, value_cache, batch.padded_tables, batch.context_lens, self.scale)
+        tables, lengths = batch.decode_tables
+        return paged_decode(query, key_cache, value_cache, tables, lengths, self.scale)
 
 
 def _offset_causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:

@@ -70,6 +70,21 @@ class PackedBatch:
             self.logits_index = torch.tensor(self.logits_rows, dtype=torch.long).to(device)
         return self
 
+    @property
+    def slot_tensor(self) -> torch.Tensor:
+        """The pool slot of every packed token (after `finish`)."""
+        if self.slots is None:
+            raise RuntimeError("the batch is not finished: no slot mapping yet")
+        return self.slots
+
+    @property
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, max_blocks]` padded block tables and `[B]` context lengths of a finished decode batch,
+        for paged decode kernels."""
+        if self.padded_tables is None or self.context_lens is None:
+            raise RuntimeError("not a finished decode batch: no padded block tables")
+        return self.padded_tables, self.context_lens
+
     def block_table(self, index: int) -> torch.Tensor:
         """Sequence `index`'s block table as a tensor on the batch's device."""
         return torch.tensor(self.sequences[index].block_table, dtype=torch.long).to(self.device)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -91,11 +93,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 
 @functools.cache
-def kernel():
+def kernel() -> Any:
     """The compiled extension module (built once per machine and source); None if it cannot be built."""
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils import cpp_extension
 
+        load_inline: Callable[..., Any] = cpp_extension.load_inline  # torch leaves it unannotated
         return load_inline(name="epd_paged_decode_cpu", cpp_sources=_SOURCE, functions=["paged_decode"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
@@ -108,4 +111,5 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                  lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """`[B, heads, dim]` outputs of one query per sequence over `[blocks, block_size, kv_heads, dim]`
     paged keys and values, with `[B, max_blocks]` block tables and `[B]` context lengths."""
-    return kernel().paged_decode(query.contiguous(), keys, values, tables, lengths, scale)
+    out: torch.Tensor = kernel().paged_decode(query.contiguous(), keys, values, tables, lengths, scale)
+    return out

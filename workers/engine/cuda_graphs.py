@@ -75,11 +75,11 @@ class DecodeGraphs:
         size = next(b for b in self.buckets if b >= rows)
         self.tokens[:rows].copy_(torch.tensor(tokens), non_blocking=True)
         self.positions[..., :rows].copy_(positions, non_blocking=True)
-        self.slots[:rows].copy_(batch.slots)
+        self.slots[:rows].copy_(batch.slot_tensor)
         self.slots[rows:size].fill_(self.scratch * self.decoder.pool.layout.block_size)
-        width = batch.padded_tables.shape[1]
-        self.tables[:rows, :width].copy_(batch.padded_tables)
-        self.lens[:rows].copy_(batch.context_lens)
+        tables, lengths = batch.decode_tables
+        self.tables[:rows, :tables.shape[1]].copy_(tables)
+        self.lens[:rows].copy_(lengths)
         self.lens[rows:size].fill_(1)
         self.graphs[size].replay()
         return self.outputs[size][:rows]

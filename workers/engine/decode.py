@@ -284,9 +284,10 @@ class DecodeEngine:
                 return
             self.swapped.pop(0)
             seq.block_table = self._allocate(blocks)
-            self.pool.copy_in(seq.block_table[:seq.swapped.shape[2]], seq.swapped)
-            self.stats.swapped_bytes += seq.swapped.numel() * seq.swapped.element_size()
-            seq.swapped = None
+            swapped, seq.swapped = seq.swapped, None
+            assert swapped is not None  # it is in `self.swapped` because its KV is in host memory
+            self.pool.copy_in(seq.block_table[:swapped.shape[2]], swapped)
+            self.stats.swapped_bytes += swapped.numel() * swapped.element_size()
             self.running.append(seq)
 
     def _reserve_next_slots(self) -> None:

@@ -5,12 +5,20 @@ and any suffix that could still grow into a stop string are held back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class TokenDecoder(Protocol):
+    """What detokenizing needs of a tokenizer (a Hugging Face one has it)."""
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 @dataclass
 class IncrementalDetokenizer:
-    tokenizer: object
+    tokenizer: TokenDecoder
     stop: tuple[str, ...] = ()
     token_ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded text already emitted

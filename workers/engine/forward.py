@@ -68,7 +68,7 @@ class PackedDecoder:
             keys = attn.k_proj(states).view(tokens, -1, self.head_dim)
             values = attn.v_proj(states).view(tokens, -1, self.head_dim)
             query, keys = self.apply_rotary(query, keys, cos, sin, unsqueeze_dim=1)
-            self.pool.write(index, batch.slots, keys, values)
+            self.pool.write(index, batch.slot_tensor, keys, values)
             if on_layer is not None:
                 on_layer(index)
             out = self.attention.attend(index, query, keys, values, batch)
@@ -78,4 +78,5 @@ class PackedDecoder:
         hidden = self.norm(hidden)[0]
         if batch.logits_index is not None:
             hidden = hidden.index_select(0, batch.logits_index)
-        return self.language.lm_head(hidden).float()
+        logits: torch.Tensor = self.language.lm_head(hidden)
+        return logits.float()

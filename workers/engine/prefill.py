@@ -224,6 +224,7 @@ class PrefillEngine:
             for result in self.step():
                 if result.error is not None:
                     raise result.error
+                assert result.handoff is not None  # a result is a handoff or an error
                 handoffs.append(result.handoff)
         return handoffs
 

@@ -17,8 +17,9 @@ from .attention import SdpaAttention
 from .batch import PackedBatch
 
 
-@triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
+# Written in Triton's language: its arguments are pointers and constexprs that Triton reads, not Python types.
+@triton.jit  # type: ignore[untyped-decorator]
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,  # type: ignore[no-untyped-def]
                          max_blocks, heads, kv_heads,
                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
@@ -80,4 +81,5 @@ class TritonPagedAttention(SdpaAttention):
         if not batch.is_decode:
             return super().attend(layer, query, keys, values, batch)
         key_cache, value_cache = self.pool.kv[layer]
-        return paged_decode(query, key_cache, value_cache, batch.padded_tables, batch.context_lens, self.scale)
+        tables, lengths = batch.decode_tables
+        return paged_decode(query, key_cache, value_cache, tables, lengths, self.scale)
