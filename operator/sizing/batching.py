@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .perfmodel import PerformanceModel
 from .serving import Instance, ServingConfig
 from .workload import SimRequest
+
+if TYPE_CHECKING:
+    from .simulator import ImageCost
 
 
 class StageBatching:
@@ -22,8 +26,24 @@ class StageBatching:
     config: ServingConfig
     now: float
 
+    if TYPE_CHECKING:  # what Simulation provides
+        _window: dict[str, Any]
+        _done: int
+
+        def at(self, time: float, action: Callable[..., object], *args: object) -> None: ...
+        def images_of(self, request: SimRequest) -> list[ImageCost]: ...
+        def _vision_activation(self, costs: list[ImageCost]) -> float: ...
+        def _busy(self, instance: Instance, duration: float, items: int, activation: float,
+                  done: Callable[..., object], *args: object) -> None: ...
+        def _blocked(self, instance: Instance) -> None: ...
+        def _kick(self, instance: Instance) -> None: ...
+        def _live(self, pool: str) -> list[Instance]: ...
+        def _to_prefill(self, request: SimRequest) -> None: ...
+        def _retire_if_drained(self, instance: Instance) -> bool: ...
+
     def _encode_batch(self, instance: Instance) -> None:
-        batch, patch, squares = [], 0, 0
+        batch: list[tuple[SimRequest, int]] = []  # (request, image index)
+        patch, squares = 0, 0
         memory = self.model.memory
         while instance.queue and len(batch) < self.config.encode_batch:
             request, index = instance.queue[0]
@@ -51,7 +71,8 @@ class StageBatching:
     def _take_prompts(self, instance: Instance, source: deque | list, with_images: bool) -> tuple[list, float]:
         """Requests for one prefill batch: within the token budget, their KV within the free pool and, when
         the batch encodes its own images, their activations within the reserve."""
-        batch, tokens, patch, squares = [], 0, 0, 0
+        batch: list[SimRequest] = []
+        tokens, patch, squares = 0, 0, 0
         memory = self.model.memory
         while source:
             request = source[0]

@@ -6,10 +6,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from epd.image_size import ImageSize
 
 from .architectures import Architecture
+
+if TYPE_CHECKING:
+    from .serving import Instance
 
 
 @dataclass
@@ -30,7 +34,7 @@ class SimRequest:
     decode_start: float = -1.0
     generated: int = 0  # output tokens so far (the first comes from prefill)
     context: int = 0  # tokens of this request in a KV pool now
-    kv_holder: object = None  # the instance whose KV pool holds them
+    kv_holder: Instance | None = None  # the instance whose KV pool holds them
     preemptions: int = 0
 
     @property
