@@ -132,7 +132,7 @@ def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: Sequence[
     return result
 
 
-def transfer_wait(urls: list[str]) -> tuple[float, float]:
+def transfer_wait(urls: Sequence[str]) -> tuple[float, float]:
     """Sum and count of epd_transfer_wait_seconds over the prefill workers."""
     total = count = 0.0
     for url in urls:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,12 +151,12 @@ def decode_point(adapter, language, batch: int, context: int, ceiling: dict, dev
         engine.commit(KVHandoff(f"s{i}", context, 1, context, 0, sampling, b""))
     engine.step()  # the sequences join
     eager = timed(engine.step, 5, device)
-    result = {"batch": batch, "context": context, "step_ms_eager": eager * 1e3, "attention": runtime.decoder.attention.name}
+    result: dict[str, Any] = {"batch": batch, "context": context, "step_ms_eager": eager * 1e3, "attention": runtime.decoder.attention.name}
     step = eager
     if device.type == "cuda":
-        engine.capture_cuda_graphs(buckets=(batch,))
+        graphs = engine.capture_cuda_graphs(buckets=(batch,))
         step = timed(engine.step, 7, device)
-        replay = timed(engine.graphs.graphs[batch].replay, 7, device)  # the forward alone
+        replay = timed(graphs.graphs[batch].replay, 7, device)  # the forward alone
         result.update({"step_ms_graphs": step * 1e3, "forward_ms_graphs": replay * 1e3})
     weights = weight_bytes(language.parts)
     kv_read = batch * (context + 10) * layout.bytes_per_token

@@ -116,10 +116,12 @@ class DecodeEngine:
     def _can_take(self, blocks: int) -> bool:
         return blocks <= self.allocator.free and self.blocks_held + blocks <= self.max_blocks
 
-    def capture_cuda_graphs(self, buckets: tuple[int, ...] = BUCKETS) -> None:
+    def capture_cuda_graphs(self, buckets: tuple[int, ...] = BUCKETS) -> DecodeGraphs:
         """Replay decode steps from CUDA graphs (GPU only; captured once, for every batch size bucket)."""
-        self.graphs = DecodeGraphs(self.decoder, self.allocator, self.max_batch, self.adapter.max_context, buckets)
-        self.graphs.capture()
+        self.graphs = graphs = DecodeGraphs(self.decoder, self.allocator, self.max_batch, self.adapter.max_context,
+                                            buckets)
+        graphs.capture()
+        return graphs
 
     # ---- membership --------------------------------------------------------
     def validated(self, handoff: KVHandoff, adopted_blocks: list[int] | None = None) -> KVHandoff:

@@ -8,6 +8,9 @@ layout (tests, and peers such as vLLM that read only it) uses the same table."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # our prefix -> the hub's (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-*, Qwen/Qwen2(.5)-VL-*-Instruct)
 HUB_PREFIXES: dict[str, dict[str, str]] = {
@@ -38,10 +41,10 @@ def reading_renames(family: str) -> dict[str, str]:
     return dict(sorted(renames.items(), key=lambda item: -len(item[0])))
 
 
-def to_hub_names(family: str, names: Mapping[str, object]) -> dict[str, object]:
+def to_hub_names(family: str, names: Mapping[str, T]) -> dict[str, T]:
     """Our tensor names -> the hub's, for writing a checkpoint the way the hub publishes it."""
     prefixes = sorted(HUB_PREFIXES[family].items(), key=lambda item: -len(item[0]))
-    out = {}
+    out: dict[str, T] = {}
     for name, value in names.items():
         ours = next((p for p, _ in prefixes if name.startswith(p)), None)
         out[name if ours is None else HUB_PREFIXES[family][ours] + name[len(ours):]] = value

@@ -198,7 +198,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         if result.error is not None:
             log.error("prefill of %s failed: %r", result.request_id, result.error)
             future.set_exception(result.error)
-        else:
+        elif result.handoff is not None:  # a result is a handoff or an error
             future.set_result(result.handoff)
 
 

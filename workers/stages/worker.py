@@ -201,18 +201,18 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         runtime = build_runtime(adapter.load_language(config.device, config.torch_dtype), config.kv_cache,
                                 shared.allocate if shared else None)
         if "prefill" in config.stages:
-            engine = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
-            servicers.append(PrefillServicer(ctx, engine, config.cache_bytes, kv_paths=paths))
+            prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
+            servicers.append(PrefillServicer(ctx, prefill, config.cache_bytes, kv_paths=paths))
         if "decode" in config.stages:
-            engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, config.decode_max_batch,
+            decode = DecodeEngine(runtime.decoder, adapter, runtime.allocator, config.decode_max_batch,
                                   config.decode_max_kv_tokens)
             if runtime.pool.device.type == "cuda" and not config.enforce_eager:
-                engine.capture_cuda_graphs()
+                decode.capture_cuda_graphs()
             ipc = export_handle(runtime.pool.kv) if config.role == "decode" and runtime.pool.device.type == "cuda" \
                 and "cuda_ipc" in paths else b""
             nixl = NixlAgent("decode", runtime.pool.kv) if config.role == "decode" and "nixl" in paths \
                 and nixl_available() else None
-            servicers.append(DecodeServicer(ctx, engine, shared_fd=shared.fd if shared else None,
+            servicers.append(DecodeServicer(ctx, decode, shared_fd=shared.fd if shared else None,
                                             cuda_ipc_handle=ipc, kv_paths=paths, nixl=nixl))
     return servicers
 

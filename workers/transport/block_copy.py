@@ -46,7 +46,8 @@ class BlockCopyPlan:
 
 def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, plan: BlockCopyPlan) -> int:
     """Copy one layer's keys and values (`[layers, 2, blocks, ...]` pools) along `plan`; returns bytes."""
-    if plan.source_index is None:
+    source_index, target_index = plan.source_index, plan.target_index
+    if source_index is None or target_index is None:
         copied = 0
         for plane in range(2):  # keys, values: each run is one contiguous piece of a plane
             for src, dst, length in plan.runs:
@@ -57,7 +58,7 @@ def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, plan: Blo
     if source.is_cuda and target.device == source.device:
         from .cuda_block_copy import copy_blocks  # Triton: only where there is a GPU
 
-        return copy_blocks(source, target, layer, plan.source_index, plan.target_index)
-    part = source[layer].index_select(1, plan.source_index)
-    target[layer].index_copy_(1, plan.target_index.to(target.device), part.to(target.device))
+        return copy_blocks(source, target, layer, source_index, target_index)
+    part = source[layer].index_select(1, source_index)
+    target[layer].index_copy_(1, target_index.to(target.device), part.to(target.device))
     return part.numel() * part.element_size()

@@ -50,10 +50,11 @@ class ChannelPool:
 
     def _reload_if_renewed(self) -> None:
         self._checked = time.monotonic()
-        stamp = self.tls.stamp()
-        if stamp is None or stamp == self._stamp:
+        tls = self.tls
+        stamp = tls.stamp() if tls is not None else None
+        if tls is None or stamp is None or stamp == self._stamp:
             return
-        self._credentials, self._stamp = self.tls.channel_credentials(), stamp
+        self._credentials, self._stamp = tls.channel_credentials(), stamp
         self._retired.extend(self._channels.values())
         self._channels = {}
 

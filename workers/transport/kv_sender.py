@@ -298,7 +298,7 @@ class KVSender:
                     blocks = min(per_frame, length - offset)
                     part = self.pool.kv[layer, plane, start + offset:start + offset + blocks].cpu()
                     header = FrameHeader(reservation.request_id, layer, plane, first, blocks)
-                    frames.append(encode_frame(header, memoryview(part.view(torch.uint8).numpy())))
+                    frames.append(encode_frame(header, part.view(torch.uint8).numpy().data))
                     first += blocks
         return frames
 
@@ -308,8 +308,8 @@ def _resolve(future: asyncio.Future, task: asyncio.Task) -> None:
         return
     if task.cancelled():
         future.cancel()
-    elif task.exception() is not None:
-        future.set_exception(task.exception())
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
     else:
         future.set_result(None)
 
