@@ -6,7 +6,7 @@ import torch
 
 from epd.image_size import ImageSize
 from epd.workers.models import EncodeInput, InvalidImageError
-from epd.workers.stages.encode import encode_isolating_bad
+from epd.workers.stages.encode import prepare_isolating_bad
 
 from ..helpers import png_bytes
 
@@ -28,7 +28,8 @@ def test_a_batch_equals_its_items_encoded_alone(stages):
 def test_a_bad_image_fails_alone_in_its_batch(stages):
     good = items_of(stages, 40, 30, 1)[:1]
     bad = [EncodeInput(b"\x89PNG\r\n\x1a\nnot really a png")]
-    results = encode_isolating_bad(stages.vision, good + bad + good)
-    assert isinstance(results[1], InvalidImageError) and "cannot decode image" in str(results[1])
-    assert torch.equal(results[0], results[2]) and results[0].shape[0] == stages.adapter.image_items(
+    prepared = prepare_isolating_bad(stages.vision, good + bad + good)
+    assert isinstance(prepared[1], InvalidImageError) and "cannot decode image" in str(prepared[1])
+    results = stages.vision.encode_prepared([prepared[0], prepared[2]])
+    assert torch.equal(results[0], results[1]) and results[0].shape[0] == stages.adapter.image_items(
         ImageSize(40, 30))[0]

@@ -208,8 +208,17 @@ class VisionPartBase(ABC):
         return next(iter(self.parts.values())).parameters().__next__().dtype
 
     @abstractmethod
+    def prepare(self, item: EncodeInput) -> Any:
+        """One item decoded and preprocessed (CPU work, no model: the encode server runs it beside the
+        compute thread); raises InvalidImageError for bytes that are not an image."""
+
+    @abstractmethod
+    def encode_prepared(self, prepared: Sequence[Any]) -> list[torch.Tensor]:
+        """One [n_tokens, hidden] tensor per prepared item, computed as one batch."""
+
     def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
         """One [n_tokens, hidden] tensor per item, computed as one batch."""
+        return self.encode_prepared([self.prepare(item) for item in items])
 
 
 class LanguagePartBase(ABC):

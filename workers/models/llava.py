@@ -65,8 +65,11 @@ class LlavaVision(VisionPartBase):
     adapter: LlavaAdapter
 
     @torch.no_grad()
-    def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
-        return list(self.features(torch.stack([self.adapter.pixel_values(item) for item in items])).unbind(0))
+    def prepare(self, item: EncodeInput) -> torch.Tensor:
+        return self.adapter.pixel_values(item)
+
+    def encode_prepared(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.features(torch.stack(list(prepared))).unbind(0))
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor) -> torch.Tensor:

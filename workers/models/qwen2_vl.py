@@ -73,11 +73,13 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 class Qwen2VLVision(VisionPartBase):
     adapter: Qwen2VLAdapter
 
-    @torch.no_grad()
-    def encode(self, items: Sequence[EncodeInput]) -> list[torch.Tensor]:
-        images = [decode_image(item.image_bytes) for item in items]
-        batch = self.adapter.image_processor(images=images, return_tensors="pt")
-        return self.features(batch["pixel_values"], batch["image_grid_thw"])
+    def prepare(self, item: EncodeInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's flattened patches and its `[1, 3]` grid."""
+        batch = self.adapter.image_processor(images=[decode_image(item.image_bytes)], return_tensors="pt")
+        return batch["pixel_values"], batch["image_grid_thw"]
+
+    def encode_prepared(self, prepared: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        return self.features(torch.cat([pixels for pixels, _ in prepared]), torch.cat([grid for _, grid in prepared]))
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:

@@ -83,6 +83,8 @@ def _check_strings(body: Any) -> None:
 
 
 def _valid_text(text: str, path: str) -> None:
+    if text.isascii():  # most strings by bytes (base64 images): checked at C speed, nothing to look for
+        return
     found = _SURROGATE.search(text)
     if found:
         raise bad_request(f"{path or 'a key'} holds a lone surrogate ({found.group()!r} at {found.start()}); "

@@ -103,7 +103,11 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         return future
 
     async def _run_batch(self, tasks: list[EncodeTask]) -> None:
-        results = await self.ctx.compute("encode", encode_isolating_bad, self.vision, [t.item for t in tasks])
+        # decoding and preprocessing beside the compute thread (PIL and numpy release the GIL), the tower on it
+        prepared = await asyncio.to_thread(prepare_isolating_bad, self.vision, [t.item for t in tasks])
+        good = [p for p in prepared if not isinstance(p, Exception)]
+        features = iter(await self.ctx.compute("encode", self.vision.encode_prepared, good) if good else [])
+        results = [p if isinstance(p, Exception) else next(features) for p in prepared]
         metrics.ENCODED_ITEMS.inc(sum(not isinstance(r, Exception) for r in results))
         for task, result in zip(tasks, results, strict=True):
             self.in_flight.pop(task.key, None)
@@ -137,15 +141,12 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
             metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
 
 
-def encode_isolating_bad(vision: VisionPartBase, items: list[EncodeInput]) -> list:
-    """Encode a batch; if an item is bad, encode one by one so only it fails (its slot holds the error)."""
-    try:
-        return list(vision.encode(items))
-    except (InvalidImageError, ValueError):
-        results: list = []
-        for item in items:
-            try:
-                results.append(vision.encode([item])[0])
-            except (InvalidImageError, ValueError) as exc:
-                results.append(exc)
-        return results
+def prepare_isolating_bad(vision: VisionPartBase, items: list[EncodeInput]) -> list:
+    """Each item prepared for the tower, or (in its slot) the error that makes only it fail."""
+    results: list = []
+    for item in items:
+        try:
+            results.append(vision.prepare(item))
+        except (InvalidImageError, ValueError) as exc:
+            results.append(exc)
+    return results
