@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,7 @@ def operator(k8s_cluster: ControlPlane, gpu_pools, tmp_path_factory) -> Iterator
     k8s_cluster.helm("install", "epd", str(CHART), "--namespace", SYSTEM, "--set", "operator.replicas=0",
                      "--wait", "--timeout", "60s")
     for crd in ("epddeployments.serving.epd.dev", "epdstages.serving.epd.dev"):
-        wait_for(lambda crd=crd: k8s_cluster.kubectl("get", "crd", crd, check=False).returncode == 0, 30, crd)
+        wait_for(functools.partial(k8s_cluster.crd_established, crd), 30, crd)
     kubeconfig = k8s_cluster.service_account_kubeconfig(SYSTEM, SERVICE_ACCOUNT,
                                                         tmp_path_factory.mktemp("sa") / "operator.kubeconfig")
     op = Operator(k8s_cluster, kubeconfig)

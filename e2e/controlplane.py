@@ -17,27 +17,35 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from epd.workers.launcher.processes import free_port
-from tests.helpers import wait_until
 
 from .pki import Pki, create_pki
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok", "helm")
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+T = TypeVar("T")
 
 
 class MissingBinaries(RuntimeError):
     pass
 
 
-def wait_for(condition, timeout: float = 60.0, what: str = "condition"):
-    """`wait_until` at the control plane's pace (its objects change in tenths of a second)."""
-    return wait_until(condition, timeout, 0.1, what)
+def wait_for(condition: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
+    """Poll `condition` at the control plane's pace (its objects change in tenths of a second) until it
+    returns something truthy, which is returned; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)  # polling a condition with a deadline
+    return value
 
 
 def find_binaries() -> Path:
@@ -91,6 +99,11 @@ class ControlPlane:
         text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
         scope = ("-n", namespace) if namespace else ()
         return self.kubectl("apply", *scope, "-f", "-", input=text, **kwargs)
+
+    def crd_established(self, name: str) -> bool:
+        found = self.kubectl("get", "crd", name, "-o", "json", check=False)
+        conditions = json.loads(found.stdout).get("status", {}).get("conditions") or [] if found.returncode == 0 else []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     def add_fake_node(self, name: str, labels: dict[str, str] | None = None, taints: list[dict] | None = None,
                       gpus: int = 0) -> None:

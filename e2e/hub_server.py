@@ -69,7 +69,8 @@ class HubServer:
 
     def downloads(self) -> list[str]:
         """Files fetched with GET (content, not metadata), in order."""
-        return [RESOLVE.match(r.path)["file"] for r in self.requests if r.method == "GET" and RESOLVE.match(r.path)]
+        matches = (RESOLVE.match(r.path) for r in self.requests if r.method == "GET")
+        return [m["file"] for m in matches if m]
 
     def _serve(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append(Request(handler.command, handler.path, handler.headers.get("Range")))
@@ -81,7 +82,7 @@ class HubServer:
             return _reply(handler, 404, {"error": "Repository not found"}, body, {"X-Error-Code": "RepoNotFound"})
         if match["rev"] not in ("main", self.commit):
             return _reply(handler, 404, {"error": "Invalid rev id"}, body, {"X-Error-Code": "RevisionNotFound"})
-        if listing:
+        if resolve is None:
             return _reply(handler, 200, {"id": self.repo, "sha": self.commit,
                                          "siblings": [{"rfilename": f} for f in self.files()]}, body)
         path = self.directory / resolve["file"]
@@ -92,7 +93,8 @@ class HubServer:
 
     def _send_file(self, handler: BaseHTTPRequestHandler, path: Path, name: str, body: bool) -> None:
         data = path.read_bytes()
-        start = int(re.match(r"bytes=(\d+)-", handler.headers.get("Range", "bytes=0-"))[1])
+        asked = re.match(r"bytes=(\d+)-", handler.headers.get("Range", "bytes=0-"))
+        start = int(asked[1]) if asked else 0
         handler.send_response(206 if start else 200)
         handler.send_header("X-Repo-Commit", self.commit)
         handler.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')

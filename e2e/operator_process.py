@@ -31,21 +31,20 @@ class Operator:
         """Start without waiting (a standby prints EPD_OPERATOR_WAITING and nothing more)."""
         self.log = []
         self.health_port = free_port()
-        self.process = subprocess.Popen(
+        process = self.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "epd.cli", "operator", "--kubeconfig", str(self.kubeconfig),
              "--lease-namespace", SYSTEM, "--operator-namespace", SYSTEM, "--drift-interval", "3",
              "--autoscale-interval", "0.5", "--image", "epd-serve:test", "--health-host", "127.0.0.1",
              "--health-port", str(self.health_port), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
+        threading.Thread(target=lambda: self.log.extend(process.stdout or ()), daemon=True).start()
 
     def logged(self, marker: str) -> bool:
         return any(marker in line for line in self.log)
 
     def start(self) -> None:
         self.launch()
-        wait_for(lambda: self.logged("EPD_OPERATOR_LEADING") or self.process.poll() is not None, 60,
-                 "the operator to lead")
+        wait_for(lambda: self.logged("EPD_OPERATOR_LEADING") or not self.running(), 60, "the operator to lead")
         assert self.logged("EPD_OPERATOR_LEADING"), "".join(self.log[-30:])
 
     def stop(self, deadline: float = 30.0) -> tuple[int, float]:

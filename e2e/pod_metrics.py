@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from typing import Self
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
@@ -20,7 +21,7 @@ class PodMetrics:
     namespace: str
     instance: str
     ports: dict[str, int]  # app.kubernetes.io/component -> metrics port
-    servers: dict[tuple[str, int], object] = field(default_factory=dict)
+    servers: dict[tuple[str, int], WSGIServer] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Self:

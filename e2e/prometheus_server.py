@@ -18,7 +18,8 @@ from typing import Self
 import yaml
 
 from epd.workers.launcher.processes import free_port
-from tests.helpers import wait_until
+
+from .controlplane import wait_for
 
 
 @dataclass
@@ -47,7 +48,7 @@ class PrometheusServer:
                                          f"--storage.tsdb.path={self.workdir / 'data'}",
                                          f"--web.listen-address=127.0.0.1:{self.port}"],
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.all_up, 60, 0.2, "Prometheus to scrape every target")
+        wait_for(self.all_up, 60, "Prometheus to scrape every target")
         return self
 
     def __exit__(self, *_) -> None:

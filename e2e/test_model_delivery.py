@@ -11,10 +11,9 @@ import json
 
 import pytest
 
-from tests.model_delivery.checkpoints import REPO, sharded_checkpoint, start_worker
-from tests.model_delivery.hub_server import HubServer
-
+from .checkpoints import REPO, sharded_checkpoint, start_worker
 from .controlplane import wait_for
+from .hub_server import HubServer
 from .resources import condition, epd, minimal
 
 pytestmark = pytest.mark.controlplane

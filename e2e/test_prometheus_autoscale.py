@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.e2e.harness import start_serve
-
 from .controlplane import wait_for
 from .prometheus_server import PrometheusServer
 from .resources import STAGES, epd, events, minimal, ready, replicas
+from .serve_process import ServeProcess
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 
@@ -26,11 +25,9 @@ def host(url: str) -> str:
 
 
 def test_prometheus_source_scales_decode_under_bench_load(k8s_cluster, operator, namespace, tmp_path):
-    served = start_serve("tiny-llava", None)
-    bench = None
-    try:
+    with ServeProcess("tiny-llava") as served:
         targets = {"router": [host(served.router_metrics_url)],
-                   **{stage: [host(w.metrics_url) for w in served.workers(stage)] for stage in STAGES}}
+                   **{stage: [host(url) for url in served.worker_metrics_urls(stage)] for stage in STAGES}}
         with PrometheusServer(targets, {"namespace": namespace, "epd_deployment": "bench"}) as prometheus:
             spec = {"encode": {"replicas": 1, "maxReplicas": 1}, "prefill": {"replicas": 1, "maxReplicas": 1},
                     "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 3},
@@ -44,8 +41,12 @@ def test_prometheus_source_scales_decode_under_bench_load(k8s_cluster, operator,
                                       "--images-per-request", "1", "--image-size", "64x64", "--no-progress",
                                       "--out", str(tmp_path / "bench.json")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: replicas(k8s_cluster, namespace, "statefulset", "bench-decode") > 1, 240,
-                     "decode scaled up from Prometheus' figures")
+            try:
+                wait_for(lambda: replicas(k8s_cluster, namespace, "statefulset", "bench-decode") > 1, 240,
+                         "decode scaled up from Prometheus' figures")
+            finally:
+                bench.terminate()
+                bench.wait(30)
             status = epd(k8s_cluster, namespace, "bench")["status"]
             decode = status["stages"]["decode"]
             assert decode["scaledReplicas"] > 1 and decode["lastScaleReason"].startswith("scale up: TPOT p90")
@@ -56,8 +57,3 @@ def test_prometheus_source_scales_decode_under_bench_load(k8s_cluster, operator,
             for stage in ("encode", "prefill"):
                 assert replicas(k8s_cluster, namespace, "statefulset", f"bench-{stage}") == 1
             assert not events(k8s_cluster, namespace, "bench", "MetricsUnavailable")
-    finally:
-        if bench is not None:
-            bench.terminate()
-            bench.wait(30)
-        served.stop()

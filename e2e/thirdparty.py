@@ -3,6 +3,7 @@ apiserver, fetched by e2e/fetch-crds.sh from their Go modules."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -29,9 +30,7 @@ def install(plane: ControlPlane, files: tuple[str, ...]) -> list[str]:
         plane.kubectl("apply", "--server-side", "-f", str(crd_dir() / name))
         names.append(name.split("_", 1)[1].removesuffix(".yaml") + "." + name.split("_", 1)[0])
     for crd in names:  # (`kubectl wait` fails outright while a new CRD has no conditions yet)
-        wait_for(lambda crd=crd: any(c["type"] == "Established" and c["status"] == "True"
-                                     for c in plane.get("crd", crd).get("status", {}).get("conditions") or []),
-                 60, f"{crd} established")
+        wait_for(functools.partial(plane.crd_established, crd), 60, f"{crd} established")
     return names
 
 

@@ -9,6 +9,7 @@ import datetime
 import json
 import logging
 import time
+from typing import cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -93,7 +94,7 @@ class Cluster:
             return True
 
 
-    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
+    def list_objects(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
         try:
             found = self.dynamic.get(self._resource(api_version, kind), namespace=namespace,
                                      label_selector=label_selector)
@@ -129,7 +130,7 @@ class Cluster:
 
     def get_deployment(self, name: str, namespace: str) -> dict | None:
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return cast(dict, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -49,7 +49,7 @@ class LeaderElection:
                 if create_exc.status == 409:
                     return False
                 raise
-        spec = lease.spec
+        spec = lease.spec or client.V1LeaseSpec()
         mine = spec.holder_identity == self.identity
         renewed = spec.renew_time or spec.acquire_time
         expired = renewed is None or renewed + datetime.timedelta(seconds=spec.lease_duration_seconds or 0) < _now()
@@ -66,8 +66,8 @@ class LeaderElection:
 
     def _spec(self, acquire: bool, previous: client.V1LeaseSpec | None = None) -> client.V1LeaseSpec:
         now = _now()
-        transitions = (previous.lease_transitions or 0) + 1 if previous and acquire else \
-            (previous.lease_transitions if previous else 0)
+        previous = previous or client.V1LeaseSpec()
+        transitions = (previous.lease_transitions or 0) + (1 if acquire else 0)
         return client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.lease_seconds,
                                   acquire_time=now if acquire else previous.acquire_time, renew_time=now,
                                   lease_transitions=transitions)
@@ -89,7 +89,7 @@ class LeaderElection:
         to expire. Best effort: on failure the Lease simply expires."""
         try:
             lease = self.api.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity != self.identity:
+            if lease.spec is None or lease.spec.holder_identity != self.identity:
                 return
             lease.spec.holder_identity = None
             lease.spec.lease_duration_seconds = 1

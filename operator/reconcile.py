@@ -63,8 +63,8 @@ class Reconciler:
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         spec = EPDDeploymentSpec.from_resource(body["spec"], self.default_image)
         status = body.get("status") or {}
-        result, records, children = ReconcileResult(), {}, {}
-        replicas = {stage: spec.stages[stage].replicas for stage in STAGES}
+        result, records, children = ReconcileResult(), dict[str, dict](), Children()
+        replicas: dict[str, int] = {stage: spec.stages[stage].replicas for stage in STAGES}
         try:
             children = self._children(owner)
             missing = [name for name in spec.secrets() if not self.cluster.secret_exists(name, owner.namespace)]
@@ -91,7 +91,7 @@ class Reconciler:
         found: Children = {}
         for api_version, kind in CHILD_KINDS:
             if self.cluster.serves(api_version, kind):
-                for obj in self.cluster.list(api_version, kind, owner.namespace, owned_selector(owner)):
+                for obj in self.cluster.list_objects(api_version, kind, owner.namespace, owned_selector(owner)):
                     found[(kind, obj["metadata"]["name"])] = obj
         return found
 
@@ -99,7 +99,7 @@ class Reconciler:
                   result: ReconcileResult, records: dict) -> dict[str, int]:
         """Every write, stopping at the first refusal, which then names the object and the apiserver's
         words. `children` is updated with what the apiserver returned."""
-        replicas = {stage: spec.stages[stage].replicas for stage in STAGES}
+        replicas: dict[str, int] = {stage: spec.stages[stage].replicas for stage in STAGES}
         doing = "reading the cluster"
         try:
             provider = self._tls_provider(spec)
@@ -202,11 +202,11 @@ class Reconciler:
 
     def _status(self, body: dict, owner: Owner, spec: EPDDeploymentSpec, replicas: dict[str, int],
                 children: Children, result: ReconcileResult) -> dict:
-        stages = {stage: WorkloadState.of(children.get(("StatefulSet", child_name(owner, stage))), replicas[stage])
+        stages: dict[str, WorkloadState] = {stage: WorkloadState.of(children.get(("StatefulSet", child_name(owner, stage))), replicas[stage])
                   for stage in STAGES}
         router = WorkloadState.of(children.get(("Deployment", child_name(owner, "router"))), spec.router.replicas)
         try:
-            problems = {stage: pod_problems(self.cluster.list_pods(owner.namespace, selector(owner, stage)))
+            problems: dict[str, str] = {stage: pod_problems(self.cluster.list_pods(owner.namespace, selector(owner, stage)))
                         for stage, state in stages.items() if not state.is_ready}
         except API_ERRORS as exc:
             log.warning("%s/%s: pods not readable: %s", owner.namespace, owner.name, api_message(exc))

@@ -119,7 +119,7 @@ class EPDDeploymentSpec:
     def from_resource(cls, spec: dict[str, Any], default_image: str) -> EPDDeploymentSpec:
         model = spec["model"]
         cache_dir = model.get("cache", {})
-        stages = {stage: _stage(spec.get(stage, {}), GRACE_SECONDS[stage]) for stage in STAGES}
+        stages: dict[str, StageSpec] = {stage: _stage(spec.get(stage, {}), GRACE_SECONDS[stage]) for stage in STAGES}
         router = spec.get("router", {})
         cache = spec.get("cache", {})
         redis = cache.get("redis", {})

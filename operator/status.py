@@ -50,10 +50,10 @@ def merge_conditions(old: list[dict], new: list[Condition], generation: int) -> 
     for condition in new:
         status = "True" if condition.status else "False"
         before = previous.get(condition.type)
-        changed = before is None or before.get("status") != status
+        since = before.get("lastTransitionTime", now()) if before and before.get("status") == status else now()
         merged.append({"type": condition.type, "status": status, "reason": condition.reason,
                        "message": condition.message, "observedGeneration": generation,
-                       "lastTransitionTime": now() if changed else before.get("lastTransitionTime", now())})
+                       "lastTransitionTime": since})
     return merged
 
 

@@ -121,7 +121,7 @@ class Autoscaler:
 
     def readings(self, owner: Owner, spec: EPDDeploymentSpec) -> dict[str, dict[str, Reading]]:
         """The /metrics of every running pod of the router and of each stage, by pod name."""
-        ports = {"router": spec.router.metrics_port, **{stage: METRICS_PORT for stage in STAGES}}
+        ports: dict[str, int] = {"router": spec.router.metrics_port, **{stage: METRICS_PORT for stage in STAGES}}
         out: dict[str, dict[str, Reading]] = {}
         for role, port in ports.items():
             out[role] = {}
@@ -136,8 +136,8 @@ class Autoscaler:
 
     def stage_states(self, owner: Owner) -> dict[str, StageState]:
         found = {sts["metadata"]["name"]: sts
-                 for sts in self.cluster.list("apps/v1", "StatefulSet", owner.namespace, owned_selector(owner))}
-        states = {}
+                 for sts in self.cluster.list_objects("apps/v1", "StatefulSet", owner.namespace, owned_selector(owner))}
+        states: dict[str, StageState] = {}
         for stage in STAGES:
             sts = found.get(child_name(owner, stage), {})
             states[stage] = StageState(replicas=sts.get("spec", {}).get("replicas", 0),

@@ -95,7 +95,7 @@ def prometheus_window(prometheus: Prometheus, queries: Queries, now: float, stat
     q = percentile / 100
     requests = ask(queries.increase(names.REQUESTS, "router"))
     per_request = max(requests, 1.0)
-    stages = {}
+    stages: dict[str, StageMetrics] = {}
     for stage in STAGES:
         state = states[stage]
         queue = ask(queries.gauge("sum", names.STAGE_QUEUE_DEPTH, stage, stage=stage))

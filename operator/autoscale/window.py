@@ -54,7 +54,7 @@ def observe(before: Mapping[str, PodReadings], after: Mapping[str, PodReadings],
     router_before, router_after = before.get("router", {}), after.get("router", {})
     requests = counter_delta(router_before, router_after, names.REQUESTS)
     per_request = max(requests, 1.0)
-    stages = {}
+    stages: dict[str, StageMetrics] = {}
     for stage in STAGES:
         old, new = before.get(stage, {}), after.get(stage, {})
         state = states[stage]

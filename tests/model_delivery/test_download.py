@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from e2e.checkpoints import REPO, sharded_checkpoint, start_worker
+from e2e.hub_server import HubServer
 from epd.workers.models import download, load_adapter
-
-from .checkpoints import REPO, sharded_checkpoint, start_worker
-from .hub_server import HubServer
 
 TOKEN = "hf_good_token"
 # hub checkpoints (and transformers 5 on save) use the legacy names; current ones start with `model.`

@@ -6,8 +6,10 @@ the apiserver in e2e/.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
-from epd.operator.reconcile import ReconcileResult
+from epd.operator.autoscale.controller import Autoscaler
+from epd.operator.reconcile import Reconciler, ReconcileResult
 from epd.operator.supervisor import MAX_BACKOFF, SECRET_RECHECK, Supervisor
 
 
@@ -57,7 +59,7 @@ def body(generation: int = 1) -> dict:
 
 def supervisor(*results) -> tuple[Supervisor, StandIn, Clock]:
     clock, stand_in = Clock(), StandIn(list(results))
-    return Supervisor(stand_in, autoscaler=IdleAutoscaler(), drift_interval=30.0, autoscale_interval=1e9, clock=clock), \
+    return Supervisor(cast(Reconciler, stand_in), autoscaler=cast(Autoscaler, IdleAutoscaler()), drift_interval=30.0, autoscale_interval=1e9, clock=clock), \
         stand_in, clock
 
 
