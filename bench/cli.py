@@ -9,12 +9,11 @@ import math
 import os
 import sys
 import urllib.request
-from pathlib import Path
 
 from epd.image_size import image_size_argument
 from epd.slo import SLO
 
-from .report import table
+from .report import table, write_json
 from .runner import run_workload
 from .workload import WorkloadSpec
 
@@ -59,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                        args.concurrency, args.timeout, progress=not args.no_progress,
                                        api_key=args.api_key))
     print(table(summary))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, summary)
     return 0 if summary["completed"] else 1
 
 

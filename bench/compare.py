@@ -16,13 +16,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 from epd.image_size import image_size_argument
 from epd.slo import SLO
 
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
-from .report import table
+from .report import table, write_json
 from .runner import run_workload
 from .workload import WorkloadSpec
 
@@ -90,13 +89,11 @@ def main() -> int:
         "ttft_p90_epd_over_colocated": ratio(miss["ttft_s"]["p90"], colocated["ttft_s"]["p90"]),
         "throughput_epd_over_colocated": ratio(miss["throughput_rps"], colocated["throughput_rps"]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(json.dumps({k: v for k, v in results["cache"].items() if "over" in k}
                      | {"ttft_p50_hit_over_miss_embedding_cache_only":
                         results["cache"]["embedding_cache_only"]["ttft_p50_hit_over_miss"]}
                      | {k: v for k, v in results["epd_vs_colocated"].items() if "over" in k}, indent=2))
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -17,7 +17,6 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from ..workers.engine.offline import OfflineEngines
 from ..workers.messages import PrefillJob, SamplingParams
 from ..workers.models import load_adapter
 from .baselines.padded_engine import PaddedEngine
+from .report import write_json
 
 
 def prompts(batch: int, text_ids: list[int], seed: int) -> list[list[int]]:
@@ -129,9 +129,7 @@ def main() -> int:
                            for other in ("padded", "generate")}
         print(json.dumps({k: point[k] for k in ("batch", "ratios")}), flush=True)
         results["points"].append(point)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     return 0
 
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import sys
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -36,6 +34,7 @@ from ..workers.transport.kv_paths import PATHS, nixl_available
 from ..workers.transport.kv_sender import KVSender
 from ..workers.transport.nixl_path import NixlAgent
 from ..workers.transport.shm import SharedPool
+from .report import write_json
 
 LAYOUT = KVLayout(num_layers=32, num_kv_heads=32, head_dim=128, block_size=16, dtype=torch.bfloat16)
 
@@ -145,9 +144,7 @@ def main() -> int:
             entry["of_memcpy"] = entry["bytes_per_s"] / report["memcpy"][name]["bytes_per_s"]
             print(f"{path:5} {name:>7}: {entry['bytes_per_s'] / 1e9:6.2f} GB/s = {entry['of_memcpy']:.0%} of memcpy",
                   flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return 0
 
 

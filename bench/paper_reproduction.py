@@ -14,7 +14,6 @@ import json
 import random
 import statistics
 from dataclasses import replace
-from pathlib import Path
 
 from epd.image_size import ImageSize
 from epd.slo import SLO
@@ -28,6 +27,7 @@ from ..operator.sizing.planner import Planner, stage_splits
 from ..operator.sizing.results import goodput, simulate
 from ..operator.sizing.simulator import ServingConfig
 from ..operator.sizing.workload import WorkloadMix, poisson
+from .report import write_json
 
 MODELS = ("minicpm-v-2.6", "internvl2-8b")
 SLOS = {"minicpm-v-2.6": {2: (1.4, 0.04), 4: (2.6, 0.04), 6: (3.9, 0.06), 8: (5.1, 0.06)},
@@ -176,8 +176,7 @@ def main() -> int:
             slower, SLOS["minicpm-v-2.6"], args.requests, ("epd", "bundled"))}
         results["ttft"] = {name: ttft_table(name) for name in MODELS}
         results["optimizer"] = optimizer_vs_random()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from epd.percentiles import distribution
 from epd.slo import SLO
 
@@ -39,3 +42,10 @@ def table(summary: dict) -> str:
     rows.append(f"throughput {summary['throughput_rps']:.2f} req/s, {summary['output_tokens_per_s']:.1f} tok/s; "
                 f"goodput {summary['goodput_rps']:.2f} req/s (SLO attainment {summary['slo_attainment']:.0%})")
     return "\n".join(rows)
+
+
+def write_json(path: str | Path, result: object) -> None:
+    """Write a benchmark's result as JSON (its folder made if needed) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")

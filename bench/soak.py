@@ -31,6 +31,7 @@ from epd.synthetic_images import noise_png_data_url
 
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from ..workers.registry import KEY_PREFIX, WorkerInfo
+from .report import write_json
 
 
 @dataclass
@@ -243,9 +244,7 @@ def run(args: argparse.Namespace) -> int:
     print("RSS MiB at start:\n" + "\n".join(f"  {k:32s} {v:8.1f}" for k, v in rss_start.items()))
     print("RSS MiB at end:\n" + "\n".join(f"  {k:32s} {v:8.1f}" for k, v in rss_end.items()))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+        write_json(args.out, report)
     return 0 if tally.failed == 0 else 1
 
 

@@ -37,7 +37,7 @@ from epd.slo import SLO
 
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from ..workers.registry import KEY_PREFIX, WorkerInfo
-from .report import table
+from .report import table, write_json
 from .runner import run_workload
 from .workload import RequestFactory, WorkloadSpec
 
@@ -200,9 +200,7 @@ def main() -> int:
         print(f"round {round_index + 1}: same greedy text: {results['same_greedy_text']}\n"
               + json.dumps(results["ratios_vs_vllm"], indent=2), flush=True)
         rounds.append(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "rounds": rounds}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, {"model": args.model, "rounds": rounds})
     shutil.rmtree(model_dir, ignore_errors=True)
     return 0
 
