@@ -11,7 +11,8 @@ blocks in place (`cpu_attention`); the CUDA decode kernel lives in
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +63,13 @@ class SdpaAttention:
         return out
 
 
-class CpuPagedAttention(SdpaAttention):
-    """Decode batches through the C++ paged kernel (keys and values read in place); prefill, whose
-    queries are many and compute-bound, through SDPA."""
+class PagedDecodeAttention(SdpaAttention):
+    """Decode batches through a paged-decode kernel (keys and values read in place from the pool);
+    prefill, whose queries are many and compute-bound, through SDPA."""
 
-    name = "cpu-paged"
+    # (query, keys, values, block tables, context lengths, scale) -> `[B, heads, dim]` outputs
+    kernel: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+                              torch.Tensor]]
 
     def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                batch: PackedBatch) -> torch.Tensor:
@@ -74,7 +77,14 @@ class CpuPagedAttention(SdpaAttention):
             return super().attend(layer, query, keys, values, batch)
         key_cache, value_cache = self.pool.kv[layer]
         tables, lengths = batch.decode_tables
-        return paged_decode(query, key_cache, value_cache, tables, lengths, self.scale)
+        return type(self).kernel(query, key_cache, value_cache, tables, lengths, self.scale)
+
+
+class CpuPagedAttention(PagedDecodeAttention):
+    """Decode through the C++ paged kernel (epd.workers.engine.cpu_attention)."""
+
+    name = "cpu-paged"
+    kernel = paged_decode
 
 
 def _offset_causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import SdpaAttention
-from .batch import PackedBatch
+from .attention import PagedDecodeAttention
 
 
 # Written in Triton's language: its arguments are pointers and constexprs that Triton reads, not Python types.
@@ -71,15 +70,8 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
-class TritonPagedAttention(SdpaAttention):
-    """Decode batches through the Triton kernel; prefill through SDPA."""
+class TritonPagedAttention(PagedDecodeAttention):
+    """Decode through the Triton kernel above."""
 
     name = "triton"
-
-    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               batch: PackedBatch) -> torch.Tensor:
-        if not batch.is_decode:
-            return super().attend(layer, query, keys, values, batch)
-        key_cache, value_cache = self.pool.kv[layer]
-        tables, lengths = batch.decode_tables
-        return paged_decode(query, key_cache, value_cache, tables, lengths, self.scale)
+    kernel = paged_decode
