@@ -127,7 +127,9 @@ def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: Sequence[
             waited, count = (a - b for a, b in zip(transfer_wait(prefill_metrics), before, strict=True))
             summary["transfer_wait_mean_s"] = waited / count if count else 0.0
             summary["transfer_share_of_ttft"] = summary["transfer_wait_mean_s"] / summary["ttft_s"]["mean"]
-        print(f"--- {label}: {name}\n{table(summary)}", flush=True)
+        share = (f"\nKV handoff wait {summary['transfer_wait_mean_s'] * 1e3:.1f} ms per request = "
+                 f"{summary['transfer_share_of_ttft']:.1%} of mean TTFT") if prefill_metrics else ""
+        print(f"--- {label}: {name}\n{table(summary)}{share}", flush=True)
         result[name] = summary
     return result
 
