@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything epd-serve needs into the current Python environment:
 # redis-server (apt, when missing), torch (the CPU wheel from /opt/wheels when
-# present, so pip does not pull the multi-GB CUDA build), and the package itself.
+# present, so pip does not pull the multi-GB CUDA build), the package itself, its
+# test extras and the static gates' tools (ruff, mypy, import-linter; pinned).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,8 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 
-echo "==> installing epd-serve (editable) and its test extras"
-"$PYTHON" -m pip install -q -e ".[test]"
+echo "==> installing epd-serve (editable), its test extras and the static gates' pinned tools"
+"$PYTHON" -m pip install -q -e ".[test,lint]"
 
 echo "==> building the CPU paged-attention kernel (cached under ~/.cache/torch_extensions)"
 "$PYTHON" -P -c "from epd.workers.engine.cpu_attention import kernel; import sys; sys.exit(kernel() is None)"
