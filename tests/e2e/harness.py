@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import urllib.error
 import urllib.request
@@ -98,3 +99,12 @@ def counts_by_stage(served: Served) -> dict[str, int]:
     for stage in ("encode", "prefill", "decode"):
         found[stage] = len(served.workers(stage))
     return found
+
+
+def running(pid: int) -> bool:
+    """Whether a process with this pid still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

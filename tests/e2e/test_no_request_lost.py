@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from ..conftest import wait_until
-from .harness import chat_body, png_bytes, start_serve
+from .harness import chat_body, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
 TOKENS = 120
@@ -77,13 +77,6 @@ def _busy(served, stage: str) -> list:
             if served.metric(w.metrics_url, "epd_stage_in_flight", stage=stage) > 0]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
 
 def _recoveries(served, kind: str) -> float:
     return served.router_metric("epd_router_recoveries_total", kind=kind)
@@ -118,11 +111,11 @@ def test_sigterm_of_any_worker_drains_it_and_loses_nothing(served, undisturbed, 
         os.kill(victim.pid, signal.SIGTERM)
         wait_until(lambda: victim.address not in [w.address for w in served.workers(stage)], 30,
                    message="the terminated worker to leave discovery")
-        left_discovery_alive.append(not _gone(victim.pid))
+        left_discovery_alive.append(running(victim.pid))
 
     results = asyncio.run(_run_load(served, terminate))
     _assert_nothing_lost(results, undisturbed)
-    wait_until(lambda: _gone(victim.pid), 60, message="the drained worker to exit")
+    wait_until(lambda: not running(victim.pid), 60, message="the drained worker to exit")
     if stage == "decode":  # it held streams: it left discovery first and finished them before exiting
         assert left_discovery_alive == [True]
 

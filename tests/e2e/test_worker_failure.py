@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ..conftest import wait_until
-from .harness import chat_body, png_bytes, start_serve
+from .harness import chat_body, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
 
@@ -72,12 +72,4 @@ def test_requests_succeed_while_redis_is_unreachable(served):
                         10, message="/health to report Redis down")
     assert health.status_code == 200  # the router keeps serving from its last view of the workers
     served.stop()
-    assert not [pid for pid in pids if _running(pid)]  # SIGTERM took every worker down
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert not [pid for pid in pids if running(pid)]  # SIGTERM took every worker down
