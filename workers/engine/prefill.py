@@ -114,7 +114,6 @@ class PrefillEngine:
         self.running: list[PrefillSequence] = []
         self.handing_off: dict[str, list[int]] = {}  # request id -> blocks held until decode has the KV
         self._lock = threading.Lock()
-        self.computed_tokens = 0
         self.last_batch = 0  # sequences in the latest step
 
     @property
@@ -293,7 +292,6 @@ class PrefillEngine:
 
         logits = self.decoder.forward(torch.cat(embeds), batch.finish(self.language.device),
                                       on_layer=stream_layer if sinks else None)
-        self.computed_tokens += batch.num_tokens
         results, row = [], 0
         for seq, take in scheduled:
             seq.computed += take

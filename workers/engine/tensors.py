@@ -14,10 +14,6 @@ class PackedTensor:
     dtype: str  # torch dtype name without the "torch." prefix
     data: bytes
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
 
 def pack(tensor: torch.Tensor) -> PackedTensor:
     """Raw little-endian row-major bytes of a tensor (bfloat16 included)."""
