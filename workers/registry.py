@@ -45,6 +45,7 @@ class WorkerInfo:
     batch_limit: int  # encode: images per batch; prefill: tokens per step; decode: sequences per step
     metrics_url: str = ""
     pid: int = 0
+    incarnation: str = ""  # random per process start: a restarted worker on the same address is someone new
     processor: str = ""  # fingerprint of the image-processor settings (ModelAdapter.processor_fingerprint)
     block_size: int = 0  # tokens per KV block, prefill and decode (0: encode, or not published)
     load: WorkerLoad = field(default_factory=WorkerLoad)

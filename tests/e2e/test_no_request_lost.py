@@ -10,9 +10,12 @@ import asyncio
 import json
 import os
 import signal
+import urllib.request
 
 import aiohttp
 import pytest
+
+from epd.stages import STAGES
 
 from ..conftest import wait_until
 from .harness import chat_body, png_bytes, running, start_serve
@@ -36,11 +39,17 @@ def undisturbed(served) -> list[str]:
     return [result["text"] for result in asyncio.run(_run_load(served, disturb=None))]
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, text: str, images: list[bytes]) -> dict:
+async def _stream(session: aiohttp.ClientSession, url: str, text: str, images: list[bytes],
+                  progress: list[int] | None = None, index: int = 0) -> dict:
+    """One streamed request; `progress[index]` counts the events received so far."""
     body = chat_body(MODEL, text, images, max_tokens=TOKENS, stream=True)
+    events = []
     async with session.post(url + "/chat/completions", json=body) as response:
         assert response.status == 200, await response.text()
-        events = [line[6:] async for line in _data_lines(response)]
+        async for line in _data_lines(response):
+            events.append(line[6:])
+            if progress is not None:
+                progress[index] = len(events)
     assert events[-1] == "[DONE]", events[-3:]
     chunks = [json.loads(event) for event in events[:-1]]
     errors = [chunk["error"] for chunk in chunks if "error" in chunk]
@@ -57,11 +66,14 @@ async def _data_lines(response):
 
 
 async def _run_load(served, disturb) -> list[dict]:
-    """The load as concurrent streams; `disturb` (blocking) runs in a thread while they flow."""
+    """The load as concurrent streams; `disturb(progress)` (blocking) runs in a thread while they
+    flow, `progress` holding the events each stream has received so far."""
+    progress = [0] * len(LOAD)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        streams = [asyncio.create_task(_stream(session, served.base_url, text, images)) for text, images in LOAD]
+        streams = [asyncio.create_task(_stream(session, served.base_url, text, images, progress, index))
+                   for index, (text, images) in enumerate(LOAD)]
         if disturb is not None:
-            await asyncio.to_thread(disturb)
+            await asyncio.to_thread(disturb, progress)
         return await asyncio.gather(*streams)
 
 
@@ -78,6 +90,12 @@ def _busy(served, stage: str) -> list:
 
 
 
+def _two_per_stage(served, stages: tuple[str, ...] = STAGES) -> bool:
+    """Two workers per stage in discovery and in the router's own view (refreshed apart from it)."""
+    health = json.loads(urllib.request.urlopen(served.base_url.removesuffix("/v1") + "/health", timeout=5).read())
+    return all(len(served.workers(s)) == 2 and health.get("workers", {}).get(s) == 2 for s in stages)
+
+
 def _recoveries(served, kind: str) -> float:
     return served.router_metric("epd_router_recoveries_total", kind=kind)
 
@@ -86,7 +104,9 @@ def test_sigkill_of_a_decode_worker_mid_stream_loses_nothing(served, undisturbed
     resumed = _recoveries(served, "resume")
     victims = []
 
-    def kill_busiest_decode() -> None:
+    def kill_busiest_decode(progress: list[int]) -> None:
+        # mid-stream: every request has had tokens, so the victim's requests resume rather than retry
+        wait_until(lambda: min(progress) > 2, 60, message="tokens on every stream")
         busy = wait_until(lambda: _busy(served, "decode"), 60, message="a decode worker holding streams")
         victims.append(busy[0])
         os.kill(busy[0].pid, signal.SIGKILL)
@@ -100,12 +120,11 @@ def test_sigkill_of_a_decode_worker_mid_stream_loses_nothing(served, undisturbed
 
 @pytest.mark.parametrize("stage", ["encode", "prefill", "decode"])
 def test_sigterm_of_any_worker_drains_it_and_loses_nothing(served, undisturbed, stage):
-    wait_until(lambda: all(len(served.workers(s)) == 2 for s in ("encode", "prefill", "decode")), 60,
-               message="two workers per stage")
+    wait_until(lambda: _two_per_stage(served), 60, message="two workers per stage")
     victim = served.workers(stage)[0]
     left_discovery_alive: list[bool] = []
 
-    def terminate() -> None:
+    def terminate(progress: list[int]) -> None:
         if stage == "decode":
             wait_until(lambda: victim in _busy(served, "decode"), 60, message="the decode worker holding streams")
         os.kill(victim.pid, signal.SIGTERM)
@@ -122,7 +141,7 @@ def test_sigterm_of_any_worker_drains_it_and_loses_nothing(served, undisturbed, 
 
 @pytest.mark.parametrize("stage", ["prefill", "decode"])
 def test_requests_routed_to_a_worker_killed_before_their_first_token_are_retried(served, stage):
-    wait_until(lambda: len(served.workers(stage)) == 2, 60, message=f"two {stage} workers")
+    wait_until(lambda: _two_per_stage(served, (stage,)), 60, message=f"two {stage} workers")
     retried = _recoveries(served, "retry")
     # The worker the router picks first (least loaded, by the planner's own rule), killed: its
     # record stays in discovery until the TTL runs out, so the next requests are sent to it.

@@ -12,6 +12,7 @@ from epd.operator.autoscale.prom import Reading
 from epd.operator.autoscale.promql import MetricsUnavailable, Prometheus, Queries
 from epd.operator.autoscale.window import StageState, observe
 from epd.operator.spec import EPDDeploymentSpec
+from epd.stages import STAGES
 from epd.workers import metrics
 
 
@@ -20,7 +21,7 @@ def reading() -> Reading:
 
 
 def test_two_readings_make_the_window_the_policy_reads():
-    for stage in ("encode", "prefill", "decode"):
+    for stage in STAGES:
         metrics.QUEUE_DEPTH.labels(stage).set(0)
         metrics.IN_FLIGHT.labels(stage).set(0)
     before = reading()
@@ -54,7 +55,7 @@ def test_a_pod_seen_once_counts_from_its_second_reading_and_a_reset_counts_all_i
     before = Reading({("epd_requests_total", (("outcome", "ok"),)): 50.0})
     after = Reading({("epd_requests_total", (("outcome", "ok"),)): 4.0})  # the pod restarted
     new = Reading({("epd_requests_total", (("outcome", "ok"),)): 9.0})
-    states = {s: StageState(1, 1) for s in ("encode", "prefill", "decode")}
+    states = {s: StageState(1, 1) for s in STAGES}
     window = observe({"router": {"a": before}}, {"router": {"a": after, "b": new}}, 1.0, 1.0, states, 4, 90)
     assert window.arrival_rate == 4.0
 

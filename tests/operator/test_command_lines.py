@@ -10,13 +10,14 @@ import pytest
 from epd.operator import pods
 from epd.operator.naming import Owner
 from epd.operator.spec import EPDDeploymentSpec
+from epd.stages import STAGES
 from epd.workers.launcher import worker_cli
 from epd.workers.router import cli as router_cli
 
 OWNER = Owner("llava", "prod", "uid-1")
 VARIANTS = [{}, {"tls": {"enabled": False}, "grpcReflection": True},
             {"model": {"name": "llava-7b", "pvc": "weights"}, "cache": {"prefixCacheBytes": 0},
-             **{stage: {"maxBatch": 8} for stage in ("encode", "prefill", "decode")}},
+             **{stage: {"maxBatch": 8} for stage in STAGES}},
             {"router": {"apiKeySecret": "keys", "metricsPort": 9200}}]
 
 
@@ -32,7 +33,7 @@ def parse(module, argv: list[str]) -> argparse.Namespace:
 @pytest.mark.parametrize("raw", VARIANTS)
 def test_worker_command_lines_parse(raw):
     spec = EPDDeploymentSpec.from_resource({"model": {"name": "llava-hf/llava-1.5-7b-hf"}, **raw}, "img")
-    for stage in ("encode", "prefill", "decode"):
+    for stage in STAGES:
         command = pods.stage_command(OWNER, spec, stage)
         assert command[:2] == ["epd", "worker"]
         args = parse(worker_cli, command[2:])

@@ -12,6 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from epd.operator import network, tls
 from epd.operator.naming import Owner
+from epd.stages import STAGES
 
 OWNER = Owner("llava", "prod", "uid-1")
 READERS = network.MetricsReaders("epd-system", ("monitoring",))
@@ -28,7 +29,7 @@ def components(peers: list[dict]) -> set[str]:
 
 def test_only_the_router_and_the_neighbouring_stages_reach_a_workers_grpc():
     reached = {stage: components(sources(network.stage_policy(OWNER, stage, READERS), 50051))
-               for stage in ("encode", "prefill", "decode")}
+               for stage in STAGES}
     assert reached == {"encode": {"router", "prefill"}, "prefill": {"router", "encode"},
                        "decode": {"router", "prefill"}}
     policy = network.stage_policy(OWNER, "decode", READERS)

@@ -10,6 +10,7 @@ from epd.operator.sizing.architectures import get_architecture
 from epd.operator.sizing.hardware import get_hardware
 from epd.operator.sizing.perfmodel import roofline
 from epd.operator.sizing.profile import load_profile, profile_document
+from epd.stages import STAGES
 
 
 def test_roofline_shapes():
@@ -99,8 +100,8 @@ def test_epd_profile_times_the_real_stages(tmp_path):
     assert [s["images"] for s in document["encode"]] == [1, 2, 4, 8]
     assert [s["tokens"] for s in document["prefill"]] == [[64], [256], [512], [256, 256], [128] * 4]
     assert [s["sequences"] for s in document["decode"]] == [1, 4, 8, 16]
-    assert all(s["seconds"] > 0 for stage in ("encode", "prefill", "decode") for s in document[stage])
-    assert all(s["peak_bytes"] >= 0 for stage in ("encode", "prefill", "decode") for s in document[stage])
+    assert all(s["seconds"] > 0 for stage in STAGES for s in document[stage])
+    assert all(s["peak_bytes"] >= 0 for stage in STAGES for s in document[stage])
     memory = document["memory"]
     assert memory["method"].startswith("resident set high-water")  # CPU: torch keeps no allocator statistics
     # tiny-llava: 2-layer Llama, hidden 64 with 4 heads of 16 (2 KV heads), float32 -> 2 x 2 x 2 x 16 x 4 bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+from epd.stages import STAGES
 from epd.workers.launcher.processes import epd_command
 
 PAPER_SETTING = ["--model", "minicpm-v-2.6", "--hardware", "a100-80gb", "--gpus", "8", "--slo-tpot", "0.06",
@@ -29,7 +30,7 @@ def test_json_recommends_epd_when_it_has_the_most_goodput():
     assert plans["bundled"]["bound"].startswith("encode+prefill (latency: ")  # one GPU encodes all 8 photos
     assert out["statement"].startswith(f"Recommended: EPD {plans['epd']['label']} (")
     spec = out["epddeployment"]["spec"]
-    assert sum(spec[s]["replicas"] for s in ("encode", "prefill", "decode")) == 8
+    assert sum(spec[s]["replicas"] for s in STAGES) == 8
     assert out["epddeployment"]["kind"] == "EPDDeployment"
     stages = out["explain"]["stages"]
     assert set(stages) == {"encode", "prefill", "decode"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from epd.stages import STAGES
 from epd.workers.cache import CacheRecord, MetadataStore
 from epd.workers.redis_connection import REDIS_URL_ENV, connect, redacted, redis_url
 from epd.workers.registry import (
@@ -110,7 +111,7 @@ async def test_the_view_survives_redis_going_away_and_losing_its_data(redis_serv
     # the workers re-register, instead of routing to nobody.
     await client.flushall()
     view = await directory.refresh()
-    assert directory.redis_ok and [w.address for s in ("encode", "prefill", "decode") for w in view[s]] == \
+    assert directory.redis_ok and [w.address for s in STAGES for w in view[s]] == \
         ["e:1", "p:1", "d:1"]
     await register(client, info("decode", "d:2"))
     assert [w.address for w in (await directory.refresh())["decode"]] == ["d:1", "d:2"]

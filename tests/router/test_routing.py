@@ -3,6 +3,8 @@ prefix it probably holds, encode items spread over workers, suspects avoided."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from epd.workers.registry import WorkerInfo, WorkerLoad
@@ -55,3 +57,16 @@ def test_items_spread_over_encode_workers_and_suspects_are_avoided():
     with pytest.raises(APIError) as error:
         planner.plan(pool(), 10, [])
     assert error.value.status == 503 and "decode" in error.value.message
+
+
+def test_a_restarted_worker_at_a_suspected_address_is_routed_to_again():
+    """`epd serve` (and a StatefulSet pod behind a stable name) restarts a worker at its old address:
+    the suspicion covers the process that failed, not whoever registers there next."""
+    planner = RoutePlanner()
+    failed = replace(worker("decode", "d1"), incarnation="first")
+    decoders = {**pool(), "decode": [failed, worker("decode", "d2")]}
+    assert planner.plan(decoders, 10, []).decode.address == "d1"
+    planner.suspect("d1")
+    assert planner.plan(decoders, 10, []).decode.address == "d2"
+    restarted = {**pool(), "decode": [replace(failed, incarnation="second"), worker("decode", "d2")]}
+    assert {planner.plan(restarted, 10, []).decode.address for _ in range(2)} == {"d1", "d2"}

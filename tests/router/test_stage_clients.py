@@ -77,14 +77,14 @@ async def test_a_stage_cancelling_a_request_fails_its_in_process_call_as_cancell
     """As over gRPC: Cancel ends the encode call held by the stage, and its caller sees CANCELLED."""
     encode = next(s for s in worker.servicers if hasattr(s, "Encode"))
     held, release = threading.Event(), threading.Event()
-    original = encode.vision.encode
+    original = encode.vision.encode_prepared
 
-    def held_encode(items):
+    def held_encode(prepared):
         held.set()
         release.wait(60)
-        return original(items)
+        return original(prepared)
 
-    monkeypatch.setattr(encode.vision, "encode", held_encode)
+    monkeypatch.setattr(encode.vision, "encode_prepared", held_encode)
     client = InProcessStageClient({worker.ctx.address: worker.servicers})
     item = EncodeItem("item-held", -1, 1)
     call = asyncio.create_task(client.encode(worker.ctx.address, "r-held", [(item, png_bytes(32, 32, 7))], ""))

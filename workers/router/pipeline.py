@@ -160,7 +160,7 @@ class StagePipeline:
                 log.warning("encode on %s failed (%s)", address, error.code.name)
                 self.planner.suspect(address)
                 others = [w.address for w in self.directory.live("encode")
-                          if w.address != address and w.address not in self.planner.suspects]
+                          if w.address != address and not self.planner.suspected(w)]
                 if attempt or not others:
                     return  # prefill falls back to fetching or recomputing the items itself
                 address = others[0]

@@ -22,6 +22,15 @@ class RoutePlan:
     encode: dict[str, list[str]]  # encode worker address -> item keys it encodes for this request
 
 
+@dataclass(frozen=True)
+class _Suspicion:
+    until: float  # monotonic time after which the worker is tried again
+    incarnation: str  # the process that failed ("" when unknown: then any process at the address)
+
+    def covers(self, incarnation: str) -> bool:
+        return not self.incarnation or incarnation == self.incarnation
+
+
 class RoutePlanner:
     """Chooses workers from the live set; keeps a local tally of what it has sent
     since the last load report so concurrent requests do not all pick the same one."""
@@ -32,16 +41,25 @@ class RoutePlanner:
         self.sent_items: Counter[str] = Counter()
         self.sent_sequences: Counter[str] = Counter()
         self.suspect_seconds = suspect_seconds
-        self.suspects: dict[str, float] = {}  # address -> until when it is avoided
+        self.suspects: dict[str, _Suspicion] = {}
+        self.incarnations: dict[str, str] = {}  # address -> the incarnation last planned with
 
     def suspect(self, address: str) -> None:
-        """Avoid a worker that just failed a call, until discovery catches up (its heartbeat expires)."""
-        self.suspects[address] = time.monotonic() + self.suspect_seconds
+        """Avoid a worker that just failed a call, until discovery catches up (its heartbeat expires)
+        or a new incarnation registers at its address (a restarted process is not the one that failed)."""
+        self.suspects[address] = _Suspicion(time.monotonic() + self.suspect_seconds,
+                                            self.incarnations.get(address, ""))
+
+    def suspected(self, worker: WorkerInfo) -> bool:
+        suspicion = self.suspects.get(worker.address)
+        return suspicion is not None and suspicion.covers(worker.incarnation)
 
     def _healthy(self, workers: dict[str, list[WorkerInfo]]) -> dict[str, list[WorkerInfo]]:
         now = time.monotonic()
-        self.suspects = {a: until for a, until in self.suspects.items() if until > now}
-        return {stage: [w for w in infos if w.address not in self.suspects] for stage, infos in workers.items()}
+        self.suspects = {a: s for a, s in self.suspects.items() if s.until > now}
+        healthy = {stage: [w for w in infos if not self.suspected(w)] for stage, infos in workers.items()}
+        self.incarnations.update((w.address, w.incarnation) for infos in workers.values() for w in infos)
+        return healthy
 
     def plan(self, workers: dict[str, list[WorkerInfo]], prompt_tokens: int, items_to_encode: list[str],
              prefix_blocks: Sequence[str] = (), block_size: int = 0) -> RoutePlan:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,7 @@ from .prefill import PrefillServicer
 log = logging.getLogger(__name__)
 
 Role = Literal["encode", "prefill", "decode", "colocated"]
+INCARNATION = uuid.uuid4().hex  # this process's discovery records carry it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROLES: tuple[Role, ...] = ("encode", "prefill", "decode", "colocated")
 
@@ -228,7 +230,8 @@ def published(config: WorkerConfig, adapter: ModelAdapter, stage: str, address: 
     batch_limit = {"encode": config.encode_max_batch, "prefill": config.prefill_token_budget,
                    "decode": config.decode_max_batch}[stage]
     return WorkerInfo(stage=stage, address=address, model=config.model, batch_limit=batch_limit,
-                      metrics_url=metrics_url, pid=os.getpid(), processor=peering(config, adapter).processor,
+                      metrics_url=metrics_url, pid=os.getpid(), incarnation=INCARNATION,
+                      processor=peering(config, adapter).processor,
                       block_size=config.block_size if stage != "encode" else 0)
 
 
