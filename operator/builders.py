@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from epd.stages import STAGES
 
 from . import epdstage, network, pods, redis, tls
 from .naming import GRPC_PORT, METRICS_PORT, Owner, child_name, meta, selector
 from .network import MetricsReaders
-from .spec import STAGES, EPDDeploymentSpec
+from .spec import EPDDeploymentSpec
 
 # Every kind build_children makes (what a reconcile lists to see the children as they are).
 CHILD_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"),
@@ -32,7 +35,7 @@ class Facts:
     metrics_readers: MetricsReaders = field(default_factory=lambda: MetricsReaders("epd-system"))
 
 
-def stage_service(owner: Owner, stage: str) -> dict:
+def stage_service(owner: Owner, stage: str) -> dict[str, Any]:
     """Headless: every worker gets a stable DNS name that cache metadata can point at."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, child_name(owner, stage), stage),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": selector(owner, stage),
@@ -40,19 +43,19 @@ def stage_service(owner: Owner, stage: str) -> dict:
                                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]}}
 
 
-def disruption_budget(owner: Owner, component: str) -> dict:
+def disruption_budget(owner: Owner, component: str) -> dict[str, Any]:
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": meta(owner, child_name(owner, component), component),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner, component)}}}
 
 
-def router_service(owner: Owner, spec: EPDDeploymentSpec) -> dict:
+def router_service(owner: Owner, spec: EPDDeploymentSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, owner.name, "router"),
             "spec": {"type": spec.router.service_type, "selector": selector(owner, "router"),
                      "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http"}]}}
 
 
-def config_map(owner: Owner, spec: EPDDeploymentSpec) -> dict:
+def config_map(owner: Owner, spec: EPDDeploymentSpec) -> dict[str, Any]:
     data = {"EPD_MODEL": spec.model.name, "EPD_MODEL_REVISION": spec.model.revision, "EPD_DTYPE": spec.model.dtype,
             "EPD_SLO_TTFT_SECONDS": str(spec.slo.ttft_seconds), "EPD_SLO_TPOT_SECONDS": str(spec.slo.tpot_seconds),
             "EPD_SLO_PERCENTILE": str(spec.slo.percentile)}
@@ -60,7 +63,7 @@ def config_map(owner: Owner, spec: EPDDeploymentSpec) -> dict:
             "data": data}
 
 
-def build_children(owner: Owner, spec: EPDDeploymentSpec, facts: Facts = Facts()) -> list[dict]:
+def build_children(owner: Owner, spec: EPDDeploymentSpec, facts: Facts = Facts()) -> list[dict[str, Any]]:
     """Everything one EPDDeployment owns and applies, in apply order (generated Secrets aside:
     they are created once, see `reconcile`)."""
     children = [config_map(owner, spec)]

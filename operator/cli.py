@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import uuid
+from http.server import ThreadingHTTPServer
 
 import kopf
 from kubernetes import client, config
@@ -131,7 +132,7 @@ def _run_kopf(supervisor: Supervisor, namespaces: list[str], stop: threading.Eve
     kopf.run(registry=registry, settings=settings, standalone=True, stop_flag=stop, **scope)
 
 
-def _exit(server, code: int) -> int:
+def _exit(server: ThreadingHTTPServer | None, code: int) -> int:
     if server is not None:
         server.shutdown()
     print(f"EPD_OPERATOR_EXIT code={code}", flush=True)

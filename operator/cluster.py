@@ -9,7 +9,7 @@ import datetime
 import json
 import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -43,7 +43,7 @@ class Cluster:
         self.custom = client.CustomObjectsApi(api_client)
         self._discovery: dict[str, tuple[float, set[str]]] = {}  # group-version -> (read at, kinds)
 
-    def _resource(self, api_version: str, kind: str):
+    def _resource(self, api_version: str, kind: str) -> Any:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
     def serves(self, api_version: str, kind: str) -> bool:
@@ -60,15 +60,15 @@ class Cluster:
             self._discovery[api_version] = (time.monotonic(), kinds)
         return kind in kinds
 
-    def apply(self, obj: dict) -> dict:
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply (force): re-running it is harmless, and drift in our fields is reverted."""
         meta = obj["metadata"]
         result = self.dynamic.server_side_apply(self._resource(obj["apiVersion"], obj["kind"]), body=obj,
                                                 name=meta["name"], namespace=meta.get("namespace"),
                                                 field_manager=FIELD_MANAGER, force_conflicts=True)
-        return result.to_dict()
+        return cast(dict[str, Any], result.to_dict())
 
-    def create(self, obj: dict) -> bool:
+    def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (True: created). Used for what must never be overwritten."""
         meta = obj["metadata"]
         try:
@@ -94,7 +94,7 @@ class Cluster:
             return True
 
 
-    def list_objects(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
+    def list_objects(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         try:
             found = self.dynamic.get(self._resource(api_version, kind), namespace=namespace,
                                      label_selector=label_selector)
@@ -111,15 +111,15 @@ class Cluster:
         except NotFoundError:
             pass
 
-    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         labels = ",".join(f"{k}={v}" for k, v in selector.items())
         pods = self.core.list_namespaced_pod(namespace, label_selector=labels)
         return [self.api_client.sanitize_for_serialization(pod) for pod in pods.items]
 
-    def patch_status(self, name: str, namespace: str, status: dict) -> None:
+    def patch_status(self, name: str, namespace: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
-    def patch_stage_status(self, name: str, namespace: str, status: dict) -> None:
+    def patch_stage_status(self, name: str, namespace: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, STAGE_PLURAL, name,
                                                           {"status": status})
 
@@ -128,15 +128,15 @@ class Cluster:
         self.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, namespace, STAGE_PLURAL, name,
                                                          {"spec": {"replicas": replicas}})
 
-    def get_deployment(self, name: str, namespace: str) -> dict | None:
+    def get_deployment(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
-            return cast(dict, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def post_event(self, involved: dict, kind: str, reason: str, message: str) -> None:
+    def post_event(self, involved: dict[str, Any], kind: str, reason: str, message: str) -> None:
         """A Normal or Warning Event on the object (failures to post are only logged)."""
         meta = involved["metadata"]
         now = datetime.datetime.now(datetime.UTC)

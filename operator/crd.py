@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from epd.stages import STAGES
 
 from .schema import (
     boolean,
@@ -23,7 +26,7 @@ from .schema import (
 )
 from .sizing.architectures import ARCHITECTURES
 from .sizing.hardware import HARDWARE
-from .spec import GRACE_SECONDS, ROUTER_GRACE_SECONDS, STAGES
+from .spec import GRACE_SECONDS, ROUTER_GRACE_SECONDS
 
 GROUP = "serving.epd.dev"
 VERSION = "v1alpha1"
@@ -34,11 +37,11 @@ ROLES = {"encode": "image preprocessing + vision tower + projector",
          "decode": "continuous batching over the KV cache"}
 
 
-def grace(description: str, default: int) -> dict:
+def grace(description: str, default: int) -> dict[str, Any]:
     return integer(f"Seconds between SIGTERM and SIGKILL: {description}", 1, default=default)
 
 
-def stage_schema(stage: str) -> dict:
+def stage_schema(stage: str) -> dict[str, Any]:
     return {
         "type": "object",
         "description": f"The {stage} stage: {ROLES[stage]}. One StatefulSet on its own GPU node pool, "
@@ -71,7 +74,7 @@ def stage_schema(stage: str) -> dict:
     }
 
 
-def model_schema() -> dict:
+def model_schema() -> dict[str, Any]:
     cache = {"type": "object", "description": "Where pods download a hub model to (default: an emptyDir per pod).",
              "properties": {
                  "pvc": string("A ReadWriteMany PersistentVolumeClaim shared by every pod as the download cache.",
@@ -97,7 +100,7 @@ def model_schema() -> dict:
                                      "message": "a model on a pvc is not downloaded: drop cache"}]}
 
 
-def router_schema() -> dict:
+def router_schema() -> dict[str, Any]:
     return {"type": "object", "description": "The OpenAI-compatible HTTP router.", "properties": {
         "replicas": integer("Router replicas.", 1, default=1),
         "serviceType": string("Service type of the endpoint.", enum=["ClusterIP", "NodePort", "LoadBalancer"],
@@ -112,7 +115,7 @@ def router_schema() -> dict:
                                      "message": "metricsPort must differ from port"}]}
 
 
-def cache_schema() -> dict:
+def cache_schema() -> dict[str, Any]:
     redis = {"type": "object",
              "description": "Redis for cache metadata and discovery: exactly one of managed (the operator runs one, "
                             "with a generated password) or urlSecret.",
@@ -130,7 +133,7 @@ def cache_schema() -> dict:
     }}
 
 
-def autoscaling_schema() -> dict:
+def autoscaling_schema() -> dict[str, Any]:
     return {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
         "enabled": boolean("Let the built-in scaler set each stage's EPDStage replicas within minReplicas.."
                            "maxReplicas. While on it wins: another writer's replicas are reverted.", False),
@@ -154,7 +157,7 @@ def autoscaling_schema() -> dict:
     }}
 
 
-def tls_schema() -> dict:
+def tls_schema() -> dict[str, Any]:
     return {"type": "object", "description": "Mutual TLS between the router and the workers and among workers.",
             "properties": {
                 "enabled": boolean("Serve and call gRPC with mutual TLS.", True),
@@ -171,7 +174,7 @@ def tls_schema() -> dict:
                                           "message": "issuerRef needs provider auto or cert-manager"}]}
 
 
-def spec_schema() -> dict:
+def spec_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["model"],
@@ -197,7 +200,7 @@ def spec_schema() -> dict:
     }
 
 
-def status_schema() -> dict:
+def status_schema() -> dict[str, Any]:
     stage_status = {"type": "object", "properties": {
         "replicas": {"type": "integer"}, "ready": {"type": "integer"}, "desired": {"type": "integer"},
         "summary": {"type": "string"}, "lastScaleTime": {"type": "string"}, "lastScaleReason": {"type": "string"},
@@ -217,7 +220,7 @@ def status_schema() -> dict:
     }}
 
 
-def printer_columns() -> list[dict]:
+def printer_columns() -> list[dict[str, Any]]:
     return [
         {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
         {"name": "Encode", "type": "string", "jsonPath": ".status.stages.encode.summary",
@@ -229,7 +232,7 @@ def printer_columns() -> list[dict]:
     ]
 
 
-def crd() -> dict:
+def crd() -> dict[str, Any]:
     definition = custom_resource_definition(
         GROUP, VERSION, KIND, PLURAL, ["epd"], spec_schema(), status_schema(), printer_columns(),
         "A multimodal model served with Encode-Prefill-Decode disaggregation.", {"status": {}})

@@ -10,6 +10,7 @@ A stage runs the replicas in its EPDStage's `spec.replicas`. Writers, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .crd import GROUP, VERSION
 from .naming import Owner, child_name, meta, selector_string
@@ -28,18 +29,18 @@ class StageReplicas:
     write: str = ""  # why the EPDStage must be set to it ("" = it already is)
 
 
-def scale_object(owner: Owner, stage: str, replicas: int | None = None) -> dict:
+def scale_object(owner: Owner, stage: str, replicas: int | None = None) -> dict[str, Any]:
     """The EPDStage as the operator applies it; `replicas` only when creating it (afterwards the
     field belongs to whoever scales the stage, so server-side apply must not claim it)."""
-    spec: dict = {"deployment": owner.name, "stage": stage}
+    spec: dict[str, Any] = {"deployment": owner.name, "stage": stage}
     if replicas is not None:
         spec["replicas"] = replicas
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta(owner, child_name(owner, stage), stage),
             "spec": spec}
 
 
-def decide(stage: StageSpec, autoscaling: bool, record: dict, scale: dict | None,
-           statefulset: dict | None) -> StageReplicas:
+def decide(stage: StageSpec, autoscaling: bool, record: dict[str, Any], scale: dict[str, Any] | None,
+           statefulset: dict[str, Any] | None) -> StageReplicas:
     """Replicas of one stage from the spec, the status record, its EPDStage and StatefulSet (None: absent)."""
     chosen = record.get("scaledReplicas") if autoscaling else None
     if scale is None:  # (re)created: keep what runs, else the scaler's choice, else the spec
@@ -55,7 +56,7 @@ def decide(stage: StageSpec, autoscaling: bool, record: dict, scale: dict | None
     return StageReplicas(current)
 
 
-def status(owner: Owner, stage: str, scale: dict, statefulset: dict | None) -> dict:
+def status(owner: Owner, stage: str, scale: dict[str, Any], statefulset: dict[str, Any] | None) -> dict[str, Any]:
     observed = (statefulset or {}).get("status", {})
     return {"replicas": observed.get("replicas", 0) or 0, "readyReplicas": observed.get("readyReplicas", 0) or 0,
             "selector": selector_string(owner, stage), "observedGeneration": scale["metadata"].get("generation", 0)}

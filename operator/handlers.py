@@ -4,7 +4,10 @@ objects (no annotations, no finalizers) and needs no write access to them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import kopf
+from kubernetes import client
 
 from .crd import GROUP, KIND, PLURAL, VERSION
 from .naming import MANAGED_BY
@@ -18,7 +21,7 @@ CHILD_KINDS = (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"), ("
 OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
-def connection_info(config) -> kopf.ConnectionInfo:
+def connection_info(config: client.Configuration) -> kopf.ConnectionInfo:
     """kopf's credentials, from the kubernetes client the CLI configured (one source of truth)."""
     keys, prefixes = config.api_key or {}, config.api_key_prefix or {}
     name = next((k for k in ("BearerToken", "authorization") if keys.get(k)), "")
@@ -35,14 +38,14 @@ def register(supervisor: Supervisor, registry: kopf.OperatorRegistry) -> None:
     """Attach the handlers to `registry`, all feeding `supervisor`."""
 
     @kopf.on.login(registry=registry)
-    def login(**_):
+    def login(**_: Any) -> kopf.ConnectionInfo:
         return connection_info(supervisor.cluster.api_client.configuration)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def on_deployment(event, body, **_):
+    async def on_deployment(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         supervisor.observe(event["type"], dict(body))
 
-    async def on_child(body, **_):
+    async def on_child(body: kopf.Body, **_: Any) -> None:
         for ref in body.get("metadata", {}).get("ownerReferences", []):
             if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP):
                 supervisor.request(ref["uid"])

@@ -59,7 +59,7 @@ def serve(host: str, port: int, liveness: Liveness) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *_) -> None:  # probes every few seconds are not worth a log line
+        def log_message(self, *_: object) -> None:  # probes every few seconds are not worth a log line
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from epd.stages import STAGES
 
 from .crd import GROUP, KIND, VERSION
-from .spec import STAGES
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090  # workers' /metrics
@@ -18,13 +20,13 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 OPERATOR_SELECTOR = {"app.kubernetes.io/name": "epd-serve", COMPONENT_LABEL: "operator"}  # the chart's pods
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Owner:
     name: str
     namespace: str
     uid: str
 
-    def reference(self) -> dict:
+    def reference(self) -> dict[str, Any]:
         # No blockOwnerDeletion: it would need `update` on epddeployments/finalizers, and nothing has to
         # wait for the children when the owner goes.
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": self.name, "uid": self.uid,
@@ -52,7 +54,7 @@ def selector_string(owner: Owner, component: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector(owner, component).items())
 
 
-def meta(owner: Owner, name: str, component: str) -> dict:
+def meta(owner: Owner, name: str, component: str) -> dict[str, Any]:
     return {"name": name, "namespace": owner.namespace, "labels": labels(owner, component),
             "ownerReferences": [owner.reference()]}
 

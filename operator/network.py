@@ -10,6 +10,7 @@ deployment's router and workers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .naming import (
     GRPC_PORT,
@@ -33,35 +34,35 @@ class MetricsReaders:
     operator_namespace: str
     scraper_namespaces: tuple[str, ...] = ()
 
-    def peers(self) -> list[dict]:
+    def peers(self) -> list[dict[str, Any]]:
         peers = [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: self.operator_namespace}},
                   "podSelector": {"matchLabels": OPERATOR_SELECTOR}}]
         return peers + [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: ns}}}
                         for ns in self.scraper_namespaces]
 
 
-def _policy(owner: Owner, component: str, rules: list[dict]) -> dict:
+def _policy(owner: Owner, component: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": meta(owner, child_name(owner, component), component),
             "spec": {"podSelector": {"matchLabels": selector(owner, component)}, "policyTypes": ["Ingress"],
                      "ingress": rules}}
 
 
-def _pods(owner: Owner, component: str) -> dict:
+def _pods(owner: Owner, component: str) -> dict[str, Any]:
     return {"podSelector": {"matchLabels": selector(owner, component)}}
 
 
-def stage_policy(owner: Owner, stage: str, readers: MetricsReaders) -> dict:
+def stage_policy(owner: Owner, stage: str, readers: MetricsReaders) -> dict[str, Any]:
     return _policy(owner, stage, [
         {"from": [_pods(owner, caller) for caller in CALLERS[stage]], "ports": [{"port": GRPC_PORT}]},
         {"from": readers.peers(), "ports": [{"port": METRICS_PORT}]}])
 
 
-def router_policy(owner: Owner, http_port: int, metrics_port: int, readers: MetricsReaders) -> dict:
+def router_policy(owner: Owner, http_port: int, metrics_port: int, readers: MetricsReaders) -> dict[str, Any]:
     return _policy(owner, "router", [{"ports": [{"port": http_port}]},  # no `from`: the public endpoint
                                      {"from": readers.peers(), "ports": [{"port": metrics_port}]}])
 
 
-def redis_policy(owner: Owner) -> dict:
+def redis_policy(owner: Owner) -> dict[str, Any]:
     deployment = {"podSelector": {"matchLabels": {INSTANCE_LABEL: owner.name, "app.kubernetes.io/managed-by": MANAGED_BY}}}
     return _policy(owner, "redis", [{"from": [deployment], "ports": [{"port": REDIS_PORT}]}])

@@ -5,6 +5,8 @@ e.g. a model download refused by the hub)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 # Waiting reasons that are just progress, not a problem to report.
 STARTING = {"ContainerCreating", "PodInitializing"}
 MESSAGE_CHARS = 300
@@ -15,7 +17,7 @@ def _last_line(text: str) -> str:
     return lines[-1][:MESSAGE_CHARS] if lines else ""
 
 
-def container_problem(status: dict) -> str:
+def container_problem(status: dict[str, Any]) -> str:
     """One container's trouble, or "" when it is fine or merely starting."""
     state, last = status.get("state") or {}, status.get("lastState") or {}
     waiting, terminated = state.get("waiting"), state.get("terminated") or last.get("terminated")
@@ -28,7 +30,7 @@ def container_problem(status: dict) -> str:
     return ""
 
 
-def pod_problems(pods: list[dict], limit: int = 2) -> str:
+def pod_problems(pods: list[dict[str, Any]], limit: int = 2) -> str:
     """The distinct problems of some pods, named by pod ("" when none reports one)."""
     seen: dict[str, str] = {}
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):

@@ -24,7 +24,7 @@ def model_argument(spec: EPDDeploymentSpec) -> str:
     return f"{MODEL_DIR}/{spec.model.name.lstrip('/')}" if spec.model.pvc else spec.model.name
 
 
-def _model_storage(spec: EPDDeploymentSpec, per_pod_claim: bool) -> tuple[list[dict], list[dict], list[dict]]:
+def _model_storage(spec: EPDDeploymentSpec, per_pod_claim: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts, env) delivering the model. `per_pod_claim`: the pod template belongs to a
     StatefulSet whose volumeClaimTemplate provides the `model-cache` volume."""
     model = spec.model
@@ -42,7 +42,7 @@ def _model_storage(spec: EPDDeploymentSpec, per_pod_claim: bool) -> tuple[list[d
     return volumes, mounts, env
 
 
-def volume_claim_templates(spec: EPDDeploymentSpec) -> list[dict]:
+def volume_claim_templates(spec: EPDDeploymentSpec) -> list[dict[str, Any]]:
     cache = spec.model.cache
     if spec.model.pvc or not cache.storage:
         return []
@@ -52,8 +52,8 @@ def volume_claim_templates(spec: EPDDeploymentSpec) -> list[dict]:
     return [{"metadata": {"name": "model-cache"}, "spec": claim}]
 
 
-def _container(owner: Owner, spec: EPDDeploymentSpec, name: str, command: list[str], extra_env: list[dict],
-               resources: dict, ports: list[dict]) -> dict:
+def _container(owner: Owner, spec: EPDDeploymentSpec, name: str, command: list[str], extra_env: list[dict[str, Any]],
+               resources: dict[str, Any], ports: list[dict[str, Any]]) -> dict[str, Any]:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "EPD_MODEL_CACHE", "value": "/tmp/epd-models"},
            redis.url_env(owner, spec), *extra_env]
     env_from = [{"configMapRef": {"name": child_name(owner, "config")}}]
@@ -65,8 +65,8 @@ def _container(owner: Owner, spec: EPDDeploymentSpec, name: str, command: list[s
             "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}
 
 
-def _pod(owner: Owner, spec: EPDDeploymentSpec, component: str, container: dict, grace: int,
-         per_pod_claim: bool) -> tuple[dict, dict]:
+def _pod(owner: Owner, spec: EPDDeploymentSpec, component: str, container: dict[str, Any], grace: int,
+         per_pod_claim: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pod spec, template metadata) shared by the stages and the router."""
     volumes, mounts, env = _model_storage(spec, per_pod_claim)
     redis_volumes, redis_mounts = redis.ca_volume(spec)
@@ -102,7 +102,7 @@ def stage_command(owner: Owner, spec: EPDDeploymentSpec, stage: str) -> list[str
     return command
 
 
-def stage_statefulset(owner: Owner, spec: EPDDeploymentSpec, stage: str, replicas: int) -> dict:
+def stage_statefulset(owner: Owner, spec: EPDDeploymentSpec, stage: str, replicas: int) -> dict[str, Any]:
     stage_spec = spec.stages[stage]
     service = child_name(owner, stage)
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *stage_spec.env]
@@ -139,7 +139,7 @@ def router_command(spec: EPDDeploymentSpec) -> list[str]:
     return command + (tls.flags() if spec.tls.enabled else [])
 
 
-def router_deployment(owner: Owner, spec: EPDDeploymentSpec) -> dict:
+def router_deployment(owner: Owner, spec: EPDDeploymentSpec) -> dict[str, Any]:
     router = spec.router
     env = []
     if router.api_key_secret:

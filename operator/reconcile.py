@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import urllib3
 from kubernetes.client.rest import ApiException
+
+from epd.stages import STAGES
 
 from . import epdstage, redis, tls
 from .builders import CHILD_KINDS, PRUNABLE, Facts, build_children, endpoint
@@ -19,12 +22,12 @@ from .crd import KIND
 from .naming import Owner, child_name, owned_selector, selector
 from .network import MetricsReaders
 from .podreport import pod_problems
-from .spec import STAGES, EPDDeploymentSpec
+from .spec import EPDDeploymentSpec
 from .status import WorkloadState, compute_status
 
 log = logging.getLogger(__name__)
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
-Children = dict[tuple[str, str], dict]  # (kind, name) -> object
+Children = dict[tuple[str, str], dict[str, Any]]  # (kind, name) -> object
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Reconciler:
     default_image: str
     readers: MetricsReaders = field(default_factory=lambda: MetricsReaders("epd-system"))
 
-    def reconcile(self, body: dict, status_patch: dict | None = None) -> ReconcileResult:
+    def reconcile(self, body: dict[str, Any], status_patch: dict[str, Any] | None = None) -> ReconcileResult:
         """Reconcile the deployment as it is now (the triggering body may be stale), after recording
         `status_patch` (the autoscaler's choice)."""
         meta = body["metadata"]
@@ -58,12 +61,12 @@ class Reconciler:
             return ReconcileResult()  # going away: garbage collection removes the children
         return self._reconcile(current)
 
-    def _reconcile(self, body: dict) -> ReconcileResult:
+    def _reconcile(self, body: dict[str, Any]) -> ReconcileResult:
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         spec = EPDDeploymentSpec.from_resource(body["spec"], self.default_image)
         status = body.get("status") or {}
-        result, records, children = ReconcileResult(), dict[str, dict](), Children()
+        result, records, children = ReconcileResult(), dict[str, dict[str, Any]](), Children()
         replicas: dict[str, int] = {stage: spec.stages[stage].replicas for stage in STAGES}
         try:
             children = self._children(owner)
@@ -95,8 +98,8 @@ class Reconciler:
                     found[(kind, obj["metadata"]["name"])] = obj
         return found
 
-    def _converge(self, owner: Owner, spec: EPDDeploymentSpec, status: dict, children: Children,
-                  result: ReconcileResult, records: dict) -> dict[str, int]:
+    def _converge(self, owner: Owner, spec: EPDDeploymentSpec, status: dict[str, Any], children: Children,
+                  result: ReconcileResult, records: dict[str, Any]) -> dict[str, int]:
         """Every write, stopping at the first refusal, which then names the object and the apiserver's
         words. `children` is updated with what the apiserver returned."""
         replicas: dict[str, int] = {stage: spec.stages[stage].replicas for stage in STAGES}
@@ -143,7 +146,7 @@ class Reconciler:
         return "cert-manager" if spec.tls.provider == "auto" and installed else "operator"
 
     def _secrets(self, owner: Owner, spec: EPDDeploymentSpec, provider: str, result: ReconcileResult,
-                 records: dict) -> None:
+                 records: dict[str, Any]) -> None:
         """Issue the deployment's CA and certificate unless its Secret exists (deleting it rotates them:
         the workers re-read the files); what was issued is recorded in status."""
         if not spec.tls.enabled:
@@ -157,8 +160,8 @@ class Reconciler:
             records["tls"] = {"secretName": tls.secret_name(owner), "issuedBy": "operator",
                               "serial": issued.serial, "notAfter": issued.not_after}
 
-    def _stage_replicas(self, owner: Owner, spec: EPDDeploymentSpec, stage: str, status: dict, children: Children,
-                        result: ReconcileResult, records: dict) -> int:
+    def _stage_replicas(self, owner: Owner, spec: EPDDeploymentSpec, stage: str, status: dict[str, Any], children: Children,
+                        result: ReconcileResult, records: dict[str, Any]) -> int:
         name = child_name(owner, stage)
         record = status.get("stages", {}).get(stage, {})
         scale = children.get(("EPDStage", name))
@@ -173,7 +176,7 @@ class Reconciler:
                 self.cluster.scale_stage(name, owner.namespace, decision.replicas)
                 before = scale.get("spec", {}).get("replicas")
                 result.scaled.append(f"{stage} {before} -> {decision.replicas} ({decision.write})")
-        stage_record: dict = {"declaredReplicas": spec.stages[stage].replicas}
+        stage_record: dict[str, Any] = {"declaredReplicas": spec.stages[stage].replicas}
         if autoscaling and decision.write == epdstage.DECLARED:
             stage_record["scaledReplicas"] = decision.replicas  # the user's edit is the scaler's new start
         elif not autoscaling and "scaledReplicas" in record:
@@ -200,8 +203,8 @@ class Reconciler:
         if _differs(wanted, scale.get("status") or {}):
             self.cluster.patch_stage_status(name, owner.namespace, wanted)
 
-    def _status(self, body: dict, owner: Owner, spec: EPDDeploymentSpec, replicas: dict[str, int],
-                children: Children, result: ReconcileResult) -> dict:
+    def _status(self, body: dict[str, Any], owner: Owner, spec: EPDDeploymentSpec, replicas: dict[str, int],
+                children: Children, result: ReconcileResult) -> dict[str, Any]:
         stages: dict[str, WorkloadState] = {stage: WorkloadState.of(children.get(("StatefulSet", child_name(owner, stage))), replicas[stage])
                   for stage in STAGES}
         router = WorkloadState.of(children.get(("Deployment", child_name(owner, "router"))), spec.router.replicas)
@@ -216,7 +219,7 @@ class Reconciler:
                               spec.autoscaling.enabled, problems)
 
 
-def _ours(obj: dict) -> tuple:
+def _ours(obj: dict[str, Any]) -> tuple[Any, list[tuple[Any, Any]]]:
     """What only our own writes move: the spec generation and our apply's managed-fields entry. (The
     resourceVersion also moves with every status update by the controllers, so it cannot tell.)"""
     meta = obj["metadata"]
@@ -225,7 +228,7 @@ def _ours(obj: dict) -> tuple:
     return meta.get("generation"), entries
 
 
-def _merge(into: dict, extra: dict) -> None:
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             _merge(into[key], value)
@@ -233,7 +236,7 @@ def _merge(into: dict, extra: dict) -> None:
             into[key] = value
 
 
-def _differs(patch: dict, current: dict) -> bool:
+def _differs(patch: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether a merge patch would change `current` (None deletes a key)."""
     for key, value in patch.items():
         if isinstance(value, dict) and isinstance(current.get(key), dict):

@@ -5,6 +5,7 @@ and TLS come from the user's Secret."""
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from .naming import REDIS_PORT, Owner, child_name, labels, meta, selector
 from .security import CONTAINER_SECURITY, POD_SECURITY
@@ -18,7 +19,7 @@ def auth_secret_name(owner: Owner) -> str:
     return child_name(owner, "redis-auth")
 
 
-def auth_secret(owner: Owner) -> dict:
+def auth_secret(owner: Owner) -> dict[str, Any]:
     """Made once (create-only: the operator never reads Secrets back), kept until the owner is deleted."""
     password = secrets.token_urlsafe(32)
     host = f"{child_name(owner, 'redis')}.{owner.namespace}.svc"
@@ -27,13 +28,13 @@ def auth_secret(owner: Owner) -> dict:
             "stringData": {"password": password, "url": f"redis://:{password}@{host}:{REDIS_PORT}/0"}}
 
 
-def url_env(owner: Owner, spec: EPDDeploymentSpec) -> dict:
+def url_env(owner: Owner, spec: EPDDeploymentSpec) -> dict[str, Any]:
     """EPD_REDIS_URL from a Secret, so the password is in no pod spec and no command line."""
     secret = auth_secret_name(owner) if spec.cache.managed_redis else spec.cache.redis_url_secret
     return {"name": "EPD_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": "url"}}}
 
 
-def ca_volume(spec: EPDDeploymentSpec) -> tuple[list[dict], list[dict]]:
+def ca_volume(spec: EPDDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """An external Secret's optional `ca.crt`, mounted for rediss:// (volumes, mounts)."""
     if spec.cache.managed_redis:
         return [], []
@@ -42,7 +43,7 @@ def ca_volume(spec: EPDDeploymentSpec) -> tuple[list[dict], list[dict]]:
     return [volume], [{"name": "redis-tls", "mountPath": REDIS_CA_DIR, "readOnly": True}]
 
 
-def statefulset(owner: Owner) -> dict:
+def statefulset(owner: Owner) -> dict[str, Any]:
     name = child_name(owner, "redis")
     password = {"name": "REDIS_PASSWORD",
                 "valueFrom": {"secretKeyRef": {"name": auth_secret_name(owner), "key": "password"}}}
@@ -62,6 +63,6 @@ def statefulset(owner: Owner) -> dict:
                                            "volumes": [{"name": "data", "emptyDir": {}}]}}}}
 
 
-def service(owner: Owner) -> dict:
+def service(owner: Owner) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, child_name(owner, "redis"), "redis"),
             "spec": {"selector": selector(owner, "redis"), "ports": [{"name": "redis", "port": REDIS_PORT}]}}

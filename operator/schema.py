@@ -65,8 +65,8 @@ def condition() -> dict[str, Any]:
 
 
 def custom_resource_definition(group: str, version: str, kind: str, plural: str, short_names: list[str],
-                               spec: dict, status: dict, columns: list[dict], description: str,
-                               subresources: dict) -> dict:
+                               spec: dict[str, Any], status: dict[str, Any], columns: list[dict[str, Any]], description: str,
+                               subresources: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -6,17 +6,20 @@ in `status` (replicas and the label selector the HPA counts them with)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
+
+from epd.stages import STAGES
 
 from .crd import GROUP, VERSION
 from .schema import condition, custom_resource_definition, integer, string
-from .spec import STAGES
 
 KIND = "EPDStage"
 PLURAL = "epdstages"
 
 
-def spec_schema() -> dict:
+def spec_schema() -> dict[str, Any]:
     return {"type": "object", "required": ["deployment", "stage"], "properties": {
         "deployment": string("The EPDDeployment this stage belongs to.", minLength=1),
         "stage": string("Which stage.", enum=list(STAGES)),
@@ -26,7 +29,7 @@ def spec_schema() -> dict:
          "message": "deployment and stage are immutable"}]}
 
 
-def status_schema() -> dict:
+def status_schema() -> dict[str, Any]:
     return {"type": "object", "properties": {
         "replicas": integer("Pods of the stage that exist."),
         "readyReplicas": integer("Pods of the stage that are ready."),
@@ -37,7 +40,7 @@ def status_schema() -> dict:
     }}
 
 
-def printer_columns() -> list[dict]:
+def printer_columns() -> list[dict[str, Any]]:
     return [
         {"name": "Deployment", "type": "string", "jsonPath": ".spec.deployment"},
         {"name": "Stage", "type": "string", "jsonPath": ".spec.stage"},
@@ -48,7 +51,7 @@ def printer_columns() -> list[dict]:
     ]
 
 
-def crd() -> dict:
+def crd() -> dict[str, Any]:
     scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
              "labelSelectorPath": ".status.selector"}
     return custom_resource_definition(

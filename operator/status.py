@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 STAGE_CONDITIONS = {"encode": "EncodeReady", "prefill": "PrefillReady", "decode": "DecodeReady"}
 
@@ -17,7 +18,7 @@ class WorkloadState:
     updated: int
 
     @classmethod
-    def of(cls, obj: dict | None, desired: int) -> WorkloadState:
+    def of(cls, obj: dict[str, Any] | None, desired: int) -> WorkloadState:
         status = (obj or {}).get("status", {})
         return cls(desired, status.get("replicas", 0), status.get("readyReplicas", 0),
                    status.get("updatedReplicas", 0))
@@ -43,7 +44,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def merge_conditions(old: list[dict], new: list[Condition], generation: int) -> list[dict]:
+def merge_conditions(old: list[dict[str, Any]], new: list[Condition], generation: int) -> list[dict[str, Any]]:
     """Conditions keyed by type; lastTransitionTime only moves when the status flips."""
     previous = {c["type"]: c for c in old or []}
     merged = []
@@ -67,8 +68,8 @@ def stage_condition(stage: str, state: WorkloadState, problems: str) -> Conditio
 
 
 def compute_status(generation: int, stages: dict[str, WorkloadState], router: WorkloadState, endpoint: str,
-                   old_status: dict, degraded_reason: str = "", degraded_message: str = "",
-                   autoscaling: bool = False, problems: dict[str, str] | None = None) -> dict:
+                   old_status: dict[str, Any], degraded_reason: str = "", degraded_message: str = "",
+                   autoscaling: bool = False, problems: dict[str, str] | None = None) -> dict[str, Any]:
     """`problems`: per stage, why its pods are not ready (see podreport)."""
     conditions = [stage_condition(stage, state, (problems or {}).get(stage, "")) for stage, state in stages.items()]
     all_ready = all(s.is_ready for s in stages.values()) and router.is_ready and not degraded_reason

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics
 from .autoscale.controller import Autoscaler
@@ -40,7 +41,7 @@ class Supervisor:
     autoscale_interval: float = 5.0
     clock: Callable[[], float] = time.monotonic
     beat: Callable[[], None] = lambda: None
-    bodies: dict[str, dict] = field(default_factory=dict)  # uid -> latest EPDDeployment seen
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> latest EPDDeployment seen
     due: dict[str, float] = field(default_factory=dict)  # uid -> next reconcile
     failures: dict[str, int] = field(default_factory=dict)
     warned: dict[str, str] = field(default_factory=dict)  # uid -> the metrics problem last posted as an Event
@@ -53,7 +54,7 @@ class Supervisor:
         return self.reconciler.cluster
 
     # ---- called from kopf's watch handlers -------------------------------------------
-    def observe(self, event_type: str | None, body: dict) -> None:
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
         """An EPDDeployment event: keep its latest body; a new object or a new generation is due now."""
         uid = body["metadata"]["uid"]
         _export_slo(event_type, body)
@@ -125,7 +126,7 @@ class Supervisor:
                 if result.waiting:
                     self.due[uid] = self.clock() + SECRET_RECHECK
 
-    def reconcile(self, body: dict, status_patch: dict | None = None) -> ReconcileResult:
+    def reconcile(self, body: dict[str, Any], status_patch: dict[str, Any] | None = None) -> ReconcileResult:
         """One reconcile with its Events and metrics; an unexpected error becomes a Warning Event
         and a retry, never the end of the loop."""
         started = time.monotonic()
@@ -144,7 +145,7 @@ class Supervisor:
         self._report(body, result)
         return result
 
-    def _report(self, body: dict, result: ReconcileResult) -> None:
+    def _report(self, body: dict[str, Any], result: ReconcileResult) -> None:
         post = self.cluster.post_event
         if result.degraded:
             metrics.APPLY_ERRORS.labels(result.degraded).inc()
@@ -160,7 +161,7 @@ class Supervisor:
                 metrics.PRUNED.labels(kind_name.split("/")[0]).inc()
             post(body, "Normal", "Pruned", f"deleted {', '.join(result.pruned)} (no longer in the spec)")
 
-    def autoscale(self, body: dict) -> None:
+    def autoscale(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
         try:
             spec = EPDDeploymentSpec.from_resource(body["spec"], self.reconciler.default_image)
@@ -188,7 +189,7 @@ class Supervisor:
                                                                    for d in outcome.decisions))
 
 
-def _export_slo(event_type: str | None, body: dict) -> None:
+def _export_slo(event_type: str | None, body: dict[str, Any]) -> None:
     meta = body["metadata"]
     slo = EPDDeploymentSpec.from_resource(body["spec"], "").slo  # the defaults too
     for target, seconds in (("ttft", slo.ttft_seconds), ("tpot", slo.tpot_seconds)):

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from epd.stages import STAGES
+
 from .naming import Owner, child_name, meta
-from .spec import STAGES, EPDDeploymentSpec
+from .spec import EPDDeploymentSpec
 
 TLS_DIR = "/etc/epd/tls"
 VALIDITY = datetime.timedelta(days=3 * 365)  # rotation: delete the Secret, the operator issues a new pair
@@ -24,7 +27,7 @@ CERT_MANAGER = "cert-manager.io/v1"
 
 @dataclass(frozen=True)
 class IssuedSecret:
-    body: dict
+    body: dict[str, Any]
     serial: str
     not_after: str
 
@@ -46,7 +49,7 @@ def flags() -> list[str]:
     return ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key", "--tls-ca", f"{TLS_DIR}/ca.crt"]
 
 
-def volume(owner: Owner) -> tuple[dict, dict]:
+def volume(owner: Owner) -> tuple[dict[str, Any], dict[str, Any]]:
     return ({"name": "tls", "secret": {"secretName": secret_name(owner), "defaultMode": 0o440}},
             {"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
 
@@ -85,7 +88,7 @@ def issue(owner: Owner, now: datetime.datetime | None = None) -> IssuedSecret:
     return IssuedSecret(body, format(leaf.serial_number, "x"), leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-def cert_manager_objects(owner: Owner, spec: EPDDeploymentSpec) -> list[dict]:
+def cert_manager_objects(owner: Owner, spec: EPDDeploymentSpec) -> list[dict[str, Any]]:
     """Certificate (and, without an issuerRef, a self-signed CA chain of this deployment's own)."""
     objects = []
     issuer = {"name": spec.tls.issuer_name, "kind": spec.tls.issuer_kind, "group": "cert-manager.io"}
@@ -107,5 +110,5 @@ def cert_manager_objects(owner: Owner, spec: EPDDeploymentSpec) -> list[dict]:
     return objects
 
 
-def _cm(owner: Owner, kind: str, name: str, spec: dict) -> dict:
+def _cm(owner: Owner, kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": CERT_MANAGER, "kind": kind, "metadata": meta(owner, name, "tls"), "spec": spec}

@@ -9,14 +9,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from epd.slo import SLO
+from epd.stages import STAGES
 
 from ..cluster import Cluster
 from ..naming import METRICS_PORT, Owner, child_name, owned_selector, selector
 from ..sizing.architectures import get_architecture
 from ..sizing.hardware import get_hardware
 from ..sizing.perfmodel import roofline
-from ..sizing.results import SLO
-from ..sizing.scaling import STAGES, ObservedWindow, PolicyConfig, ScalingDecision, StageScaler
+from ..sizing.scaling import ObservedWindow, PolicyConfig, ScalingDecision, StageScaler
 from ..spec import EPDDeploymentSpec
 from .prom import Reading, scrape
 from .promql import MetricsUnavailable, Prometheus, Queries, prometheus_window
@@ -64,7 +67,7 @@ class Autoscaler:
     prometheus: Prometheus | None = None  # the operator's own server (--prometheus-url), with its token
     tracked: dict[str, Tracked] = field(default_factory=dict)  # EPDDeployment uid -> state
 
-    def tick(self, body: dict, spec: EPDDeploymentSpec) -> Outcome | None:
+    def tick(self, body: dict[str, Any], spec: EPDDeploymentSpec) -> Outcome | None:
         """One look at a deployment: None until a whole window has passed since the last one.
         Raises MetricsUnavailable when the metrics source cannot be asked."""
         meta = body["metadata"]
@@ -98,7 +101,7 @@ class Autoscaler:
             return None
         return Outcome(window, state.scaler.decide(window))
 
-    def direct_window(self, owner: Owner, before: dict, after: dict, seconds: float, now: float,
+    def direct_window(self, owner: Owner, before: dict[str, Any], after: dict[str, Any], seconds: float, now: float,
                       states: dict[str, StageState], decode_batch: int, spec: EPDDeploymentSpec) -> ObservedWindow | None:
         silent = [role for role, pods in after.items() if not pods and (role == "router" or states[role].ready)]
         if silent:

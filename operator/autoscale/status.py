@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..status import now
 from .controller import Outcome
 
 HISTORY = 20  # scaling decisions kept in status.scalingHistory
 
 
-def scaling_status(outcome: Outcome, old_status: dict) -> dict:
+def scaling_status(outcome: Outcome, old_status: dict[str, Any]) -> dict[str, Any]:
     """Observed latencies always; per decided stage its new desired replicas and why, plus history."""
     window = outcome.window
-    status: dict = {"observed": {"ttftP90Seconds": round(window.ttft_p90, 4),
+    status: dict[str, Any] = {"observed": {"ttftP90Seconds": round(window.ttft_p90, 4),
                                  "tpotP90Seconds": round(window.tpot_p90, 4)}}
     if outcome.decisions:
         stamp = now()

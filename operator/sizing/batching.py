@@ -14,7 +14,7 @@ from .serving import Instance, ServingConfig
 from .workload import SimRequest
 
 if TYPE_CHECKING:
-    from .simulator import ImageCost
+    from .serving import ImageCost
 
 
 class StageBatching:
@@ -60,7 +60,7 @@ class StageBatching:
         self._busy(instance, self.model.costs.encode_time(patch, megapixels), len(batch),
                    memory.encode_activation(patch, squares), self._encoded, batch)
 
-    def _encoded(self, batch: list) -> None:
+    def _encoded(self, batch: list[tuple[SimRequest, int]]) -> None:
         for request, _ in batch:
             request.pending_items -= 1
             if request.pending_items == 0:
@@ -68,7 +68,8 @@ class StageBatching:
                 tokens = sum(c.llm_tokens for c in self.images_of(request))
                 self.at(self.now + self.model.embedding_transfer_time(tokens), self._to_prefill, request)
 
-    def _take_prompts(self, instance: Instance, source: deque | list, with_images: bool) -> tuple[list, float]:
+    def _take_prompts(self, instance: Instance, source: deque[SimRequest] | list[SimRequest],
+                      with_images: bool) -> tuple[list[SimRequest], float]:
         """Requests for one prefill batch: within the token budget, their KV within the free pool and, when
         the batch encodes its own images, their activations within the reserve."""
         batch: list[SimRequest] = []
@@ -93,7 +94,8 @@ class StageBatching:
             activation = max(activation, memory.encode_activation(patch, squares))
         return batch, activation
 
-    def _start_prefill(self, instance: Instance, batch: list[SimRequest], activation: float, done: Callable) -> None:
+    def _start_prefill(self, instance: Instance, batch: list[SimRequest], activation: float,
+                       done: Callable[[Instance, list[SimRequest]], None]) -> None:
         duration = self.model.costs.prefill_time([r.prompt_tokens for r in batch])
         if self.config.mode != "epd":
             duration += self._encode_time_of(batch)

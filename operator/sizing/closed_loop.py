@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from epd.percentiles import percentile
 from epd.slo import SLO
@@ -54,12 +54,12 @@ class WindowBuilder:
 
 
 def run_closed_loop(model: PerformanceModel, start: ServingConfig, requests: list[SimRequest], slo: SLO,
-                    policy: Policy, interval: float = 10.0, startup_delay: float = 30.0) -> dict:
+                    policy: Policy, interval: float = 10.0, startup_delay: float = 30.0) -> dict[str, Any]:
     """Simulate with `policy` resizing the pools every `interval` seconds; returns the summary plus
     the scaling history."""
     sim = Simulation(model, start, startup_delay=startup_delay)
     windows = WindowBuilder(model, slo)
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
 
     def control(obs: Observation) -> dict[str, int]:
         decisions = policy.decide(windows(obs))

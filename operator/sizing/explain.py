@@ -4,6 +4,8 @@ per-stage time and memory breakdown `epd plan --explain` prints."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from epd.slo import SLO
 
 from .planner import Recommendation, ScoredPlan
@@ -38,11 +40,11 @@ def bound(plan: ScoredPlan, slo: SLO) -> str:
     return _latency(plan, slo)
 
 
-def _memory_pressure(name: str, stage: dict) -> float:
+def _memory_pressure(name: str, stage: dict[str, Any]) -> float:
     """Share of an instance's time memory kept work out: idle while blocked, or (decode) steps run smaller
     than queued work allowed. Smaller encode or prefill batches cost little: those stages are compute-bound."""
     kept_small = stage["memory_limited_batches"] * stage["busy"] if name in ("decode", "colocated") else 0.0
-    return min(1.0, stage["blocked_on_memory"] + kept_small)
+    return min(1.0, float(stage["blocked_on_memory"]) + kept_small)
 
 
 def _latency(plan: ScoredPlan, slo: SLO) -> str:

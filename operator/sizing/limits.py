@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from epd.image_size import ImageSize
 
@@ -38,7 +39,7 @@ class MemoryLimits:
     images_per_request: int  # as far as memory goes
     images_per_request_by_context: int  # as far as the language model's context window goes
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"largest_encode_batch": self.encode_batch, "images_per_request_memory": self.images_per_request,
                 "images_per_request_context": self.images_per_request_by_context}
 

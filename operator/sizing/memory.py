@@ -17,6 +17,7 @@ room, so its batch is bounded by memory rather than by a reservation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .architectures import Architecture, Tower
 
@@ -113,7 +114,7 @@ class InstanceMemory:
             return f"{self.role}: no memory left for the KV cache"
         return ""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"role": self.role, "usable_gb": _round_gb(self.usable), "weights_gb": _round_gb(self.weights),
                 "runtime_reserve_gb": _round_gb(self.reserve), "activation_gb": _round_gb(self.activation),
                 "kv_pool_gb": _round_gb(self.kv_pool), "kv_tokens": self.kv_tokens}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from epd.slo import SLO
 
@@ -35,8 +36,8 @@ class SearchSpace:
     decode_batches: tuple[int, ...] = DECODE_BATCHES
     intra_request_parallel: tuple[bool, ...] = (True, False)
 
-    def axes(self, mode: str) -> list[tuple[str, tuple]]:
-        axes: list[tuple[str, tuple]] = [("encode_batch", self.encode_batches), ("prefill_budget", self.prefill_budgets),
+    def axes(self, mode: str) -> list[tuple[str, tuple[Any, ...]]]:
+        axes: list[tuple[str, tuple[Any, ...]]] = [("encode_batch", self.encode_batches), ("prefill_budget", self.prefill_budgets),
                                          ("decode_batch", self.decode_batches)]
         if mode == "epd":
             axes.insert(1, ("intra_request_parallel", self.intra_request_parallel))
@@ -69,10 +70,10 @@ MINIMUM_GPUS = {"epd": 3, "bundled": 2, "colocated": 1}
 class ScoredPlan:
     config: ServingConfig
     goodput_rps: float
-    summary: dict
+    summary: dict[str, Any]
     problem: str = ""  # why the configuration does not fit its GPUs ('' when it does)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         c = self.config
         return {"mode": c.mode, "label": c.label(), "gpus": c.gpus, "encode": c.encode, "prefill": c.prefill,
                 "decode": c.decode, "colocated": c.colocated, "intra_request_parallel": c.intra_request_parallel,
@@ -153,7 +154,7 @@ class Planner:
         axes = self.space.axes(config.mode)
         names = [name for name, _ in axes]
 
-        def distance(values: tuple) -> tuple:
+        def distance(values: tuple[Any, ...]) -> tuple[int, ...]:
             return tuple(abs(values[i] - getattr(config, name)) if isinstance(values[i], int) else 0
                          for i, name in enumerate(names))
 
@@ -203,12 +204,12 @@ def check_fits(model: PerformanceModel, gpus: int) -> None:
                          "(tensor parallelism is not modelled)")
 
 
-def deployment_manifest(plan: ScoredPlan, model_name: str, slo: SLO, name: str = "epd") -> dict:
+def deployment_manifest(plan: ScoredPlan, model_name: str, slo: SLO, name: str = "epd") -> dict[str, Any]:
     """A ready-to-apply EPDDeployment for an EPD plan."""
     c = plan.config
     gpu = {"limits": {"nvidia.com/gpu": 1}}
 
-    def stage(replicas: int, batch: int, pool: str) -> dict:
+    def stage(replicas: int, batch: int, pool: str) -> dict[str, Any]:
         return {"replicas": replicas, "minReplicas": 1, "maxReplicas": max(replicas * 2, 2), "maxBatch": batch,
                 "resources": gpu, "nodeSelector": {"epd.dev/pool": pool},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .architectures import Architecture
 from .hardware import Hardware
@@ -16,8 +17,8 @@ PROFILE_VERSION = 2  # 2 added peak memory per sample and the "memory" section
 READABLE_VERSIONS = (1, 2)
 
 
-def profile_document(model: str, hardware: str, encode: list[dict], prefill: list[dict], decode: list[dict],
-                     memory: dict | None = None) -> dict:
+def profile_document(model: str, hardware: str, encode: list[dict[str, Any]], prefill: list[dict[str, Any]], decode: list[dict[str, Any]],
+                     memory: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON `epd profile` writes (and `load_profile` reads). `memory`: weights per part, runtime
     reserve, KV bytes per token and how peaks were measured; samples then carry `peak_bytes`."""
     document = {"version": PROFILE_VERSION, "model": model, "hardware": hardware,
@@ -45,7 +46,7 @@ def load_profile(path: Path, arch: Architecture, hw: Hardware) -> PerformanceMod
     return PerformanceModel(arch, hw, StageCosts(*enc, *pre, *dec), source, memory)
 
 
-def fit_memory(data: dict) -> MemoryCosts:
+def fit_memory(data: dict[str, Any]) -> MemoryCosts:
     """Memory forms from measured peaks. One image size is profiled, so the per-tile attention term cannot
     be told apart from the per-token one: the per-token slope carries both."""
     measured = data["memory"]

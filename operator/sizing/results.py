@@ -3,6 +3,8 @@ attainment, goodput (the highest rate keeping the SLO's percentile of requests i
 
 from __future__ import annotations
 
+from typing import Any
+
 from epd.percentiles import distribution
 from epd.slo import SLO
 
@@ -16,7 +18,7 @@ def _met(slo: SLO, request: SimRequest) -> bool:
     return request.finish >= 0 and slo.met(request.ttft, request.tpot)
 
 
-def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
+def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict[str, Any]:
     done = [r for r in requests if r.finish >= 0]
     span = max(r.finish for r in done) - min(r.arrival for r in requests) if done else 0.0
     return {"requests": len(requests), "completed": len(done),
@@ -31,7 +33,7 @@ def summarize(requests: list[SimRequest], slo: SLO, gpu_seconds: float) -> dict:
             "gpu_seconds": gpu_seconds}
 
 
-def empty_summary() -> dict:
+def empty_summary() -> dict[str, Any]:
     """The summary of a configuration that was not simulated (it does not fit its GPUs)."""
     zero = distribution([])
     return {"requests": 0, "completed": 0, "rejected": 0, "rejections": {}, "ttft_s": zero, "tpot_s": zero,
@@ -40,19 +42,19 @@ def empty_summary() -> dict:
             "phases_s": {}, "limits": {}}
 
 
-def report(sim: Simulation, requests: list[SimRequest], slo: SLO) -> dict:
+def report(sim: Simulation, requests: list[SimRequest], slo: SLO) -> dict[str, Any]:
     """The summary of a finished run plus what each pool did and held, and where requests spent time."""
     return {**summarize(requests, slo, sim.gpu_seconds), "stages": pool_report(sim), "phases_s": phases(requests, sim.config.mode),
             "limits": workload_limits(sim, requests)}
 
 
-def simulate(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO) -> dict:
+def simulate(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO) -> dict[str, Any]:
     sim = Simulation(model, config)
     return report(sim, sim.run(rescale(requests, 1.0)), slo)
 
 
 def goodput(model: PerformanceModel, config: ServingConfig, requests: list[SimRequest], slo: SLO,
-            iterations: int = 12) -> tuple[float, dict]:
+            iterations: int = 12) -> tuple[float, dict[str, Any]]:
     """Highest arrival rate (req/s) at which the attainment stays >= slo.attainment, by bisection on
     a rate multiplier of the workload; returns (rate, summary at that rate)."""
     span = requests[-1].arrival - requests[0].arrival or 1.0

@@ -158,7 +158,7 @@ class StageScaler:
     config: PolicyConfig
     started: float = 0.0
     last_change: dict[str, float] = field(default_factory=dict)
-    history: dict[str, deque] = field(default_factory=lambda: {s: deque() for s in STAGES})
+    history: dict[str, deque[tuple[float, int]]] = field(default_factory=lambda: {s: deque() for s in STAGES})
 
     def decide(self, window: ObservedWindow) -> list[ScalingDecision]:
         if window.time - self.started < self.config.warmup:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .memory import InstanceMemory
 from .perfmodel import PerformanceModel
@@ -67,9 +68,9 @@ class Instance:
     busy_until: float = 0.0
     busy_time: float = 0.0  # since the autoscaler's last look
     draining: bool = False
-    queue: deque = field(default_factory=deque)  # encode: (request, image index); prefill, decode: requests
-    active: list = field(default_factory=list)  # decode: running sequences
-    waiting: list = field(default_factory=list)  # colocated: requests to prefill
+    queue: deque[Any] = field(default_factory=deque)  # encode: (request, image index); prefill, decode: requests
+    active: list[SimRequest] = field(default_factory=list)  # decode: running sequences
+    waiting: list[SimRequest] = field(default_factory=list)  # colocated: requests to prefill
     running: bool = False
     kv_used: int = 0  # tokens held in the KV pool
     retired_at: float = -1.0

@@ -24,6 +24,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from epd.image_size import ImageSize
 
@@ -43,7 +44,7 @@ class Simulation(StageBatching):
         self.model = model
         self.config = config
         self.startup_delay = startup_delay
-        self.events: list = []
+        self.events: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
         self.counter = itertools.count()
         self.now = 0.0
         self.memory = instance_memory(model, config)
@@ -57,10 +58,10 @@ class Simulation(StageBatching):
         self._last_accounting = 0.0
         self._images: dict[tuple[int, int], ImageCost] = {}
         self._request_images: dict[int, list[ImageCost]] = {}
-        self._window: dict = {"arrivals": 0, "images": 0, "completed": []}
+        self._window: dict[str, Any] = {"arrivals": 0, "images": 0, "completed": []}
 
     # ---- event loop ------------------------------------------------------------------
-    def at(self, time: float, action: Callable, *args) -> None:
+    def at(self, time: float, action: Callable[..., object], *args: Any) -> None:
         heapq.heappush(self.events, (time, next(self.counter), action, args))
 
     def run(self, requests: list[SimRequest], controller: Callable[[Observation], dict[str, int]] | None = None,
@@ -178,8 +179,8 @@ class Simulation(StageBatching):
             return
         self._handlers[instance.pool](instance)
 
-    def _busy(self, instance: Instance, duration: float, items: int, activation: float, done: Callable,
-              *args) -> None:
+    def _busy(self, instance: Instance, duration: float, items: int, activation: float, done: Callable[..., object],
+              *args: Any) -> None:
         if instance.blocked_since >= 0:
             instance.blocked_time += self.now - instance.blocked_since
             instance.blocked_since = -1.0
@@ -198,7 +199,7 @@ class Simulation(StageBatching):
         if instance.blocked_since < 0:
             instance.blocked_since = self.now
 
-    def _finish_work(self, instance: Instance, done: Callable, args) -> None:
+    def _finish_work(self, instance: Instance, done: Callable[..., object], args: tuple[Any, ...]) -> None:
         instance.running = False
         done(*args)
         if not self._retire_if_drained(instance):

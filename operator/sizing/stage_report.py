@@ -5,13 +5,14 @@ their time."""
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from .limits import memory_limits
 from .simulator import Simulation
 from .workload import SimRequest
 
 
-def pool_report(sim: Simulation) -> dict[str, dict]:
+def pool_report(sim: Simulation) -> dict[str, dict[str, Any]]:
     """Per pool: busy share, batches, memory-limited batches, time blocked on memory, preemptions, the
     memory layout of one GPU and the peak in use."""
     end, kv_bytes = sim.now, sim.model.memory.kv_per_token
@@ -40,7 +41,7 @@ def _share(part: float, whole: float) -> float:
     return round(part / whole, 4) if whole else 0.0
 
 
-def workload_limits(sim: Simulation, requests: list[SimRequest]) -> dict:
+def workload_limits(sim: Simulation, requests: list[SimRequest]) -> dict[str, Any]:
     """Largest encode batch and images per request for the workload's largest image."""
     images = [image for r in requests for image in r.images]
     if not images:

@@ -197,7 +197,7 @@ def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
                                                           "created": 0})
     recomputed = served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute")
     _, reply, chunks = prefill_one_image(served, "recompute-1", "Hi", image, (44, 36), key, dispatched=False)
-    assert (reply.items_recomputed, reply.items_fetched, reply.items_from_buffer) == (1, 0, 0)
+    assert (reply.items.recomputed, reply.items.fetched, reply.items.from_buffer) == (1, 0, 0)
     assert chunks[-1].finish_reason == "length" and chunks[0].token_ids[0] == reply.first_token
     assert served.stage_metric("prefill", "epd_mm_cache_events_total", event="recompute") == recomputed + 1
     assert served.redis.client().hget("epd:mm:" + key, "owner").decode() != "127.0.0.1:1"  # re-announced
@@ -210,7 +210,7 @@ def test_prefill_needs_no_embedding_for_an_image_inside_a_cached_prefix(served, 
     client.chat.completions.create(model=MODEL, messages=image_message(text, [image]), max_tokens=2)
     ids, reply, chunks = prefill_one_image(served, "prefix-only-1", text, image, (52, 44), "never-pushed",
                                            dispatched=True)
-    assert (reply.items_from_buffer, reply.items_fetched, reply.items_recomputed) == (0, 0, 0)
+    assert (reply.items.from_buffer, reply.items.fetched, reply.items.recomputed) == (0, 0, 0)
     assert reply.cached_tokens == (len(ids) - 1) // 16 * 16 > ids.index(model_adapter().image_token_id) + 16
     assert chunks[-1].finish_reason == "length"
 

@@ -204,7 +204,7 @@ async def test_encode_killed_while_pushing_is_recomputed_elsewhere(redis_server)
             tokens = [t for chunk in [c async for c in stream] for t in chunk.token_ids]
             with pytest.raises(grpc.aio.AioRpcError):
                 await encode
-        assert reply.items_recomputed == 1 and len(tokens) == 4
+        assert reply.items.recomputed == 1 and len(tokens) == 4
         await eventually(lambda: stage.engine.allocator.used == 0
                     and servicer(decode, DecodeServicer).engine.allocator.used == 0)
     finally:

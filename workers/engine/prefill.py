@@ -75,7 +75,7 @@ class PrefillSequence:
         return self.length - self.computed
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrefillResult:
     """A prompt that left the engine: its handoff, or why it failed."""
 

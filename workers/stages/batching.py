@@ -26,11 +26,8 @@ class MicroBatcher(Generic[T]):
         if max_cost <= 0:
             raise ValueError(f"{stage}: batch budget must be > 0, got {max_cost}")
         self.stage = stage
-        self.run_batch = run_batch
-        self.fail_batch = fail_batch
-        self.max_cost = max_cost
-        self.max_wait = max_wait
-        self.cost = cost
+        self.run_batch, self.fail_batch = run_batch, fail_batch
+        self.max_cost, self.max_wait, self.cost = max_cost, max_wait, cost
         self._queue: asyncio.Queue[T] = asyncio.Queue()
         self._carry: T | None = None
         self._loop = SupervisedLoop(f"{stage} batcher", health)

@@ -100,8 +100,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             sink = None  # committed: decode owns the KV now
             metrics.STAGE_LATENCY.labels("prefill").observe(time.perf_counter() - start)
             return pb.PrefillResponse(first_token=handoff.first_token, prompt_tokens=handoff.prompt_tokens,
-                                      items_from_buffer=sources.buffer, items_fetched=sources.fetched,
-                                      items_recomputed=sources.recomputed, cached_tokens=handoff.cached_tokens)
+                                      items=pb.ItemSources(from_buffer=sources.buffer, fetched=sources.fetched,
+                                                          recomputed=sources.recomputed),
+                                      cached_tokens=handoff.cached_tokens)
         finally:
             if sink is not None:  # failed or cancelled after the reservation: give everything back
                 await self._abort(sink)
