@@ -62,6 +62,9 @@ def decode_side(blocks: int, paths: str, ready) -> None:
     async def serve() -> None:
         shared = SharedPool() if "shm" in paths else None
         pool = KVPool(LAYOUT, blocks, allocate=shared.allocate if shared else None)
+        # A worker that has served a while has touched every block of its pool; a fresh one pays a
+        # page fault per 4 KiB on first write (about 1 GB/s here), which is not the handoff's cost.
+        pool.kv.zero_()
         nixl = NixlAgent("decode", pool.kv) if "nixl" in paths else None
         # only the reservation side of a decode worker is exercised: no context, no model
         servicer = DecodeServicer(ctx=cast(WorkerContext, None), engine=cast(DecodeEngine, BlockReserver(pool)),

@@ -4,7 +4,9 @@ pool, one mapped from shared memory, or one opened from a CUDA IPC handle).
 A `BlockCopyPlan` is made once per handoff: runs of consecutive block ids on
 both sides become one contiguous copy per keys and values plane; with many
 runs (a fragmented pool) one gather-scatter per layer does it instead, a
-Triton kernel on CUDA."""
+Triton kernel on CUDA. On CPU the gather stages a whole layer in a temporary,
+so runs of real-model blocks (a LLaVA-7B block is 128 KiB per plane and
+layer) are still copied run by run: that is one memcpy of the bytes, not two."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_SLICE_COPIES = 8  # beyond this many runs, one gather + scatter per layer beats a copy per run
+MIN_CPU_RUN_BYTES = 64 << 10  # ... except on CPU when the runs are at least this large on average
 
 
 def block_runs(source: list[int], target: list[int]) -> list[tuple[int, int, int]]:
@@ -47,7 +50,7 @@ class BlockCopyPlan:
 def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, plan: BlockCopyPlan) -> int:
     """Copy one layer's keys and values (`[layers, 2, blocks, ...]` pools) along `plan`; returns bytes."""
     source_index, target_index = plan.source_index, plan.target_index
-    if source_index is None or target_index is None:
+    if source_index is None or target_index is None or _long_cpu_runs(source, plan):
         copied = 0
         for plane in range(2):  # keys, values: each run is one contiguous piece of a plane
             for src, dst, length in plan.runs:
@@ -62,3 +65,10 @@ def copy_layer(source: torch.Tensor, target: torch.Tensor, layer: int, plan: Blo
     part = source[layer].index_select(1, source_index)
     target[layer].index_copy_(1, target_index.to(target.device), part.to(target.device))
     return part.numel() * part.element_size()
+
+
+def _long_cpu_runs(source: torch.Tensor, plan: BlockCopyPlan) -> bool:
+    if source.is_cuda:
+        return False
+    block_bytes = source[0, 0, 0].numel() * source.element_size()
+    return block_bytes * sum(length for _, _, length in plan.runs) >= MIN_CPU_RUN_BYTES * len(plan.runs)
