@@ -5,7 +5,10 @@ Redis credentials and Pod Security `restricted` contexts."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from kubernetes.utils import parse_quantity
 
 from . import redis, tls
 from .naming import GRPC_PORT, HEALTH_PORT, METRICS_PORT, Owner, child_name, labels, meta, selector
@@ -99,7 +102,17 @@ def stage_command(owner: Owner, spec: EPDDeploymentSpec, stage: str) -> list[str
         command += tls.flags()
     if spec.grpc_reflection:
         command.append("--grpc-reflection")
+    threads = torch_threads(spec.stages[stage].resources)
+    if threads:
+        command += ["--torch-threads", str(threads)]
     return command
+
+
+def torch_threads(resources: dict[str, Any]) -> int:
+    """The worker's model threads from its CPU limit (else request); 0 without either. A container sees
+    every core of its node, and torch would start a thread per node core under a quota of a few."""
+    cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
+    return max(1, math.ceil(parse_quantity(cpu))) if cpu is not None else 0
 
 
 def stage_statefulset(owner: Owner, spec: EPDDeploymentSpec, stage: str, replicas: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import asyncio
 import http.server
 import os
 import signal
+import subprocess
 import threading
 
 import aiohttp
@@ -320,7 +321,6 @@ def test_bad_input_gets_openai_errors_and_leaves_nothing_behind(served, http_404
 
 def test_epd_bench_writes_its_json_summary(served, tmp_path):
     import json
-    import subprocess
 
     from epd.workers.launcher.processes import epd_command
 
@@ -338,3 +338,24 @@ def test_epd_bench_writes_its_json_summary(served, tmp_path):
     bad = subprocess.run(epd_command("bench", "--base-url", served.base_url, "--image-size", "big",
                                      "--out", str(out)), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "WIDTHxHEIGHT" in bad.stderr
+
+
+def test_workers_split_the_machines_cores_and_bad_thread_counts_are_refused(served):
+    """Four workers on one machine get an even share of its cores each (torch's default would
+    give every one of them all cores, oversubscribing the CPU); negative counts exit 2."""
+    from epd.workers.launcher.processes import epd_command
+
+    def live_workers() -> list:
+        workers = [w for stage in ("encode", "prefill", "decode") for w in served.workers(stage)]
+        return workers if len(workers) == 4 and all(os.path.exists(f"/proc/{w.pid}") for w in workers) else []
+
+    workers = wait_until(live_workers, 60, message="the four workers registered and running")
+    share = str(max(1, len(os.sched_getaffinity(0)) // len(workers)))
+    for worker in workers:
+        with open(f"/proc/{worker.pid}/cmdline") as cmdline:
+            argv = cmdline.read().split("\0")
+        assert argv[argv.index("--torch-threads") + 1] == share, argv
+    for command, flag in (("serve", "--worker-threads"), ("worker", "--torch-threads")):
+        bad = subprocess.run(epd_command(command, *(("--role", "encode") if command == "worker" else ()),
+                                         f"{flag}=-1"), capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and f"{flag} must be >= 0, got -1" in bad.stderr, bad.stderr

@@ -53,3 +53,13 @@ def test_router_command_lines_parse(raw):
     assert (args.port, args.metrics_port, args.served_model_name) == \
         (spec.router.port, spec.router.metrics_port, spec.model.name)
     assert bool(args.tls_ca) == spec.tls.enabled and args.redis_url == ""
+
+
+def test_a_stages_cpu_bounds_its_model_threads():
+    """A container sees every core of its node: the worker gets threads for its CPU limit (else request)."""
+    spec = EPDDeploymentSpec.from_resource({"model": {"name": "llava-hf/llava-1.5-7b-hf"},
+                                            "encode": {"resources": {"limits": {"cpu": "2500m"}}},
+                                            "prefill": {"resources": {"requests": {"cpu": "8"}}}}, "img")
+    threads = {stage: parse(worker_cli, pods.stage_command(OWNER, spec, stage)[2:]).torch_threads
+               for stage in STAGES}
+    assert threads == {"encode": 3, "prefill": 8, "decode": 0}  # decode: no CPU bound, torch's default

@@ -11,6 +11,7 @@ loopback; `--tls` adds mutual TLS between the stages with a throwaway CA."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true",
                         help="mutual TLS between router and workers, with a CA made for this run")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="torch threads per worker process (0: the machine's cores split evenly among them, "
+                             "so that co-located workers do not oversubscribe the CPU)")
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every worker (repeatable), e.g. --worker-arg=--encode-max-batch=32")
     parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
@@ -56,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.colocated and min(counts.values()) < 1:
         print("epd serve: --encode, --prefill and --decode must each be >= 1", file=sys.stderr)
         return 2
+    if args.worker_threads < 0:
+        print(f"epd serve: --worker-threads must be >= 0, got {args.worker_threads}", file=sys.stderr)
+        return 2
     group = ProcessGroup(quiet=args.quiet)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
             env = {REDIS_URL_ENV: args.redis_url or own_redis}  # kept off the command lines
             tls = _tls_arguments(Path(scratch)) if args.tls else []
             roles = [("colocated", 1)] if args.colocated else list(counts.items())
+            threads = ["--torch-threads", str(args.worker_threads or _threads_each(sum(n for _, n in roles)))]
             workers = [group.start(f"{role}-{i}", epd_command("worker", "--role", role, "--model", args.model,
-                                                              *tls, *args.worker_arg), "EPD_WORKER_READY", env)
+                                                              *tls, *threads, *args.worker_arg),
+                                   "EPD_WORKER_READY", env)
                        for role, n in roles for i in range(n)]
             group.wait_ready(workers, args.startup_timeout)
             router = group.start("router", epd_command(
@@ -109,6 +118,11 @@ def _supervise(group: ProcessGroup, stop: threading.Event) -> int:
                 del due[child.name]
                 group.restart(child)
     return 0
+
+
+def _threads_each(workers: int) -> int:
+    """The cores this process may use, split evenly among `workers` processes (at least one each)."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 def _tls_arguments(directory: Path) -> list[str]:

@@ -8,6 +8,8 @@ import logging
 import sys
 from dataclasses import fields
 
+import torch
+
 from ..engine import ATTENTION_BACKENDS
 from ..models import UnknownModelError, download
 from ..redis_connection import add_redis_argument, redis_url
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     parser.add_argument("--health-port", type=int, default=0,
                         help="also serve gRPC health alone, without TLS, on this port (for kubelet probes)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="intra-op threads for this worker's model (0: torch's default, one per core); "
+                             "processes that share a machine should split its cores")
     parser.add_argument("--drain-timeout", type=float, default=defaults["drain_timeout"],
                         help="on SIGTERM, seconds to finish held requests after leaving discovery "
                              "(keep it below the pod's terminationGracePeriodSeconds)")
@@ -51,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
+        if args.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
         download.prepare(args.model, args.role)  # a hub model with EPD_MODEL_DOWNLOAD=1: this stage's shards
         config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
         asyncio.run(serve_worker(config))

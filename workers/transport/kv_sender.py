@@ -211,7 +211,7 @@ class KVSender:
                 else:
                     fd = await asyncio.to_thread(receive_descriptor, reservation.shm_socket)
                     try:
-                        kv = await asyncio.to_thread(map_tensor, fd, self._pool_shape(fd), self.layout.dtype, True)
+                        kv = map_tensor(fd, self._pool_shape(fd), self.layout.dtype)
                     finally:
                         os.close(fd)  # the mapping keeps the memory; the descriptor is not needed
             except (OSError, RuntimeError, ValueError) as exc:

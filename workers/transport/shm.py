@@ -32,13 +32,10 @@ def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype, name: str = "epd")
     return map_tensor(fd, shape, dtype), fd
 
 
-def map_tensor(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool = False) -> torch.Tensor:
-    """Map a memory file descriptor as a tensor of `shape` (the mapping lives as long as the tensor).
-    `populate` maps every page now: a peer that writes all over the pool for its whole life would
-    otherwise take a page fault per 4 KiB on first touch, in the middle of its handoffs."""
+def map_tensor(fd: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Map a memory file descriptor as a tensor of `shape` (the mapping lives as long as the tensor)."""
     size = max(os.fstat(fd).st_size, 1)
-    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
-    mapped = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     flat = torch.frombuffer(mapped, dtype=torch.uint8)
     expected = dtype.itemsize
     for dim in shape:
