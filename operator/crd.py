@@ -14,6 +14,7 @@ import yaml
 
 from epd.stages import STAGES
 
+from . import spec as typed  # the typed spec model: its field defaults are the schema's
 from .schema import (
     boolean,
     condition,
@@ -26,7 +27,7 @@ from .schema import (
 )
 from .sizing.architectures import ARCHITECTURES
 from .sizing.hardware import HARDWARE
-from .spec import GRACE_SECONDS, ROUTER_GRACE_SECONDS
+from .spec import GRACE_SECONDS
 
 GROUP = "serving.epd.dev"
 VERSION = "v1alpha1"
@@ -49,7 +50,7 @@ def stage_schema(stage: str) -> dict[str, Any]:
         "properties": {
             "replicas": integer("Workers of this stage. Written through to the stage's EPDStage when it changes "
                                 "(`kubectl scale epdstage`, an HPA or the autoscaler change the EPDStage, "
-                                "not this field).", 0, default=1),
+                                "not this field).", 0, default=typed.StageSpec.replicas),
             "minReplicas": integer("Lower bound for the built-in autoscaler.", 0),
             "maxReplicas": integer("Upper bound for the built-in autoscaler.", 0),
             "resources": resources("Container resources, e.g. limits: {nvidia.com/gpu: 1}."),
@@ -58,7 +59,7 @@ def stage_schema(stage: str) -> dict[str, Any]:
             "tolerations": free_object("Tolerations for the pool's taints.", "array"),
             "affinity": free_object("Pod affinity rules."),
             "maxBatch": integer("Batch limit of the stage (encode: images, prefill: tokens, decode: sequences); "
-                                "0 keeps the worker's default.", 0, default=0),
+                                "0 keeps the worker's default.", 0, default=typed.StageSpec.max_batch),
             "env": free_object("Extra environment variables (Kubernetes EnvVar objects).", "array"),
             "terminationGracePeriodSeconds": grace("a worker leaves discovery and finishes what it holds.",
                                                    GRACE_SECONDS[stage]),
@@ -91,7 +92,7 @@ def model_schema() -> dict[str, Any]:
         "name": string("Hub id (downloaded at pod start, each stage fetching only the shards it needs), "
                        "a directory inside `pvc`, or a built-in preset.", minLength=1),
         "revision": string("Hub revision (a commit pins it; a branch or tag is resolved at each start)."),
-        "dtype": string("Weights dtype.", enum=["bfloat16", "float16", "float32"], default="bfloat16"),
+        "dtype": string("Weights dtype.", enum=["bfloat16", "float16", "float32"], default=typed.ModelSpec.dtype),
         "pvc": string("PersistentVolumeClaim already holding the weights, mounted read-only at /models "
                       "(nothing is downloaded)."),
         "secret": string("Secret whose keys become environment variables (e.g. HF_TOKEN for gated models)."),
@@ -102,15 +103,16 @@ def model_schema() -> dict[str, Any]:
 
 def router_schema() -> dict[str, Any]:
     return {"type": "object", "description": "The OpenAI-compatible HTTP router.", "properties": {
-        "replicas": integer("Router replicas.", 1, default=1),
+        "replicas": integer("Router replicas.", 1, default=typed.RouterSpec.replicas),
         "serviceType": string("Service type of the endpoint.", enum=["ClusterIP", "NodePort", "LoadBalancer"],
-                              default="ClusterIP"),
-        "port": integer("HTTP port.", 1, 65535, default=8000),
+                              default=typed.RouterSpec.service_type),
+        "port": integer("HTTP port.", 1, 65535, default=typed.RouterSpec.port),
         "metricsPort": integer("Port of the router's /metrics (reachable by the operator and scrapers only).",
-                               1, 65535, default=9100),
+                               1, 65535, default=typed.RouterSpec.metrics_port),
         "apiKeySecret": string("Secret whose key `api-keys` holds the accepted API keys, comma-separated.",
                                minLength=1),
-        "terminationGracePeriodSeconds": grace("the router finishes its open streams.", ROUTER_GRACE_SECONDS),
+        "terminationGracePeriodSeconds": grace("the router finishes its open streams.",
+                                                typed.RouterSpec.termination_grace_period_seconds),
     }, "x-kubernetes-validations": [{"rule": "!has(self.metricsPort) || self.metricsPort != self.port",
                                      "message": "metricsPort must differ from port"}]}
 
@@ -127,49 +129,52 @@ def cache_schema() -> dict[str, Any]:
                                            "message": "give Redis exactly one way: managed: true or urlSecret"}]}
     return {"type": "object", "description": "Multimodal token cache.", "properties": {
         "redis": redis,
-        "cacheBytes": integer("Embedding cache bytes per worker.", 0, default=1 << 30),
-        "prefixCacheBytes": integer("Prefix KV cache bytes per prefill worker (0 turns it off).", 0, default=1 << 30),
-        "ttlSeconds": integer("TTL of cache metadata records.", 1, default=3600),
+        "cacheBytes": integer("Embedding cache bytes per worker.", 0, default=typed.CacheSpec.cache_bytes),
+        "prefixCacheBytes": integer("Prefix KV cache bytes per prefill worker (0 turns it off).", 0,
+                                    default=typed.CacheSpec.prefix_cache_bytes),
+        "ttlSeconds": integer("TTL of cache metadata records.", 1, default=typed.CacheSpec.ttl_seconds),
     }}
 
 
 def autoscaling_schema() -> dict[str, Any]:
     return {"type": "object", "description": "SLO-aware scaling of each stage.", "properties": {
         "enabled": boolean("Let the built-in scaler set each stage's EPDStage replicas within minReplicas.."
-                           "maxReplicas. While on it wins: another writer's replicas are reverted.", False),
+                           "maxReplicas. While on it wins: another writer's replicas are reverted.", typed.AutoscalingSpec.enabled),
         "metricsSource": string("Where metrics come from: `direct` reads each pod's /metrics; `prometheus` asks a "
                                 "Prometheus server (series labelled namespace, epd_deployment, epd_component).",
-                                enum=["direct", "prometheus"], default="direct"),
+                                enum=["direct", "prometheus"], default=typed.AutoscalingSpec.metrics_source),
         "prometheus": {"type": "object", "description": "The Prometheus server for metricsSource: prometheus.",
                        "properties": {"url": string("Base URL, e.g. http://prometheus.monitoring:9090 (default: "
                                                     "the operator's --prometheus-url, which alone gets the "
                                                     "operator's bearer token).", pattern="^https?://")}},
-        "windowSeconds": integer("Metrics window: the scaler decides once per window.", 1, default=60),
-        "cooldownSeconds": integer("Minimum time between steps of a stage.", 0, default=120),
+        "windowSeconds": integer("Metrics window: the scaler decides once per window.", 1,
+                                 default=typed.AutoscalingSpec.window_seconds),
+        "cooldownSeconds": integer("Minimum time between steps of a stage.", 0,
+                                   default=typed.AutoscalingSpec.cooldown_seconds),
         "maxTotalReplicas": integer("Most replicas of all stages together (a GPU budget when each replica "
                                     "has one GPU); under it, replicas move between stages. 0 = no limit.", 0,
-                                    default=0),
+                                    default=typed.AutoscalingSpec.max_total_replicas),
         "architecture": string("Performance-model architecture for the predictive floor (optional; "
                                "without it the scaler follows observed load and SLOs only).",
                                enum=sorted(ARCHITECTURES)),
         "hardware": string("GPU of the node pools, for the performance model.", enum=sorted(HARDWARE),
-                           default="h100"),
+                           default=typed.AutoscalingSpec.hardware),
     }}
 
 
 def tls_schema() -> dict[str, Any]:
     return {"type": "object", "description": "Mutual TLS between the router and the workers and among workers.",
             "properties": {
-                "enabled": boolean("Serve and call gRPC with mutual TLS.", True),
+                "enabled": boolean("Serve and call gRPC with mutual TLS.", typed.TLSSpec.enabled),
                 "provider": string("Who issues the certificates: cert-manager when its CRD is installed (auto), "
                                    "else a CA the operator makes for this deployment.",
-                                   enum=["auto", "operator", "cert-manager"], default="auto"),
+                                   enum=["auto", "operator", "cert-manager"], default=typed.TLSSpec.provider),
                 "issuerRef": {"type": "object", "description": "A cert-manager issuer to sign with instead of a "
                                                                "per-deployment CA.",
                               "required": ["name"],
                               "properties": {"name": string("Issuer name.", minLength=1),
                                              "kind": string("Issuer kind.", enum=["Issuer", "ClusterIssuer"],
-                                                            default="Issuer")}}},
+                                                            default=typed.TLSSpec.issuer_kind)}}},
             "x-kubernetes-validations": [{"rule": "!has(self.issuerRef) || self.provider != 'operator'",
                                           "message": "issuerRef needs provider auto or cert-manager"}]}
 
@@ -185,17 +190,18 @@ def spec_schema() -> dict[str, Any]:
             "router": router_schema(),
             "cache": cache_schema(),
             "slo": {"type": "object", "description": "Latency targets the scaler aims for.", "properties": {
-                "ttftSeconds": positive_seconds("Time-to-first-token target.", 2.0),
-                "tpotSeconds": positive_seconds("Time-per-output-token target.", 0.1),
-                "percentile": integer("Percentile the targets apply to.", 1, 100, default=90),
+                "ttftSeconds": positive_seconds("Time-to-first-token target.", typed.SLOSpec.ttft_seconds),
+                "tpotSeconds": positive_seconds("Time-per-output-token target.", typed.SLOSpec.tpot_seconds),
+                "percentile": integer("Percentile the targets apply to.", 1, 100, default=typed.SLOSpec.percentile),
             }},
             "autoscaling": autoscaling_schema(),
             "tls": tls_schema(),
             "networkPolicy": {"type": "object", "description": "NetworkPolicies letting only the router reach the "
                                                                "workers, only neighbouring stages reach each other, "
                                                                "only this deployment reach its Redis.",
-                              "properties": {"enabled": boolean("Create them.", True)}},
-            "grpcReflection": boolean("Serve gRPC reflection on the workers (debugging only).", False),
+                              "properties": {"enabled": boolean("Create them.", typed.EPDDeploymentSpec.network_policy)}},
+            "grpcReflection": boolean("Serve gRPC reflection on the workers (debugging only).",
+                                      typed.EPDDeploymentSpec.grpc_reflection),
         },
     }
 

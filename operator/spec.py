@@ -1,6 +1,9 @@
 """Typed model of an EPDDeployment's spec, parsed from the custom resource.
-Defaults live in the CRD schema (the apiserver applies them) and are repeated
-here only for objects built in tests; a test keeps the two in step."""
+
+The field defaults of these dataclasses are the spec's defaults, written once:
+the CRD generator (crd.py) publishes them in the schema, where the apiserver
+applies them, and the parser falls back to them for objects the apiserver did
+not default (built in tests, or by an older CRD)."""
 
 from __future__ import annotations
 
@@ -41,9 +44,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class StageSpec:
-    replicas: int
-    min_replicas: int
-    max_replicas: int
+    """One stage's StatefulSet: its scale bounds and what its pods get."""
+
+    replicas: int = 1
+    min_replicas: int = 1  # unset in the resource: replicas
+    max_replicas: int = 1  # unset in the resource: max(replicas, 1)
     resources: dict[str, Any] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
@@ -128,34 +133,40 @@ class EPDDeploymentSpec:
         tls = spec.get("tls", {})
         issuer = tls.get("issuerRef", {})
         return cls(
-            model=ModelSpec(name=model["name"], revision=model.get("revision", ""), dtype=model.get("dtype", "bfloat16"),
+            model=ModelSpec(name=model["name"], revision=model.get("revision", ""), dtype=model.get("dtype", ModelSpec.dtype),
                             pvc=model.get("pvc", ""), secret=model.get("secret", ""),
                             cache=ModelCacheSpec(pvc=cache_dir.get("pvc", ""), storage=cache_dir.get("storage", ""),
                                                  storage_class_name=cache_dir.get("storageClassName", ""))),
             stages=stages,
-            router=RouterSpec(replicas=router.get("replicas", 1), service_type=router.get("serviceType", "ClusterIP"),
-                              port=router.get("port", 8000), metrics_port=router.get("metricsPort", 9100),
+            router=RouterSpec(replicas=router.get("replicas", RouterSpec.replicas),
+                              service_type=router.get("serviceType", RouterSpec.service_type),
+                              port=router.get("port", RouterSpec.port),
+                              metrics_port=router.get("metricsPort", RouterSpec.metrics_port),
                               api_key_secret=router.get("apiKeySecret", ""),
                               termination_grace_period_seconds=router.get("terminationGracePeriodSeconds",
                                                                           ROUTER_GRACE_SECONDS)),
-            cache=CacheSpec(redis_url_secret=redis.get("urlSecret", ""), cache_bytes=cache.get("cacheBytes", 1 << 30),
-                            prefix_cache_bytes=cache.get("prefixCacheBytes", 1 << 30),
-                            ttl_seconds=cache.get("ttlSeconds", 3600)),
-            slo=SLOSpec(ttft_seconds=slo.get("ttftSeconds", 2.0), tpot_seconds=slo.get("tpotSeconds", 0.1),
-                        percentile=slo.get("percentile", 90)),
+            cache=CacheSpec(redis_url_secret=redis.get("urlSecret", ""),
+                            cache_bytes=cache.get("cacheBytes", CacheSpec.cache_bytes),
+                            prefix_cache_bytes=cache.get("prefixCacheBytes", CacheSpec.prefix_cache_bytes),
+                            ttl_seconds=cache.get("ttlSeconds", CacheSpec.ttl_seconds)),
+            slo=SLOSpec(ttft_seconds=slo.get("ttftSeconds", SLOSpec.ttft_seconds),
+                        tpot_seconds=slo.get("tpotSeconds", SLOSpec.tpot_seconds),
+                        percentile=slo.get("percentile", SLOSpec.percentile)),
             image=spec.get("image") or default_image,
-            autoscaling=AutoscalingSpec(enabled=scaling.get("enabled", False),
-                                        metrics_source=scaling.get("metricsSource", "direct"),
+            autoscaling=AutoscalingSpec(enabled=scaling.get("enabled", AutoscalingSpec.enabled),
+                                        metrics_source=scaling.get("metricsSource", AutoscalingSpec.metrics_source),
                                         prometheus_url=scaling.get("prometheus", {}).get("url", ""),
-                                        window_seconds=scaling.get("windowSeconds", 60),
-                                        cooldown_seconds=scaling.get("cooldownSeconds", 120),
-                                        max_total_replicas=scaling.get("maxTotalReplicas", 0),
+                                        window_seconds=scaling.get("windowSeconds", AutoscalingSpec.window_seconds),
+                                        cooldown_seconds=scaling.get("cooldownSeconds",
+                                                                     AutoscalingSpec.cooldown_seconds),
+                                        max_total_replicas=scaling.get("maxTotalReplicas",
+                                                                       AutoscalingSpec.max_total_replicas),
                                         architecture=scaling.get("architecture", ""),
-                                        hardware=scaling.get("hardware", "h100")),
-            tls=TLSSpec(enabled=tls.get("enabled", True), provider=tls.get("provider", "auto"),
-                        issuer_name=issuer.get("name", ""), issuer_kind=issuer.get("kind", "Issuer")),
-            network_policy=spec.get("networkPolicy", {}).get("enabled", True),
-            grpc_reflection=spec.get("grpcReflection", False))
+                                        hardware=scaling.get("hardware", AutoscalingSpec.hardware)),
+            tls=TLSSpec(enabled=tls.get("enabled", TLSSpec.enabled), provider=tls.get("provider", TLSSpec.provider),
+                        issuer_name=issuer.get("name", ""), issuer_kind=issuer.get("kind", TLSSpec.issuer_kind)),
+            network_policy=spec.get("networkPolicy", {}).get("enabled", EPDDeploymentSpec.network_policy),
+            grpc_reflection=spec.get("grpcReflection", EPDDeploymentSpec.grpc_reflection))
 
     def secrets(self) -> list[str]:
         """Secrets the user names (a missing one makes the deployment Degraded)."""
@@ -163,9 +174,10 @@ class EPDDeploymentSpec:
 
 
 def _stage(raw: dict[str, Any], grace: int) -> StageSpec:
-    replicas = raw.get("replicas", 1)
+    replicas = raw.get("replicas", StageSpec.replicas)
     return StageSpec(replicas=replicas, min_replicas=raw.get("minReplicas", replicas),
                      max_replicas=raw.get("maxReplicas", max(replicas, 1)), resources=raw.get("resources", {}),
                      node_selector=raw.get("nodeSelector", {}), tolerations=raw.get("tolerations", []),
-                     affinity=raw.get("affinity", {}), max_batch=raw.get("maxBatch", 0), env=raw.get("env", []),
+                     affinity=raw.get("affinity", {}), max_batch=raw.get("maxBatch", StageSpec.max_batch),
+                     env=raw.get("env", []),
                      termination_grace_period_seconds=raw.get("terminationGracePeriodSeconds", grace))

@@ -16,12 +16,13 @@ import aiohttp
 import pytest
 
 from epd.stages import STAGES
+from epd.workers.router.routing import decode_rank
 
 from ..conftest import wait_until
 from .harness import chat_body, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
-TOKENS = 120
+TOKENS = 600  # long enough that a kill seen mid-stream lands mid-stream (120 tokens took 0.5 s)
 LOAD = [(f"Request {i}: tell me everything about it.", [png_bytes(36 + 4 * i, 32, seed=900 + i)] if i % 2 else [])
         for i in range(8)]
 
@@ -121,12 +122,14 @@ def test_sigkill_of_a_decode_worker_mid_stream_loses_nothing(served, undisturbed
 @pytest.mark.parametrize("stage", ["encode", "prefill", "decode"])
 def test_sigterm_of_any_worker_drains_it_and_loses_nothing(served, undisturbed, stage):
     wait_until(lambda: _two_per_stage(served), 60, message="two workers per stage")
-    victim = served.workers(stage)[0]
+    victims: list = []
     left_discovery_alive: list[bool] = []
 
     def terminate(progress: list[int]) -> None:
-        if stage == "decode":
-            wait_until(lambda: victim in _busy(served, "decode"), 60, message="the decode worker holding streams")
+        # a decode victim holds streams when it is told to stop; the other stages' hold work briefly
+        victim = (wait_until(lambda: _busy(served, "decode"), 60, message="a decode worker holding streams")[0]
+                  if stage == "decode" else served.workers(stage)[0])
+        victims.append(victim)
         os.kill(victim.pid, signal.SIGTERM)
         wait_until(lambda: victim.address not in [w.address for w in served.workers(stage)], 30,
                    message="the terminated worker to leave discovery")
@@ -134,7 +137,7 @@ def test_sigterm_of_any_worker_drains_it_and_loses_nothing(served, undisturbed, 
 
     results = asyncio.run(_run_load(served, terminate))
     _assert_nothing_lost(results, undisturbed)
-    wait_until(lambda: not running(victim.pid), 60, message="the drained worker to exit")
+    wait_until(lambda: not running(victims[0].pid), 60, message="the drained worker to exit")
     if stage == "decode":  # it held streams: it left discovery first and finished them before exiting
         assert left_discovery_alive == [True]
 
@@ -146,7 +149,7 @@ def test_requests_routed_to_a_worker_killed_before_their_first_token_are_retried
     # The worker the router picks first (least loaded, by the planner's own rule), killed: its
     # record stays in discovery until the TTL runs out, so the next requests are sent to it.
     rank = {"prefill": lambda w: (w.load.outstanding_tokens, w.address),
-            "decode": lambda w: (w.load.kv_usage, w.load.in_flight, w.address)}[stage]
+            "decode": decode_rank}[stage]
     victim = min(served.workers(stage), key=rank)
     os.kill(victim.pid, signal.SIGKILL)
 

@@ -70,3 +70,13 @@ def test_a_restarted_worker_at_a_suspected_address_is_routed_to_again():
     assert planner.plan(decoders, 10, []).decode.address == "d2"
     restarted = {**pool(), "decode": [replace(failed, incarnation="second"), worker("decode", "d2")]}
     assert {planner.plan(restarted, 10, []).decode.address for _ in range(2)} == {"d1", "d2"}
+
+
+def test_a_burst_spreads_over_decode_workers_whose_kv_usage_differs_by_a_stale_trifle():
+    planner = RoutePlanner()
+    decoders = {**pool(), "decode": [replace(worker("decode", "d1"), load=WorkerLoad(kv_usage=0.0002)),
+                                     worker("decode", "d2")]}
+    assert sorted(planner.plan(decoders, 10, []).decode.address for _ in range(4)) == ["d1", "d1", "d2", "d2"]
+    busy = {**pool(), "decode": [replace(worker("decode", "d1"), load=WorkerLoad(kv_usage=0.5)),
+                                 worker("decode", "d2")]}
+    assert {RoutePlanner().plan(busy, 10, []).decode.address for _ in range(4)} == {"d2"}

@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
         if args.torch_threads < 0:
             raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+        args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         download.prepare(args.model, args.role)  # a hub model with EPD_MODEL_DOWNLOAD=1: this stage's shards

@@ -22,6 +22,15 @@ class RoutePlan:
     encode: dict[str, list[str]]  # encode worker address -> item keys it encodes for this request
 
 
+KV_USAGE_STEP = 0.05  # KV usages this close count as equal: sequences in flight decide between them
+
+
+def decode_rank(worker: WorkerInfo, sent: int = 0) -> tuple[int, int, str]:
+    """Least KV usage first, in steps of KV_USAGE_STEP, then fewest sequences (reported in flight plus
+    `sent` since): a stale heartbeat's 0.02% of KV must not send a whole burst to one worker."""
+    return int(worker.load.kv_usage / KV_USAGE_STEP), worker.load.in_flight + sent, worker.address
+
+
 @dataclass(frozen=True)
 class _Suspicion:
     until: float  # monotonic time after which the worker is tried again
@@ -71,8 +80,7 @@ class RoutePlanner:
         prefill = min(workers["prefill"], key=lambda w: (w.load.outstanding_tokens + self.sent_tokens[w.address]
                                                          - cached.get(w.address, 0), w.address))
         self.affinity.record(prefix_blocks, prefill.address)
-        decode = min(workers["decode"], key=lambda w: (w.load.kv_usage, w.load.in_flight
-                                                       + self.sent_sequences[w.address], w.address))
+        decode = min(workers["decode"], key=lambda w: decode_rank(w, self.sent_sequences[w.address]))
         encode: dict[str, list[str]] = {}
         for key in items_to_encode:
             worker = min(workers["encode"], key=lambda w: (w.load.queue + w.load.in_flight
