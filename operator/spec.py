@@ -39,7 +39,7 @@ class ModelSpec:
     @property
     def downloads(self) -> bool:
         """Pods fetch a hub id at start unless a PVC already holds the model."""
-        return not self.pvc
+        return self.pvc == ""
 
 
 @dataclass(frozen=True)
