@@ -43,12 +43,20 @@ def test_named_blocks_are_shared_kept_when_free_and_evicted_least_recently_used(
     allocator.free_blocks(first[:2])
     assert allocator.used == 0 and allocator.cached_names() == 2  # z was dropped: only 2 may idle cached
     assert allocator.share_prefix(["z"], limit=1) == []
-    fresh = allocator.allocate(3)  # 2 empty blocks + the least recently used cached one (x)
-    assert allocator.share_prefix(["x"], limit=1) == [] and allocator.cached_names() == 1
+    # 2 empty blocks + the least recently used cached one: y, the tail, went back before x
+    fresh = allocator.allocate(3)
+    assert allocator.share_prefix(["x", "y"], limit=2) == first[:1] and allocator.cached_names() == 1
     with pytest.raises(OutOfBlocks):
-        allocator.allocate(2)
-    allocator.free_blocks(fresh)
+        allocator.allocate(1)
+    allocator.free_blocks(fresh + first[:1])
     assert allocator.free == 4
+
+
+def test_freed_blocks_come_back_in_their_old_order():
+    allocator = BlockAllocator(8, max_cached_blocks=0)
+    blocks = allocator.allocate(5)
+    allocator.free_blocks(blocks)
+    assert allocator.allocate(5) == blocks  # one run of consecutive ids stays one run (one copy per handoff)
 
 
 def test_images_wholly_inside_the_cached_prefix_need_no_embedding():

@@ -68,9 +68,11 @@ class BlockAllocator:
             return blocks
 
     def free_blocks(self, blocks: Sequence[int]) -> None:
-        """Drop one reference from each block; unreferenced named blocks stay cached."""
+        """Drop one reference from each block; unreferenced named blocks stay cached. Blocks go back in
+        reverse: the next allocation pops them in their old order (runs of consecutive ids stay runs, one
+        copy each in a handoff), and a sequence's tail blocks are the first cached ones to be evicted."""
         with self._lock:
-            for block in blocks:
+            for block in reversed(blocks):
                 self.refs[block] -= 1
                 if self.refs[block] < 0:
                     raise AssertionError(f"KV block {block} freed more often than allocated")
