@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -32,45 +33,60 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
                           int64_t dim, int64_t block_size, int64_t max_blocks, float scale) {
   const int64_t group = heads / kv_heads;
   const int64_t token_stride = kv_heads * dim;  // one token's keys (all KV heads) in a block
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * dim), scores, acc(group * dim);
+  // A task is one sequence and a run of its KV heads, whose keys and values it reads as one
+  // contiguous piece of each token row (streaming reads); sequences are split into as many runs
+  // as it takes to give every thread work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
+  const int64_t per_chunk = (kv_heads + chunks - 1) / chunks;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query, scores, acc, row(per_chunk * dim), total;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, kvh = task % kv_heads, length = lengths[b];
+      const int64_t b = task / chunks, first = (task % chunks) * per_chunk;
+      const int64_t count = std::min(per_chunk, kv_heads - first), rows = count * group, width = count * dim;
+      const int64_t length = lengths[b];
+      if (count <= 0) continue;
       const int64_t* table = tables + b * max_blocks;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d)
-          query[g * dim + d] = static_cast<float>(q[(b * heads + kvh * group + g) * dim + d]) * scale;
-      scores.assign(group * length, 0.f);
+      const T* q_rows = q + (b * heads + first * group) * dim;  // this run's query heads, in order
+      query.resize(rows * dim);
+      for (int64_t i = 0; i < rows * dim; ++i) query[i] = static_cast<float>(q_rows[i]) * scale;
+      scores.assign(rows * length, 0.f);
       for (int64_t t = 0; t < length; ++t) {
-        const T* key = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kvh * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = query.data() + g * dim;
+        const T* keys = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + first * dim;
+        #pragma omp simd
+        for (int64_t i = 0; i < width; ++i) row[i] = static_cast<float>(keys[i]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* qr = query.data() + r * dim;
+          const float* key = row.data() + (r / group) * dim;
           float dot = 0.f;
           #pragma omp simd reduction(+:dot)
-          for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(key[d]);
-          scores[g * length + t] = dot;
+          for (int64_t d = 0; d < dim; ++d) dot += qr[d] * key[d];
+          scores[r * length + t] = dot;
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> total(group, 0.f);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * length;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < length; ++t) peak = std::max(peak, s[t]);
-        for (int64_t t = 0; t < length; ++t) { s[t] = std::exp(s[t] - peak); total[g] += s[t]; }
+      total.assign(rows, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = scores.data() + r * length;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < length; ++t) top = std::max(top, s[t]);
+        for (int64_t t = 0; t < length; ++t) { s[t] = std::exp(s[t] - top); total[r] += s[t]; }
       }
+      acc.assign(rows * dim, 0.f);
       for (int64_t t = 0; t < length; ++t) {
-        const T* value = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + kvh * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * length + t];
-          float* a = acc.data() + g * dim;
+        const T* values = v_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + first * dim;
+        #pragma omp simd
+        for (int64_t i = 0; i < width; ++i) row[i] = static_cast<float>(values[i]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float p = scores[r * length + t];
+          const float* value = row.data() + (r / group) * dim;
+          float* a = acc.data() + r * dim;
           #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(value[d]);
+          for (int64_t d = 0; d < dim; ++d) a[d] += p * value[d];
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d)
-          out[(b * heads + kvh * group + g) * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
+      T* out_rows = out + (b * heads + first * group) * dim;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < dim; ++d) out_rows[r * dim + d] = static_cast<T>(acc[r * dim + d] / total[r]);
     }
   });
 }
