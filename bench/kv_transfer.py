@@ -31,6 +31,7 @@ from ..workers.stages.context import WorkerContext
 from ..workers.stages.decode import DecodeServicer
 from ..workers.transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
 from ..workers.transport.kv_paths import PATHS, nixl_available
+from ..workers.transport.kv_receiver import TcpEndpoint
 from ..workers.transport.kv_sender import KVSender
 from ..workers.transport.nixl_path import NixlAgent
 from ..workers.transport.shm import SharedPool
@@ -69,7 +70,8 @@ def decode_side(blocks: int, paths: str, ready) -> None:
         # only the reservation side of a decode worker is exercised: no context, no model
         servicer = DecodeServicer(ctx=cast(WorkerContext, None), engine=cast(DecodeEngine, BlockReserver(pool)),
                                   shared_fd=shared.fd if shared else None,
-                                  kv_paths=frozenset(paths.split(",")), nixl=nixl)
+                                  kv_paths=frozenset(paths.split(",")), nixl=nixl,
+                                  tcp=TcpEndpoint("127.0.0.1") if "tcp" in paths else None)
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         pb_grpc.add_DecodeServiceServicer_to_server(servicer, server)
         server.add_generic_rpc_handlers(servicer.generic_handlers())
@@ -124,7 +126,7 @@ def memcpy(sizes: list[int], repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes-mb", default="64,256,1024")
-    parser.add_argument("--paths", default=",".join(p for p in PATHS if p in ("shm", "grpc")
+    parser.add_argument("--paths", default=",".join(p for p in PATHS if p in ("shm", "tcp", "grpc")
                                                     or (p == "nixl" and nixl_available())))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)

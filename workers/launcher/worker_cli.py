@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-paths", default=defaults["kv_paths"],
                         help="KV transfer paths this worker may use, best first among those both ends allow "
                              "(grpc is always kept as the fallback)")
+    parser.add_argument("--kv-tcp-port", type=int, default=defaults["kv_tcp_port"],
+                        help="decode: port of the tcp KV path, on --host (0: any free port; a pod names a fixed "
+                             "one that its NetworkPolicy opens to prefill)")
     add_tls_arguments(parser)
     parser.add_argument("--grpc-reflection", action="store_true", help="serve gRPC reflection (off by default)")
     parser.add_argument("--health-port", type=int, default=0,

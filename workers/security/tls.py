@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,16 @@ class TLSFiles:
         # grpc keeps the current configuration when the callback returns None; its stubs do not say so
         return grpc.dynamic_ssl_server_credentials(configuration(), fetch,  # type: ignore[arg-type]
                                                    require_client_authentication=True)
+
+    def ssl_context(self, server: bool) -> ssl.SSLContext:
+        """The same mutual TLS for a plain socket (the tcp KV path); the files are read at each call, so
+        renewed ones serve the next connection."""
+        purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+        context = ssl.create_default_context(purpose, cafile=str(self.ca))
+        context.load_cert_chain(self.cert, self.key)
+        if server:
+            context.verify_mode = ssl.CERT_REQUIRED  # a peer without a certificate of our CA is refused
+        return context
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Client side: trust only the CA, present this process's certificate."""

@@ -21,7 +21,7 @@ from ..engine import DecodeEngine
 from ..engine.decode import DecodeSequence
 from ..messages import KVHandoff, TokenEvent
 from ..transport.kv_paths import PATHS
-from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec
+from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec, TcpEndpoint
 from ..transport.kv_sender import LOCAL_DECODERS
 from ..transport.nixl_path import NixlAgent
 from ..transport.raw_frames import write_handler
@@ -38,14 +38,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, shared_fd: int | None = None,
                  cuda_ipc_handle: bytes = b"", kv_paths: frozenset[str] = frozenset(PATHS),
-                 nixl: NixlAgent | None = None) -> None:
+                 nixl: NixlAgent | None = None, tcp: TcpEndpoint | None = None) -> None:
         self.ctx = ctx
         self.engine = engine
         self.handoff_wait = handoff_wait
         self.clock = clock
         self.receiver = KVReceiver(engine, self._compute, wait=handoff_wait, lease=handoff_wait,
                                    shared_fd=shared_fd, cuda_ipc_handle=cuda_ipc_handle, clock=lambda: self.clock(),
-                                   allowed=kv_paths, nixl=nixl)
+                                   allowed=kv_paths, nixl=nixl, tcp=tcp)
         self.arrived: dict[str, tuple[Arrival, float]] = {}  # committed, not yet taken by Generate
         self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their commit
         self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
@@ -96,7 +96,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.ReserveKVReply(block_ids=reservation.blocks, path=reservation.path,
                                  shm_socket=reservation.shm_socket, cuda_ipc_handle=reservation.cuda_ipc_handle,
-                                 nixl_metadata=reservation.nixl_metadata)
+                                 nixl_metadata=reservation.nixl_metadata, tcp_port=reservation.tcp_port,
+                                 tcp_token=reservation.tcp_token)
 
     async def CommitKV(self, request: pb.CommitKVRequest, context: grpc.aio.ServicerContext) -> pb.CommitKVReply:
         try:

@@ -32,6 +32,7 @@ from ..security.tls import TLSFiles, bind, plaintext_health_server
 from ..transport.cuda_ipc import export_handle
 from ..transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
 from ..transport.kv_paths import PATHS, nixl_available, parse_paths
+from ..transport.kv_receiver import TcpEndpoint
 from ..transport.nixl_path import NixlAgent
 from ..transport.shm import SharedPool
 from .context import WorkerContext
@@ -70,6 +71,7 @@ class WorkerConfig:
     prefix_cache_bytes: int = 1 << 30  # free KV blocks kept as prefill's prefix cache (0 turns it off)
     attention_backend: str = "auto"
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
+    kv_tcp_port: int = 0  # decode: the tcp KV path's port (0: any free port)
     enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
     dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
@@ -89,6 +91,8 @@ class WorkerConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_paths(self.kv_paths)
+        if not 0 <= self.kv_tcp_port <= 65535:
+            raise ValueError(f"kv_tcp_port must be a port number (0: any free one), got {self.kv_tcp_port}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -214,8 +218,9 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
                 and "cuda_ipc" in paths else b""
             nixl = NixlAgent("decode", runtime.pool.kv) if config.role == "decode" and "nixl" in paths \
                 and nixl_available() else None
+            tcp = TcpEndpoint(config.host, config.kv_tcp_port, config.tls) if config.role == "decode" else None
             servicers.append(DecodeServicer(ctx, decode, shared_fd=shared.fd if shared else None,
-                                            cuda_ipc_handle=ipc, kv_paths=paths, nixl=nixl))
+                                            cuda_ipc_handle=ipc, kv_paths=paths, nixl=nixl, tcp=tcp))
     return servicers
 
 

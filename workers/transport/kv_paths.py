@@ -4,10 +4,13 @@
 prefill blocks, nothing moves. `shm`: the same host; decode's pool lives in
 shared memory that prefill maps and writes into. `cuda_ipc`: the same host and
 a GPU; prefill writes into decode's pool through a CUDA IPC handle. `nixl`:
-RDMA between hosts where the nixl package is importable on both ends. `grpc`:
-raw byte frames over the gRPC connection, anywhere. Decode picks the best path
+RDMA between hosts where the nixl package is importable on both ends. `tcp`:
+a plain TCP connection per handoff from prefill's pool into decode's reserved
+blocks (`tcp_path`), anywhere a decode worker listens for it. `grpc`: raw
+byte frames over the gRPC connection, anywhere. Decode picks the best path
 that both ends support; a sender that cannot use it (no shared socket
-directory, say) falls back to grpc, which every decode worker serves."""
+directory, a port it cannot reach) falls back to grpc, which every decode
+worker serves."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import socket
 from functools import cache
 from pathlib import Path
 
-PATHS = ("inproc", "cuda_ipc", "shm", "nixl", "grpc")  # best first
+PATHS = ("inproc", "cuda_ipc", "shm", "nixl", "tcp", "grpc")  # best first
 
 
 @cache
@@ -39,6 +42,7 @@ def sender_paths(device_type: str, allowed: frozenset[str] = frozenset(PATHS)) -
     paths = ["cuda_ipc"] if device_type == "cuda" else ["shm"]
     if nixl_available():
         paths.append("nixl")
+    paths.append("tcp")
     return [path for path in paths if path in allowed] + ["grpc"]
 
 

@@ -9,24 +9,32 @@ once. Nothing stays held when a peer dies."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
+import socket
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
 import torch
 
 from .. import metrics
+from ..background import spawn
 from ..engine import DecodeEngine
 from ..engine.kv_pool import KVLayout
+from ..security.tls import TLSFiles
 from .block_copy import block_runs
 from .kv_paths import PATHS, choose_path, host_id
 from .nixl_path import NixlAgent
 from .raw_frames import decode_frame
 from .shm import DescriptorServer
+from .tcp_path import IDLE_SECONDS, TOKEN_BYTES, TcpKVListener, TcpReceipt
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +64,25 @@ class Reservation:
     shm_socket: str = ""
     cuda_ipc_handle: bytes = b""
     nixl_metadata: bytes = b""
+    tcp_port: int = 0
+    tcp_token: bytes = b""  # the one-time secret a tcp connection must present for these blocks
+    tcp: TcpReceipt | None = None  # decode's side of a tcp handoff
+
+
+@dataclass(frozen=True)
+class TcpEndpoint:
+    """Where a decode worker listens for KV over tcp (port 0: any free port)."""
+
+    host: str
+    port: int = 0
+    tls: TLSFiles | None = None
 
 
 class KVReceiver:
     def __init__(self, engine: DecodeEngine, compute: Compute, wait: float = 60.0, lease: float = 60.0,
                  shared_fd: int | None = None, cuda_ipc_handle: bytes = b"",
                  clock: Callable[[], float] = time.monotonic, allowed: frozenset[str] = frozenset(PATHS),
-                 nixl: NixlAgent | None = None) -> None:
+                 nixl: NixlAgent | None = None, tcp: TcpEndpoint | None = None) -> None:
         self.engine = engine
         self.nixl = nixl
         self.clock = clock
@@ -73,17 +93,27 @@ class KVReceiver:
         self.capacity = asyncio.Event()  # set whenever blocks or batch slots may have freed
         self.shm = DescriptorServer(shared_fd) if shared_fd is not None else None
         self.cuda_ipc_handle = cuda_ipc_handle
+        self.tcp = TcpKVListener(tcp.host, tcp.port, lambda: self.engine.pool.kv, self._admit_tcp, self._tcp_broke,
+                                 tcp.tls) if tcp is not None and "tcp" in allowed else None
+        self._tcp_lock = threading.Lock()  # a tcp connection's admission against its reservation's release
+        self._loop: asyncio.AbstractEventLoop | None = None
         offered = {"inproc", "grpc"} | ({"shm"} if self.shm else set()) \
-            | ({"cuda_ipc"} if cuda_ipc_handle else set()) | ({"nixl"} if nixl is not None else set())
+            | ({"cuda_ipc"} if cuda_ipc_handle else set()) | ({"nixl"} if nixl is not None else set()) \
+            | ({"tcp"} if self.tcp else set())
         self.offered = offered & allowed
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.shm is not None:
             await self.shm.start()
+        if self.tcp is not None:
+            self.tcp.start()
 
     async def stop(self) -> None:
         if self.shm is not None:
             await self.shm.stop()
+        if self.tcp is not None:
+            self.tcp.stop()
 
     @property
     def layout(self) -> KVLayout:
@@ -120,6 +150,9 @@ class KVReceiver:
                                   shm_socket=self.shm.path if path == "shm" and self.shm else "",
                                   cuda_ipc_handle=self.cuda_ipc_handle if path == "cuda_ipc" else b"",
                                   nixl_metadata=self.nixl.metadata() if path == "nixl" and self.nixl else b"")
+        if path == "tcp" and self.tcp is not None:
+            reservation.tcp_port, reservation.tcp_token = self.tcp.port, secrets.token_bytes(TOKEN_BYTES)
+            reservation.tcp = TcpReceipt(partial(self._frame_blocks, reservation))
         self.reservations[spec.request_id] = reservation
         return reservation
 
@@ -128,9 +161,14 @@ class KVReceiver:
         return self.reservations.pop(request_id, None)
 
     async def release(self, request_id: str) -> bool:
-        reservation = self.reservations.pop(request_id, None)
+        with self._tcp_lock:
+            reservation = self.reservations.pop(request_id, None)
         if reservation is None:
             return False
+        receipt = reservation.tcp
+        if receipt is not None and receipt.connection is not None:  # nothing may land in the freed blocks
+            receipt.stop()
+            await asyncio.to_thread(receipt.done.wait, IDLE_SECONDS)
         await self.compute(self.engine.release, request_id)
         self.capacity_changed()
         return True
@@ -142,6 +180,28 @@ class KVReceiver:
             log.warning("releasing the KV reservation of %s: nothing committed within %.0fs", request_id,
                         self.lease)
             await self.release(request_id)
+
+    def _frame_blocks(self, reservation: Reservation, layer: int, first: int, count: int) -> list[int]:
+        """The pool blocks a frame of one layer fills (ValueError when it falls outside the reservation)."""
+        if not 0 <= layer < self.layout.num_layers or first < 0 or count < 0 or first + count > len(reservation.blocks):
+            raise ValueError(f"KV frame for layer {layer}, blocks {first}..{first + count} is outside "
+                             f"the reservation of {len(reservation.blocks)} blocks")
+        return reservation.blocks[first:first + count]
+
+    # ---- the tcp data path (see tcp_path): called on the listener's threads ---------------
+    def _admit_tcp(self, request_id: str, token: bytes, connection: socket.socket) -> TcpReceipt | None:
+        with self._tcp_lock:
+            reservation = self.reservations.get(request_id)
+            receipt = reservation.tcp if reservation is not None else None
+            if reservation is None or receipt is None or receipt.connection is not None \
+                    or not hmac.compare_digest(reservation.tcp_token, token):
+                return None
+            receipt.connection = connection
+            return receipt
+
+    def _tcp_broke(self, request_id: str) -> None:
+        if self._loop is not None:  # the sender went away mid-transfer: its reservation is of no use
+            self._loop.call_soon_threadsafe(lambda: spawn(self.release(request_id)))
 
     # ---- the grpc data path: raw frames written into the reserved blocks ------------
     async def write_stream(self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
@@ -171,9 +231,7 @@ class KVReceiver:
     def _write_frame(self, reservation: Reservation, layer: int, plane: int, first: int, count: int,
                      payload: memoryview) -> int:
         layout = self.layout
-        if not 0 <= layer < layout.num_layers or first < 0 or first + count > len(reservation.blocks):
-            raise ValueError(f"KV frame for layer {layer}, blocks {first}..{first + count} is outside "
-                             f"the reservation of {len(reservation.blocks)} blocks")
+        targets = self._frame_blocks(reservation, layer, first, count)
         pool = self.engine.pool.kv
         expected = count * layout.bytes_per_block // (2 * layout.num_layers)  # keys or values of one layer
         if payload.nbytes != expected:
@@ -182,6 +240,6 @@ class KVReceiver:
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(payload, dtype=torch.uint8)
         data = raw.view(layout.dtype).view(count, *pool.shape[3:])
-        for src, dst, length in block_runs(list(range(count)), reservation.blocks[first:first + count]):
+        for src, dst, length in block_runs(list(range(count)), targets):
             pool[layer, plane, dst:dst + length].copy_(data[src:src + length])
         return payload.nbytes

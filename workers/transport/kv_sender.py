@@ -8,9 +8,10 @@ gives the reservation back.
 Per path: `inproc` does nothing per layer (decode adopts the prefill blocks);
 `shm` and `cuda_ipc` copy the layer's blocks straight into decode's pool (on
 CUDA on a side stream, after the layer's kernels); `nixl` posts the layer's
-RDMA writes and waits for them all at the end; `grpc` queues the layer for
-a sender task that gathers its blocks off the compute thread and streams raw
-frames."""
+RDMA writes and waits for them all at the end; `tcp` queues the layer for a
+sender thread that writes its blocks to decode's listener; `grpc` queues the
+layer for a sender task that gathers its blocks off the compute thread and
+streams raw frames."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from .kv_receiver import Reservation, ReserveSpec
 from .nixl_path import NixlAgent, NixlLayerWriter
 from .raw_frames import FRAME_BYTES, FrameHeader, encode_frame, write_call
 from .shm import map_tensor, receive_descriptor
+from .tcp_path import TcpLayerSender
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class KVHandoffSink:
         self.address = address
         self.reservation = reservation
         self._write: Callable[[int, list[int]], None] | None = None  # the data path's, set by the sender
+        self._stop: Callable[[], None] | None = None  # the tcp path's: ends its sender thread
         self.started: float | None = None
         self.bytes = 0
         self.aborted = False  # set before the reservation is given back: no write may follow
@@ -109,6 +112,8 @@ class KVHandoffSink:
         self.aborted = True
         if self.task is not None:
             self.task.cancel()
+        if self._stop is not None:
+            self._stop()
         if not self.finished.done():
             self.finished.cancel()
         local = self.sender._local(self.address)
@@ -159,14 +164,18 @@ class KVSender:
             request_id=request_id, prompt_tokens=prompt_tokens, max_tokens=max_tokens, sender_host=spec.sender_host,
             paths=spec.paths, layout=layout_to_proto(self.layout)), timeout=self.timeout)
         reservation = Reservation(request_id, reply.path, list(reply.block_ids), shm_socket=reply.shm_socket,
-                                  cuda_ipc_handle=reply.cuda_ipc_handle, nixl_metadata=reply.nixl_metadata)
+                                  cuda_ipc_handle=reply.cuda_ipc_handle, nixl_metadata=reply.nixl_metadata,
+                                  tcp_port=reply.tcp_port, tcp_token=reply.tcp_token)
         sink = KVHandoffSink(self, address, reservation)
         mapped = await self._map(address, reservation)
         nixl = self._nixl_writer(address, reservation) if reservation.path == "nixl" else None
+        connection = await self._connect(address, reservation) if reservation.path == "tcp" else None
         if mapped is not None:
             sink._write = self._direct_writer(sink, mapped)
         elif nixl is not None:
             sink._write = self._nixl_write(sink, nixl)
+        elif connection is not None:
+            sink._write = self._tcp_writer(sink, connection)
         else:
             reservation.path = "grpc"  # every decode worker takes raw frames
             sink._write = self._grpc_writer(sink)
@@ -259,6 +268,33 @@ class KVSender:
             if not sink.finished.done():
                 sink.finished.set_result(None)
         spawn(settle())
+
+    # ---- tcp: a sender thread writes into decode's reserved blocks ------------------------
+    async def _connect(self, address: str, reservation: Reservation):
+        try:
+            return await asyncio.to_thread(TcpLayerSender.connect, address, reservation.tcp_port, self.channels.tls)
+        except OSError as exc:  # a port this host cannot reach (a NetworkPolicy, a firewall): grpc serves
+            log.warning("cannot reach the tcp KV listener of %s on port %d (%s); using grpc", address,
+                        reservation.tcp_port, exc)
+            return None
+
+    def _tcp_writer(self, sink: KVHandoffSink, connection) -> Callable[[int, list[int]], None]:
+        loop = asyncio.get_running_loop()
+        reservation = sink.reservation
+
+        def settle(error: BaseException | None) -> None:  # on the loop, once decode acknowledged (or not)
+            sink.bytes = sender.sent
+            if sink.finished.done():
+                return
+            if error is None:
+                sink.finished.set_result(None)
+            else:
+                sink.finished.set_exception(ConnectionError(f"KV over tcp to {sink.address} failed: {error}"))
+
+        sender = TcpLayerSender(connection, self.pool.kv, self.layout, reservation.request_id, reservation.tcp_token,
+                                len(reservation.blocks), lambda error: loop.call_soon_threadsafe(settle, error))
+        sink._stop = sender.stop
+        return sender.write
 
     # ---- grpc: raw frames from a sender task -------------------------------------------
     def _grpc_writer(self, sink: KVHandoffSink) -> Callable[[int, list[int]], None]:
