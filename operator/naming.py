@@ -12,6 +12,7 @@ from .crd import GROUP, KIND, VERSION
 GRPC_PORT = 50051
 METRICS_PORT = 9090  # workers' /metrics
 HEALTH_PORT = 50052  # workers' plaintext gRPC health, for the kubelet's probes
+KV_TCP_PORT = 50053  # decode workers' tcp KV path (prefill writes KV there)
 REDIS_PORT = 6379
 STAGE_LABEL = f"{GROUP}/stage"
 MANAGED_BY = "epd-operator"

@@ -2,7 +2,8 @@
 
 gRPC callers, per stage: the router calls every stage; encode pushes embeddings
 to prefill; prefill pulls embeddings from (and asks recomputes of) encode and
-streams KV to decode. Everyone else is refused. /metrics is open to the
+streams KV to decode, over gRPC or decode's tcp KV port. Everyone else is
+refused. /metrics is open to the
 operator's pods and to the scraper namespaces the operator was told about;
 the router's HTTP port is the one public door; Redis takes only this
 deployment's router and workers."""
@@ -15,6 +16,7 @@ from typing import Any
 from .naming import (
     GRPC_PORT,
     INSTANCE_LABEL,
+    KV_TCP_PORT,
     MANAGED_BY,
     METRICS_PORT,
     OPERATOR_SELECTOR,
@@ -53,8 +55,10 @@ def _pods(owner: Owner, component: str) -> dict[str, Any]:
 
 
 def stage_policy(owner: Owner, stage: str, readers: MetricsReaders) -> dict[str, Any]:
+    kv_writers = [{"from": [_pods(owner, "prefill")], "ports": [{"port": KV_TCP_PORT}]}] if stage == "decode" else []
     return _policy(owner, stage, [
         {"from": [_pods(owner, caller) for caller in CALLERS[stage]], "ports": [{"port": GRPC_PORT}]},
+        *kv_writers,
         {"from": readers.peers(), "ports": [{"port": METRICS_PORT}]}])
 
 

@@ -11,7 +11,17 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 
 from . import redis, tls
-from .naming import GRPC_PORT, HEALTH_PORT, METRICS_PORT, Owner, child_name, labels, meta, selector
+from .naming import (
+    GRPC_PORT,
+    HEALTH_PORT,
+    KV_TCP_PORT,
+    METRICS_PORT,
+    Owner,
+    child_name,
+    labels,
+    meta,
+    selector,
+)
 from .security import CONTAINER_SECURITY, EPD_UID, POD_SECURITY
 from .spec import EPDDeploymentSpec
 
@@ -96,6 +106,8 @@ def stage_command(owner: Owner, spec: EPDDeploymentSpec, stage: str) -> list[str
                "--drain-timeout", str(max(1, grace - DRAIN_MARGIN))]
     if stage == "prefill":
         command += ["--prefix-cache-bytes", str(spec.cache.prefix_cache_bytes)]
+    if stage == "decode":
+        command += ["--kv-tcp-port", str(KV_TCP_PORT)]
     if spec.stages[stage].max_batch:
         command += [BATCH_FLAG[stage], str(spec.stages[stage].max_batch)]
     if spec.tls.enabled:
@@ -122,7 +134,8 @@ def stage_statefulset(owner: Owner, spec: EPDDeploymentSpec, stage: str, replica
     container = _container(owner, spec, "worker", stage_command(owner, spec, stage), env, stage_spec.resources,
                            [{"name": "grpc", "containerPort": GRPC_PORT},
                             {"name": "metrics", "containerPort": METRICS_PORT},
-                            {"name": "health", "containerPort": HEALTH_PORT}])
+                            {"name": "health", "containerPort": HEALTH_PORT},
+                            *([{"name": "kv-tcp", "containerPort": KV_TCP_PORT}] if stage == "decode" else [])])
     # gRPC health on its own plaintext port: the kubelet's probe cannot present a client certificate
     probe = {"grpc": {"port": HEALTH_PORT}, "periodSeconds": STARTUP_PERIOD, "failureThreshold": 3}
     container["readinessProbe"] = probe

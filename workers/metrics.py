@@ -28,7 +28,7 @@ PREFIX_CACHE_TOKENS = Counter(names.PREFIX_CACHE_TOKENS,
                               "Prompt tokens at prefill: hit (KV reused from the prefix cache) or computed",
                               ["result"])
 TRANSFER_BYTES = Counter(names.TRANSFER_BYTES, "Bytes moved between stages, by kind (kv, embedding, "
-                         "embedding_fetch) and path (inproc, shm, cuda_ipc, nixl, grpc)", ["kind", "path"])
+                         "embedding_fetch) and path (inproc, shm, cuda_ipc, nixl, tcp, grpc)", ["kind", "path"])
 TRANSFER_LATENCY = Histogram(names.TRANSFER_LATENCY, "Time to move one KV cache or embedding push, from "
                              "its first byte to its last", ["kind", "path"], buckets=LATENCY_BUCKETS)
 TRANSFER_WAIT = Histogram(names.TRANSFER_WAIT, "Time a request's first token waited on the KV handoff "

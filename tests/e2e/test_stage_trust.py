@@ -5,6 +5,7 @@ requests end to end over mTLS."""
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -95,8 +96,9 @@ def test_probes_get_plaintext_health_on_its_own_port(tls_worker):
         assert _fetch(channel) == grpc.StatusCode.UNIMPLEMENTED  # nothing but health there
 
 
-def test_epd_serve_with_tls_serves_end_to_end(redis_server):
-    served = start_serve("tiny-llava", redis_server, "--tls", "--quiet")
+@pytest.mark.parametrize("kv_path", ["shm", "tcp"])
+def test_epd_serve_with_tls_serves_end_to_end(redis_server, kv_path):
+    served = start_serve("tiny-llava", redis_server, "--tls", "--quiet", f"--worker-arg=--kv-paths={kv_path}")
     try:
         client = openai.OpenAI(base_url=served.base_url, api_key="unused")
         reply = client.chat.completions.create(model="tiny-llava", max_tokens=4, temperature=0,
@@ -106,5 +108,10 @@ def test_epd_serve_with_tls_serves_end_to_end(redis_server):
         for stage in ("encode", "prefill", "decode"):
             with grpc.insecure_channel(served.workers(stage)[0].address) as plaintext:
                 assert _fetch(plaintext) == grpc.StatusCode.UNAVAILABLE, stage
+        # the KV went over the chosen path (the tcp one wrapped in the same mutual TLS)
+        metrics = urllib.request.urlopen(served.workers("prefill")[0].metrics_url, timeout=10).read().decode()
+        sent = [line for line in metrics.splitlines()
+                if line.startswith("epd_transfer_bytes_total") and f'path="{kv_path}"' in line and 'kind="kv"' in line]
+        assert sent and float(sent[0].split()[-1]) > 0, metrics
     finally:
         served.stop()

@@ -1,8 +1,8 @@
 """Greedy output through `epd serve` (separate encode, prefill and decode
 processes over gRPC, real Redis) equals `model.generate` of the same model,
 for every family, with 0, 1 and 4 images, 8 requests at once, over every KV
-path that runs here: shared memory and raw gRPC frames between processes, and
-in-process adoption in one colocated process."""
+path that runs here: shared memory, a TCP connection per handoff and raw gRPC
+frames between processes, and in-process adoption in one colocated process."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ TEXTS = ["What is shown?", "How many objects are there?", "Describe the image in
 
 KV_PATHS = {"shm": ("--encode", "2", "--worker-arg=--kv-paths=shm"),
             "grpc": ("--encode", "2", "--worker-arg=--kv-paths=grpc"),
+            "tcp": ("--encode", "2", "--worker-arg=--kv-paths=tcp"),
             "nixl": ("--encode", "2", "--worker-arg=--kv-paths=nixl"),  # UCX over shared memory / TCP here
             "inproc": ("--colocated",)}
 

@@ -62,6 +62,9 @@ def test_stage_pod_template():
         in container["env"]
     assert "--redis-url" not in container["command"]  # the password stays out of the process list
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    decode = pod(children, "StatefulSet/llava-decode")["containers"][0]
+    assert {"name": "kv-tcp", "containerPort": 50053} in decode["ports"]  # prefill writes KV there
+    assert all(port["name"] != "kv-tcp" for port in container["ports"])
 
 
 def test_every_pod_passes_pod_security_restricted():

@@ -42,6 +42,7 @@ def test_worker_command_lines_parse(raw):
         assert args.redis_url == ""  # from EPD_REDIS_URL, so the password is never an argument
         assert args.drain_timeout == spec.stages[stage].termination_grace_period_seconds - pods.DRAIN_MARGIN
         assert bool(args.tls_cert) == spec.tls.enabled and args.grpc_reflection == spec.grpc_reflection
+        assert args.kv_tcp_port == (50053 if stage == "decode" else 0)  # the port decode's NetworkPolicy opens
 
 
 @pytest.mark.parametrize("raw", VARIANTS)

@@ -40,6 +40,11 @@ def test_only_the_router_and_the_neighbouring_stages_reach_a_workers_grpc():
         assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "llava"
 
 
+def test_only_prefill_reaches_decodes_tcp_kv_port():
+    reached = {stage: components(sources(network.stage_policy(OWNER, stage, READERS), 50053)) for stage in STAGES}
+    assert reached == {"encode": set(), "prefill": set(), "decode": {"prefill"}}
+
+
 def test_metrics_are_for_the_operator_and_the_named_scrapers():
     peers = sources(network.stage_policy(OWNER, "encode", READERS), 9090)
     assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "epd-system"}},

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 
 import grpc
 import pytest
+import torch
 
 from epd.image_size import ImageSize
 from epd.v1 import stages_pb2 as pb
@@ -22,6 +25,7 @@ from epd.workers.models import load_adapter
 from epd.workers.stages.decode import DecodeServicer
 from epd.workers.stages.prefill import PrefillServicer
 from epd.workers.stages.worker import Worker, WorkerConfig
+from epd.workers.transport.tcp_path import TcpLayerSender
 from epd.workers.wire import sampling_to_proto
 
 from ..helpers import eventually, png_bytes
@@ -71,13 +75,15 @@ async def pair(redis_server, request):
     assert shm_entries() == before  # memfd memory has no name: nothing can leak there
 
 
-@pytest.mark.parametrize("pair", ["grpc", "shm", "nixl"], indirect=True)
+@pytest.mark.parametrize("pair", ["grpc", "shm", "nixl", "tcp"], indirect=True)
 async def test_decode_killed_mid_transfer_fails_the_request_and_frees_prefill(pair):
     prefill, decode = pair
     receiver = servicer(decode, DecodeServicer).receiver
     if receiver.shm is not None or receiver.nixl is not None:  # the KV goes straight into decode's memory:
         # die at the commit
         target, name = servicer(decode, DecodeServicer), "_arrive"
+    elif receiver.tcp is not None:  # tcp: die as the first frame comes in (its socket closes with it)
+        target, name = receiver.tcp, "_receive"
     else:  # grpc: die as the first frame lands
         target, name = receiver, "_write_frame"
     killed = asyncio.Event()
@@ -117,6 +123,71 @@ async def test_prefill_killed_mid_transfer_frees_the_decode_reservation(pair):
         with pytest.raises(grpc.aio.AioRpcError):
             await call
     await eventually(lambda: not receiver.reservations and decode_servicer.engine.allocator.used == 0)
+
+
+@pytest.mark.parametrize("pair", ["tcp"], indirect=True)
+async def test_prefill_killed_mid_tcp_transfer_frees_the_decode_reservation(pair, monkeypatch):
+    prefill, decode = pair
+    decode_servicer = servicer(decode, DecodeServicer)
+    original = TcpLayerSender._send_layer
+    loop = asyncio.get_running_loop()
+
+    def dies_after_the_first_layer(sender, layer, table):
+        if layer == 1:  # the process is gone: its socket closes, its calls break
+            sender.connection.shutdown(socket.SHUT_RDWR)
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(kill(prefill)))
+            raise ConnectionResetError("the prefill process is gone")
+        return original(sender, layer, table)
+    monkeypatch.setattr(TcpLayerSender, "_send_layer", dies_after_the_first_layer)
+    async with grpc.aio.insecure_channel(prefill.ctx.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.PrefillServiceStub(channel).Prefill(prefill_request("r3", decode), timeout=60)
+    await eventually(lambda: not decode_servicer.receiver.reservations and decode_servicer.engine.allocator.used == 0)
+
+
+async def _reserve_tcp(decode: Worker, request_id: str) -> pb.ReserveKVReply:
+    spec = pb.ReserveKVRequest(request_id=request_id, prompt_tokens=len(PROMPT), max_tokens=4, sender_host="x",
+                               paths=["tcp", "grpc"])
+    spec.layout.CopyFrom(_layout(servicer(decode, DecodeServicer)))
+    async with grpc.aio.insecure_channel(decode.ctx.address) as channel:
+        return await pb_grpc.DecodeServiceStub(channel).ReserveKV(spec, timeout=10)
+
+
+def _closed_after(port: int, *messages: bytes) -> bool:
+    """Send `messages` to decode's tcp listener; True when it closes (or resets) the connection without a
+    word."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        try:
+            for message in messages:
+                connection.sendall(message)
+            return connection.recv(8) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+
+@pytest.mark.parametrize("pair", ["tcp"], indirect=True)
+async def test_tcp_writes_need_the_reservations_token_and_stay_inside_its_blocks(pair):
+    _, decode = pair
+    decode_servicer = servicer(decode, DecodeServicer)
+    pool = decode_servicer.engine.pool.kv
+    reply = await _reserve_tcp(decode, "t1")
+    assert reply.path == "tcp" and reply.tcp_port > 0 and len(reply.tcp_token) == 16
+    before = pool.clone()
+    wrong = bytes(16) if reply.tcp_token != bytes(16) else b"\x01" * 16
+    block_bytes = pool[0, 0, 0].numel() * pool.element_size()
+    frame = struct.pack("<HBII", 0, 0, 0, 1) + b"\xff" * block_bytes
+    # a wrong token is refused and costs the rightful sender nothing
+    assert await asyncio.to_thread(_closed_after, reply.tcp_port, _hello("t1", wrong), frame)
+    assert "t1" in decode_servicer.receiver.reservations and torch.equal(pool, before)
+    # the right token with a frame beyond the reservation: refused, and the reservation is given up
+    outside = struct.pack("<HBII", 0, 0, len(reply.block_ids), 1)
+    assert await asyncio.to_thread(_closed_after, reply.tcp_port, _hello("t1", reply.tcp_token), outside)
+    await eventually(lambda: not decode_servicer.receiver.reservations and decode_servicer.engine.allocator.used == 0)
+    assert torch.equal(pool, before)
+
+
+def _hello(request_id: str, token: bytes) -> bytes:
+    return struct.pack("<4sH16s", b"EPT1", len(request_id), token) + request_id.encode()
 
 
 @pytest.mark.parametrize("pair", ["shm"], indirect=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ class KVSender:
         spawn(settle())
 
     # ---- tcp: a sender thread writes into decode's reserved blocks ------------------------
-    async def _connect(self, address: str, reservation: Reservation):
+    async def _connect(self, address: str, reservation: Reservation) -> socket.socket | None:
         try:
             return await asyncio.to_thread(TcpLayerSender.connect, address, reservation.tcp_port, self.channels.tls)
         except OSError as exc:  # a port this host cannot reach (a NetworkPolicy, a firewall): grpc serves
@@ -291,8 +292,11 @@ class KVSender:
             else:
                 sink.finished.set_exception(ConnectionError(f"KV over tcp to {sink.address} failed: {error}"))
 
+        def settle_soon(error: BaseException | None) -> None:  # on the sender's thread
+            loop.call_soon_threadsafe(settle, error)
+
         sender = TcpLayerSender(connection, self.pool.kv, self.layout, reservation.request_id, reservation.tcp_token,
-                                len(reservation.blocks), lambda error: loop.call_soon_threadsafe(settle, error))
+                                len(reservation.blocks), settle_soon)
         sink._stop = sender.stop
         return sender.write
 

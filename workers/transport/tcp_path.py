@@ -24,6 +24,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -74,7 +75,8 @@ def split_address(address: str) -> str:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor (no copy)."""
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    array: Any = tensor.view(torch.uint8).numpy()  # numpy's stubs do not declare the buffer protocol
+    return memoryview(array).cast("B")
 
 
 def _recv_exact(connection: socket.socket, size: int) -> bytes:
