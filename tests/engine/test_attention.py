@@ -23,17 +23,18 @@ def reference(query, keys, values, tables, lengths, scale):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
-def test_cpu_paged_decode_matches_sdpa(dtype, tolerance, heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (12, 6)])
+@pytest.mark.parametrize("batch", [1, 4])  # one sequence: its KV heads are split in runs across threads
+def test_cpu_paged_decode_matches_sdpa(dtype, tolerance, heads, kv_heads, batch):
     if kernel() is None:
         pytest.fail("the CPU paged-attention kernel did not build: is a C++ compiler installed? (scripts/setup.sh)")
     generator = torch.Generator().manual_seed(0)
     blocks, block, dim = 40, 4, 32
     keys = torch.randn(blocks, block, kv_heads, dim, generator=generator).to(dtype)
     values = torch.randn(blocks, block, kv_heads, dim, generator=generator).to(dtype)
-    lengths = torch.tensor([1, 5, 17, 33])
-    tables = torch.randperm(blocks, generator=generator)[:4 * 9].view(4, 9)
-    query = torch.randn(4, heads, dim, generator=generator).to(dtype)
+    lengths = torch.tensor([33, 5, 17, 1][:batch])
+    tables = torch.randperm(blocks, generator=generator)[:batch * 9].view(batch, 9)
+    query = torch.randn(batch, heads, dim, generator=generator).to(dtype)
     got = paged_decode(query, keys, values, tables, lengths, dim ** -0.5)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), reference(query, keys, values, tables, lengths, dim ** -0.5),

@@ -3,8 +3,11 @@
 A decode step attends one query token per sequence over that sequence's blocks
 of the pool. PyTorch alone would have to gather each sequence's blocks into a
 contiguous tensor first (a copy of the whole context per layer per step, most
-of a step's time); the kernel reads keys and values in place, one thread per
-(sequence, KV head), with the query heads of a GQA group sharing each read.
+of a step's time); the kernel reads keys and values in place. A task is one
+sequence and a run of its KV heads, so each token's keys and values are read as
+one contiguous piece (streaming, converted to float once for every query head of
+the GQA groups); a batch too small to keep every thread busy is split into more
+runs of heads.
 It is built with the machine's C++ compiler into torch's extension cache
 (`scripts/setup.sh` builds it ahead of time); without a compiler the SDPA path
 serves instead."""

@@ -14,6 +14,7 @@ from .attention import select_backend
 from .block_allocator import BlockAllocator
 from .forward import PackedDecoder, kv_layout
 from .kv_pool import Allocator, KVPool
+from .packed_linear import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: A
     pool = KVPool.sized(layout, pool_bytes(config, language.device), language.device, allocate)
     allocator = BlockAllocator(pool.num_blocks, config.prefix_cache_bytes // layout.bytes_per_block)
     attention = select_backend(pool, layout.head_dim ** -0.5, config.attention)
+    packed = pack_linears(language.text_model)
+    if packed:
+        log.info("%d linear layers run on weights laid out once for oneDNN", packed)
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d KiB per token) on %s", pool.num_blocks,
              layout.block_size, pool.nbytes / 2**20, layout.bytes_per_token // 1024, pool.device)
     return EngineRuntime(PackedDecoder(language, pool, attention), allocator)
