@@ -108,6 +108,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   });
   return out;
 }
+
+// Without the GIL: the worker's event loop (token streams, new requests) runs while a step attends.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, py::call_guard<py::gil_scoped_release>());
+}
 """
 
 
@@ -118,7 +123,7 @@ def kernel() -> Any:
         from torch.utils import cpp_extension
 
         load_inline: Callable[..., Any] = cpp_extension.load_inline  # torch leaves it unannotated
-        return load_inline(name="epd_paged_decode_cpu", cpp_sources=_SOURCE, functions=["paged_decode"],
+        return load_inline(name="epd_paged_decode_cpu", cpp_sources=_SOURCE,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: the SDPA path still serves
