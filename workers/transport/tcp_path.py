@@ -42,7 +42,6 @@ _FRAME = struct.Struct("<HBII")  # layer, plane (0 keys, 1 values), first block 
 _ACK = struct.Struct("<Q")  # bytes decode wrote into its pool
 END_LAYER = 0xFFFF
 IDLE_SECONDS = 60.0  # a connection silent this long is broken (its sender is gone)
-SOCKET_BUFFER = 8 << 20
 
 
 FrameCheck = Callable[[int, int, int], list[int]]  # (layer, first, blocks) -> the pool blocks the frame fills
@@ -86,18 +85,19 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes:
 
 
 def _recv_into(connection: socket.socket, target: memoryview) -> None:
+    # plain sockets wait in the kernel for the whole frame (one call, not one per segment); TLS takes no flags
+    flags = 0 if isinstance(connection, ssl.SSLSocket) else socket.MSG_WAITALL
     filled = 0
     while filled < len(target):
-        got = connection.recv_into(target[filled:])
+        got = connection.recv_into(target[filled:], 0, flags)
         if got == 0:
             raise ConnectionError("the KV sender closed the connection mid-transfer")
         filled += got
 
 
 def _tune(connection: socket.socket) -> None:
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the end frame goes out at once
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    # the end frame goes out at once; buffer sizes are left to the kernel (setting them turns autotuning off)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class TcpKVListener:
