@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from ..conftest import wait_until
-from .harness import chat_body, data_url, png_bytes, start_serve
+from .harness import chat_body, data_url, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
 
@@ -192,7 +192,7 @@ def test_prefill_recomputes_an_embedding_whose_owner_is_gone(served):
     """Deterministic fallback chain: not in the prefill buffer, the Redis record points at a dead
     owner, so prefill re-encodes the image on a live encode worker."""
     # the encode worker an earlier test killed is back: both records are those of live processes
-    wait_until(lambda: len(encode := served.workers("encode")) == 2 and all(_alive(w.pid) for w in encode), 30,
+    wait_until(lambda: len(encode := served.workers("encode")) == 2 and all(running(w.pid) for w in encode), 30,
                message="both encode workers live")
     image = png_bytes(44, 36, seed=4242)
     key = image_key_of(image)
@@ -217,14 +217,6 @@ def test_prefill_needs_no_embedding_for_an_image_inside_a_cached_prefix(served, 
     assert (reply.items.from_buffer, reply.items.fetched, reply.items.recomputed) == (0, 0, 0)
     assert reply.cached_tokens == (len(ids) - 1) // 16 * 16 > ids.index(model_adapter().image_token_id) + 16
     assert chunks[-1].finish_reason == "length"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def registered(served, **counts: int) -> bool:

@@ -295,7 +295,7 @@ class KVSender:
         def settle_soon(error: BaseException | None) -> None:  # on the sender's thread
             loop.call_soon_threadsafe(settle, error)
 
-        sender = TcpLayerSender(connection, self.pool.kv, self.layout, reservation.request_id, reservation.tcp_token,
+        sender = TcpLayerSender(connection, self.pool.kv, self.layout.num_layers, reservation.request_id, reservation.tcp_token,
                                 len(reservation.blocks), settle_soon)
         sink._stop = sender.stop
         return sender.write

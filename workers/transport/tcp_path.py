@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..engine.kv_pool import KVLayout
 from ..security.tls import TLSFiles
 from .block_copy import block_runs
 
@@ -192,11 +191,11 @@ class TcpLayerSender:
     `done(error)` is called once, from that thread, when decode has acknowledged every byte (error
     None) or the transfer failed."""
 
-    def __init__(self, connection: socket.socket, kv: torch.Tensor, layout: KVLayout, request_id: str,
+    def __init__(self, connection: socket.socket, kv: torch.Tensor, layers: int, request_id: str,
                  token: bytes, blocks: int, done: Callable[[BaseException | None], None]) -> None:
         self.connection = connection
         self.kv = kv
-        self.layout = layout
+        self.layers = layers
         self.blocks = blocks
         self.done = done
         self.sent = 0
@@ -231,7 +230,7 @@ class TcpLayerSender:
         error: BaseException | None = None
         try:
             self.connection.sendall(self._hello)
-            for _ in range(self.layout.num_layers):
+            for _ in range(self.layers):
                 item = self._layers.get(timeout=IDLE_SECONDS)
                 if item is None:
                     raise ConnectionAbortedError("the KV handoff was aborted")
