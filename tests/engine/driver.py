@@ -14,10 +14,12 @@ from epd.workers.messages import ChatMessage, ImagePart, KVHandoff, PrefillJob, 
 from epd.workers.models import EncodeInput
 from epd.workers.transport.block_copy import BlockCopyPlan, copy_layer
 
-from .conftest import Stages
-from .reference import image_size
+from .conftest import Stages, png_bytes
+from .reference import image_size, reference_generate
 
 MAX_NEW = 12
+TEXTS = ["What is shown?", "How many objects are there in this photo today?", "Hello", "Red, green, blue.",
+         "Describe the weather.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
 
 
 def make_job(stages: Stages, request_id: str, text: str, images: list[bytes], max_tokens: int = MAX_NEW,
@@ -32,6 +34,16 @@ def make_job(stages: Stages, request_id: str, text: str, images: list[bytes], ma
         embeddings.append(stages.language.merge_image(size, [stages.vision.encode([item])[0] for item in items]))
     return PrefillJob(request_id, ids, embeddings, sizes, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                       image_keys=keys or [])
+
+
+def mixed_jobs(stages: Stages, count: int = len(TEXTS)):
+    jobs, expected = [], {}
+    for i, text in enumerate(TEXTS[:count]):
+        images = [png_bytes(36 + 5 * i + 9 * k, 28 + 3 * k, seed=100 + 10 * i + k) for k in range(i % 3)]
+        job = make_job(stages, f"mix{i}", text, images)
+        jobs.append(job)
+        expected[job.request_id] = reference_generate(stages.adapter, stages.full, job.input_ids, images, MAX_NEW)
+    return jobs, expected
 
 
 @dataclass

@@ -7,21 +7,8 @@ from __future__ import annotations
 import pytest
 
 from .conftest import Stages, png_bytes
-from .driver import MAX_NEW, Engines, make_job
+from .driver import MAX_NEW, Engines, make_job, mixed_jobs
 from .reference import reference_generate
-
-TEXTS = ["What is shown?", "How many objects are there in this photo today?", "Hello", "Red, green, blue.",
-         "Describe the weather.", "The cat sat on the mat.", "One, two, three", "Explain step by step."]
-
-
-def mixed_jobs(stages: Stages, count: int = len(TEXTS)):
-    jobs, expected = [], {}
-    for i, text in enumerate(TEXTS[:count]):
-        images = [png_bytes(36 + 5 * i + 9 * k, 28 + 3 * k, seed=100 + 10 * i + k) for k in range(i % 3)]
-        job = make_job(stages, f"mix{i}", text, images)
-        jobs.append(job)
-        expected[job.request_id] = reference_generate(stages.adapter, stages.full, job.input_ids, images, MAX_NEW)
-    return jobs, expected
 
 
 def test_single_requests_match_generate(stages: Stages):

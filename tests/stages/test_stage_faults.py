@@ -109,8 +109,7 @@ async def test_bad_inputs_and_a_failed_batch_leave_the_worker_serving(worker, re
 async def test_a_loop_that_ends_turns_the_worker_not_serving_and_out_of_discovery(worker, redis_server):
     client = redis.Redis(port=redis_server.port)
     assert client.keys(KEY_PREFIX + "prefill:*")
-    servicer = next(s for s in worker.servicers if isinstance(s, PrefillServicer))
-    servicer._loop._task.cancel()  # the loop ends without stop(): a bug, from the worker's view
+    worker.scheduler._loop._task.cancel()  # the loop ends without stop(): a bug, from the worker's view
     await asyncio.wait_for(worker.ctx.health.dead.wait(), 10)
     async with grpc.aio.insecure_channel(worker.ctx.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -120,5 +119,5 @@ async def test_a_loop_that_ends_turns_the_worker_not_serving_and_out_of_discover
             await asyncio.sleep(0.05)  # polling a condition with a deadline
         else:
             pytest.fail("health never turned NOT_SERVING")
-    assert "prefill scheduler loop ended" in worker.ctx.health.reason
+    assert "colocated scheduler loop ended" in worker.ctx.health.reason
     assert not client.keys(KEY_PREFIX + "*")

@@ -45,8 +45,12 @@ class SdpaAttention:
 
     def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                batch: PackedBatch) -> torch.Tensor:
-        out = torch.empty_like(query)
-        for index, seq in enumerate(batch.sequences):
+        return self.attend_each(layer, query, keys, values, batch, torch.empty_like(query))
+
+    def attend_each(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    batch: PackedBatch, out: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Fill `out`'s rows of sequences `first`.. one SDPA call each."""
+        for index, seq in enumerate(batch.sequences[first:], first):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             q = query[rows].transpose(0, 1).unsqueeze(0)
             if seq.cached_len == 0:
@@ -64,8 +68,8 @@ class SdpaAttention:
 
 
 class PagedDecodeAttention(SdpaAttention):
-    """Decode batches through a paged-decode kernel (keys and values read in place from the pool);
-    prefill, whose queries are many and compute-bound, through SDPA."""
+    """The leading single-token rows (decode steps) through a paged-decode kernel, keys and values read in
+    place from the pool; prefill sequences, whose queries are many and compute-bound, through SDPA."""
 
     # (query, keys, values, block tables, context lengths, scale) -> `[B, heads, dim]` outputs
     kernel: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
@@ -73,11 +77,17 @@ class PagedDecodeAttention(SdpaAttention):
 
     def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                batch: PackedBatch) -> torch.Tensor:
-        if not batch.is_decode:
+        rows = batch.decode_rows
+        if rows == 0:
             return super().attend(layer, query, keys, values, batch)
         key_cache, value_cache = self.pool.kv[layer]
         tables, lengths = batch.decode_tables
-        return type(self).kernel(query, key_cache, value_cache, tables, lengths, self.scale)
+        decoded = type(self).kernel(query[:rows], key_cache, value_cache, tables, lengths, self.scale)
+        if rows == len(batch.sequences):
+            return decoded
+        out = self.attend_each(layer, query, keys, values, batch, torch.empty_like(query), first=rows)
+        out[:rows] = decoded
+        return out
 
 
 class CpuPagedAttention(PagedDecodeAttention):

@@ -34,7 +34,7 @@ class PackedBatch:
     positions: list[torch.Tensor] = field(default_factory=list)  # per sequence, [n] or [3, n]
     logits_rows: list[int] = field(default_factory=list)  # packed rows whose next-token logits are needed
     slots: torch.Tensor | None = None  # pool slot of every packed token
-    # decode batches (one new token per sequence), for paged kernels: [B, max_blocks] tables, [B] lengths
+    # the leading single-token rows (decode steps), for paged kernels: [rows, max_blocks] tables, [rows] lengths
     padded_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     logits_index: torch.Tensor | None = None  # rows whose logits are needed; None: every row (decode)
@@ -53,19 +53,19 @@ class PackedBatch:
             self.logits_rows.append(start + new - 1)
 
     def finish(self, device: torch.device) -> "PackedBatch":
-        """Compute the slot mapping (and, for a decode batch, the padded tables) on `device`."""
+        """Compute the slot mapping, and the padded tables of the leading single-token rows, on `device`."""
         self.device = device
-        if self.is_decode:  # one token per sequence: plain integers, one tensor each (the per-step hot path)
-            size = self.block_size
-            self.slots = torch.tensor([s.block_table[s.cached_len // size] * size + s.cached_len % size
-                                       for s in self.sequences], dtype=torch.long).to(device)
-            width = max(len(s.block_table) for s in self.sequences)
-            self.padded_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
-                                               for s in self.sequences], dtype=torch.long).to(device)
-            self.context_lens = torch.tensor([s.context_len for s in self.sequences], dtype=torch.long).to(device)
-        else:
-            self.slots = torch.cat([slot_mapping(s.block_table, s.cached_len, s.context_len, self.block_size)
-                                    for s in self.sequences]).to(device)
+        size, rows = self.block_size, self.decode_rows
+        singles = self.sequences[:rows]
+        parts = [slot_mapping(s.block_table, s.cached_len, s.context_len, size) for s in self.sequences[rows:]]
+        if rows:  # plain integers, one tensor each (the per-step hot path)
+            parts.insert(0, torch.tensor([s.block_table[s.cached_len // size] * size + s.cached_len % size
+                                          for s in singles], dtype=torch.long))
+            width = max(len(s.block_table) for s in singles)
+            self.padded_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in singles],
+                                              dtype=torch.long).to(device)
+            self.context_lens = torch.tensor([s.context_len for s in singles], dtype=torch.long).to(device)
+        self.slots = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device)
         if len(self.logits_rows) != self.num_tokens:
             self.logits_index = torch.tensor(self.logits_rows, dtype=torch.long).to(device)
         return self
@@ -79,10 +79,10 @@ class PackedBatch:
 
     @property
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, max_blocks]` padded block tables and `[B]` context lengths of a finished decode batch,
-        for paged decode kernels."""
+        """`[decode_rows, max_blocks]` padded block tables and `[decode_rows]` context lengths of the leading
+        single-token rows of a finished batch, for paged decode kernels."""
         if self.padded_tables is None or self.context_lens is None:
-            raise RuntimeError("not a finished decode batch: no padded block tables")
+            raise RuntimeError("no finished single-token rows: no padded block tables")
         return self.padded_tables, self.context_lens
 
     def block_table(self, index: int) -> torch.Tensor:
@@ -90,8 +90,10 @@ class PackedBatch:
         return torch.tensor(self.sequences[index].block_table, dtype=torch.long).to(self.device)
 
     @property
-    def is_decode(self) -> bool:
-        return all(s.query_len == 1 for s in self.sequences)
+    def decode_rows(self) -> int:
+        """How many leading sequences add one token each: decode steps (a colocated worker's mixed batch puts
+        them first), which paged decode kernels attend in place."""
+        return next((i for i, s in enumerate(self.sequences) if s.query_len != 1), len(self.sequences))
 
     def packed_positions(self) -> torch.Tensor:
         """`[T]` (1-D RoPE) or `[3, T]` (M-RoPE) position ids of every packed token."""

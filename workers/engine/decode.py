@@ -236,21 +236,39 @@ class DecodeEngine:
     def step(self) -> list[TokenEvent]:
         """Admit what fits, make room for one token per sequence, run one forward; one event per
         running sequence."""
+        return self.run_prepared() if self.prepare() else []
+
+    def prepare(self) -> int:
+        """Admit what fits and give every running sequence a slot for its next token (preempting the newest
+        if needed); how many sequences the next forward decodes."""
         self._admit()
         self._reserve_next_slots()
-        if not self.running:
-            return []
+        return len(self.running)
+
+    @torch.no_grad()
+    def run_prepared(self) -> list[TokenEvent]:
+        """The forward of a prepared step (through a CUDA graph when one fits), and its events."""
+        batch = self.packed_batch().finish(self.language.device)
+        if self.graphs is not None and self.graphs.fits(len(self.running)):
+            logits = self.graphs.run([seq.last_token for seq in self.running], batch.packed_positions(), batch)
+        else:
+            logits = self.decoder.forward(self.input_embeddings(), batch)
+        return self.finish_step(logits)
+
+    def packed_batch(self) -> PackedBatch:
+        """The running sequences' next tokens, one row each: a decode batch, or the head of a mixed one."""
         batch = PackedBatch(self.block_size)
         batch.sequences = [SequenceSlice(row, 1, seq.length + 1, seq.block_table) for row, seq in enumerate(self.running)]
         batch.logits_rows = list(range(len(self.running)))
-        batch.position_ids = self.language.text_positions_of([seq.length + seq.rope_delta for seq in self.running])
-        tokens = [seq.last_token for seq in self.running]
-        batch.finish(self.language.device)
-        if self.graphs is not None and self.graphs.fits(len(tokens)):
-            logits = self.graphs.run(tokens, batch.packed_positions(), batch)
-        else:
-            embeds = self.language.embed(torch.tensor(tokens, device=self.language.device))
-            logits = self.decoder.forward(embeds, batch)
+        batch.positions = [self.language.text_positions_of([seq.length + seq.rope_delta for seq in self.running])]
+        return batch
+
+    def input_embeddings(self) -> torch.Tensor:
+        """`[running, hidden]` embeddings of the running sequences' last tokens."""
+        return self.language.embed(torch.tensor([seq.last_token for seq in self.running], device=self.language.device))
+
+    def finish_step(self, logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample every running sequence's next token from its row of `logits`; finished sequences leave."""
         greedy = logits.argmax(-1).tolist() if all(seq.sampling.greedy for seq in self.running) else None
         self.stats.steps += 1
         self.stats.tokens += len(self.running)

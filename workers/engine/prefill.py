@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -231,19 +231,68 @@ class PrefillEngine:
     @torch.no_grad()
     def step(self) -> list[PrefillResult]:
         """One packed forward under the token budget; results of the prompts it finished (or failed)."""
+        scheduled = self.prepare()
+        return self.run_prepared(scheduled) if scheduled else []
+
+    def prepare(self) -> list[tuple[PrefillSequence, int]]:
+        """Take in the prompts added since, and schedule the next forward's chunks: (prompt, tokens)."""
         with self._lock:
             self.waiting.extend(self.incoming)
             self.incoming.clear()
         scheduled = self._schedule()
         self.last_batch = len(scheduled)
-        if not scheduled:
-            return []
+        return scheduled
+
+    @torch.no_grad()
+    def run_prepared(self, scheduled: list[tuple[PrefillSequence, int]]) -> list[PrefillResult]:
+        """The forward of the scheduled chunks and its results; an exception fails exactly this batch."""
         try:
-            return self._run(scheduled)
-        except Exception as exc:  # e.g. out of device memory: fail exactly this batch
-            for seq, _ in scheduled:
-                self._retire(seq)
-            return [PrefillResult(seq.job.request_id, error=exc) for seq, _ in scheduled]
+            batch = PackedBatch(self.block_size)
+            embeds, on_layer = self.pack(scheduled, batch)
+            logits = self.decoder.forward(torch.cat(embeds), batch.finish(self.language.device), on_layer=on_layer)
+            return self.finish_step(scheduled, logits)
+        except Exception as exc:  # e.g. out of device memory
+            return self.fail(scheduled, exc)
+
+    def pack(self, scheduled: list[tuple[PrefillSequence, int]],
+             batch: PackedBatch) -> tuple[list[torch.Tensor], Callable[[int], None] | None]:
+        """Append the scheduled chunks to `batch`: their input embeddings, and what streams each layer's KV
+        of the prompts this forward completes to their sinks (None if none has one)."""
+        embeds = []
+        for seq, take in scheduled:
+            part = slice(seq.computed, seq.computed + take)
+            batch.add(seq.block_table, seq.computed, take, seq.positions[..., part],
+                      wants_logits=seq.computed + take == seq.length)
+            embeds.append(seq.embeds[part])
+        sinks = [(job_sink, seq.block_table) for seq, take in scheduled
+                 if seq.computed + take == seq.length and (job_sink := seq.job.kv_sink) is not None]
+
+        def stream_layer(layer: int) -> None:
+            for sink, table in sinks:
+                sink.write_layer(layer, table)
+
+        return embeds, stream_layer if sinks else None
+
+    def finish_step(self, scheduled: list[tuple[PrefillSequence, int]], logits: torch.Tensor) -> list[PrefillResult]:
+        """Advance the scheduled prompts; those complete leave with their handoff (first token sampled
+        from their row of `logits`, in scheduling order)."""
+        results, row = [], 0
+        for seq, take in scheduled:
+            seq.computed += take
+            self._name_full_blocks(seq)
+            if seq.computed == seq.length:
+                results.append(PrefillResult(seq.job.request_id, handoff=self._handoff(seq, logits[row])))
+                row += 1
+                with self._lock:
+                    self.handing_off[seq.job.request_id] = seq.block_table
+                self.running.remove(seq)
+        return results
+
+    def fail(self, scheduled: list[tuple[PrefillSequence, int]], error: Exception) -> list[PrefillResult]:
+        """The scheduled prompts' forward failed: they leave, their blocks go back, each gets `error`."""
+        for seq, _ in scheduled:
+            self._retire(seq)
+        return [PrefillResult(seq.job.request_id, error=error) for seq, _ in scheduled]
 
     def _schedule(self) -> list[tuple[PrefillSequence, int]]:
         budget = self.token_budget
@@ -274,35 +323,6 @@ class PrefillEngine:
     def _start_after(seq: PrefillSequence, prefix: PrefixHit) -> None:
         seq.block_table = list(prefix.blocks)
         seq.cached = seq.computed = prefix.tokens
-
-    def _run(self, scheduled: list[tuple[PrefillSequence, int]]) -> list[PrefillResult]:
-        batch = PackedBatch(self.block_size)
-        embeds = []
-        for seq, take in scheduled:
-            part = slice(seq.computed, seq.computed + take)
-            batch.add(seq.block_table, seq.computed, take, seq.positions[..., part],
-                      wants_logits=seq.computed + take == seq.length)
-            embeds.append(seq.embeds[part])
-        sinks = [(job_sink, seq.block_table) for seq, take in scheduled
-                 if seq.computed + take == seq.length and (job_sink := seq.job.kv_sink) is not None]
-
-        def stream_layer(layer: int) -> None:
-            for sink, table in sinks:
-                sink.write_layer(layer, table)
-
-        logits = self.decoder.forward(torch.cat(embeds), batch.finish(self.language.device),
-                                      on_layer=stream_layer if sinks else None)
-        results, row = [], 0
-        for seq, take in scheduled:
-            seq.computed += take
-            self._name_full_blocks(seq)
-            if seq.computed == seq.length:
-                results.append(PrefillResult(seq.job.request_id, handoff=self._handoff(seq, logits[row])))
-                row += 1
-                with self._lock:
-                    self.handing_off[seq.job.request_id] = seq.block_table
-                self.running.remove(seq)
-        return results
 
     def _name_full_blocks(self, seq: PrefillSequence) -> None:
         for index in range(seq.computed // self.block_size):

@@ -49,3 +49,17 @@ class WorkerContext:
                 metrics.BUSY_SECONDS.labels(stage).inc(time.perf_counter() - start)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    async def compute_shared(self, fn: Callable[..., tuple[R, dict[str, float]]], *args) -> R:
+        """Engine work for several stages at once (a colocated worker's mixed step): `fn` returns its result
+        and each stage's share of the work, and the busy time is split between the stages by those shares."""
+        def timed() -> R:
+            start = time.perf_counter()
+            result, shares = fn(*args)
+            elapsed, total = time.perf_counter() - start, sum(shares.values())
+            for stage, share in shares.items():
+                if share:
+                    metrics.BUSY_SECONDS.labels(stage).inc(elapsed * share / total)
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)

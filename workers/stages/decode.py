@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -34,6 +35,14 @@ log = logging.getLogger(__name__)
 Arrival = tuple[KVHandoff, list[int] | None]  # the handoff, and the blocks adopted in-process (else None)
 
 
+@dataclass
+class BatchChanges:
+    """What the server changed in the batch between two steps."""
+
+    joining: list[tuple[DecodeSequence, list[int] | None]]  # opened sequences and their adopted blocks
+    cancelled: set[str]  # request ids whose client went away
+
+
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, ctx: WorkerContext, engine: DecodeEngine, handoff_wait: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, shared_fd: int | None = None,
@@ -52,10 +61,12 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.joining: list[tuple[DecodeSequence, list[int] | None]] = []  # opened, joining at the next step
         self.cancelled: set[str] = set()
         self.wakeup = asyncio.Event()
+        self.steps_alone = True  # False: a colocated worker's mixed scheduler steps this engine
         self._loop_task = SupervisedLoop("decode", ctx.health if ctx is not None else None)
 
     def start(self) -> None:
-        self._loop_task.start(self._loop)
+        if self.steps_alone:
+            self._loop_task.start(self._loop)
         self._sweeper = SupervisedLoop("decode handoff sweep", self.ctx.health if self.ctx is not None else None)
         self._sweeper.start(self._sweep)
         spawn(self.receiver.start())
@@ -210,40 +221,56 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         return pb.CancelResponse(cancelled=known)
 
     # ---- the continuous-batching loop ------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.engine.active or self.joining)
+
     async def _loop(self) -> None:
         while True:
-            if not self.engine.active and not self.joining:
+            if not self.has_work:
                 self.wakeup.clear()
                 await self.wakeup.wait()
-            joining, self.joining = self.joining, []
-            cancelled, self.cancelled = self.cancelled, set()
+            changes = self.take_changes()
             try:
-                events = await self.ctx.compute("decode", self._step, joining, cancelled)
+                events = await self.ctx.compute("decode", self._step, changes)
             except Exception as exc:  # a failed step must not kill the loop: fail its requests instead
                 log.exception("decode step failed")
                 failed = await self.ctx.compute("decode", self.engine.fail_all)
                 events = [(request_id, exc) for request_id in failed]
-            for request_id, event in events:
-                queue = self.streams.get(request_id)
-                if queue is not None:
-                    queue.put_nowait(event)
-            self.receiver.capacity_changed()
-            metrics.QUEUE_DEPTH.labels("decode").set(len(self.engine.waiting) + len(self.engine.swapped))
-            if self.engine.running:
-                metrics.BATCH_SIZE.labels("decode").observe(len(self.engine.running))
-            metrics.KV_USAGE.set(self.engine.kv_usage)
-            metrics.KV_TOKENS.set(self.engine.kv_tokens)
+            self.finished(events)
 
-    def _step(self, joining: list[tuple[DecodeSequence, list[int] | None]],
-              cancelled: set[str]) -> list[tuple[str, TokenEvent | Exception]]:
-        for request_id in cancelled:
+    def take_changes(self) -> BatchChanges:
+        """The sequences that joined and the requests cancelled since the last step."""
+        changes = BatchChanges(self.joining, self.cancelled)
+        self.joining, self.cancelled = [], set()
+        return changes
+
+    def apply(self, changes: BatchChanges) -> None:
+        """Before a step (compute thread): cancelled requests leave, the others join."""
+        for request_id in changes.cancelled:
             self.engine.cancel(request_id)
-        for seq, adopted in joining:
-            if seq.request_id in cancelled:
+        for seq, adopted in changes.joining:
+            if seq.request_id in changes.cancelled:
                 self.engine.release(seq.request_id, adopted)
             else:
                 self.engine.join(seq, adopted)
+
+    def _step(self, changes: BatchChanges) -> list[tuple[str, TokenEvent | Exception]]:
+        self.apply(changes)
         return [(event.request_id, event) for event in self.engine.step()]
+
+    def finished(self, events: list[tuple[str, TokenEvent | Exception]]) -> None:
+        """After a step: each event to its stream, then the freed capacity and the metrics."""
+        for request_id, event in events:
+            queue = self.streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+        self.receiver.capacity_changed()
+        metrics.QUEUE_DEPTH.labels("decode").set(len(self.engine.waiting) + len(self.engine.swapped))
+        if self.engine.running:
+            metrics.BATCH_SIZE.labels("decode").observe(len(self.engine.running))
+        metrics.KV_USAGE.set(self.engine.kv_usage)
+        metrics.KV_TOKENS.set(self.engine.kv_tokens)
 
 
 async def _direct(fn, *args):

@@ -39,10 +39,12 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
         self.wakeup = asyncio.Event()
         self.active_requests = 0
+        self.steps_alone = True  # False: a colocated worker's mixed scheduler steps this engine
         self._loop = SupervisedLoop("prefill scheduler", ctx.health)
 
     def start(self) -> None:
-        self._loop.start(self._run)
+        if self.steps_alone:
+            self._loop.start(self._run)
         if self.ctx is not None:  # an encode stage in this process hands embeddings over by reference
             LOCAL_EMBEDDING_SINKS[self.ctx.address] = self._receive
 
@@ -184,12 +186,15 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             if not self.engine.has_work:
                 self.wakeup.clear()
                 await self.wakeup.wait()
-            metrics.QUEUE_DEPTH.labels("prefill").set(self.queue_depth)
-            results = await self.ctx.compute("prefill", self.engine.step)
-            if self.engine.last_batch:
-                metrics.BATCH_SIZE.labels("prefill").observe(self.engine.last_batch)
-            for result in results:
-                self._deliver(result)
+            self.finished(await self.ctx.compute("prefill", self.engine.step))
+
+    def finished(self, results: list[PrefillResult]) -> None:
+        """After a step: its metrics, and each prompt it finished to the call waiting for it."""
+        metrics.QUEUE_DEPTH.labels("prefill").set(self.queue_depth)
+        if self.engine.last_batch:
+            metrics.BATCH_SIZE.labels("prefill").observe(self.engine.last_batch)
+        for result in results:
+            self._deliver(result)
 
     def _deliver(self, result: PrefillResult) -> None:
         future = self.pending.get(result.request_id)

@@ -35,6 +35,7 @@ from ..transport.kv_paths import PATHS, nixl_available, parse_paths
 from ..transport.kv_receiver import TcpEndpoint
 from ..transport.nixl_path import NixlAgent
 from ..transport.shm import SharedPool
+from .colocated import ColocatedScheduler
 from .context import WorkerContext
 from .decode import DecodeServicer
 from .encode import EncodeServicer
@@ -115,6 +116,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.servicers: list = []
+        self.scheduler: ColocatedScheduler | None = None
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> None:
@@ -130,6 +132,8 @@ class Worker:
                                        directory=WorkerDirectory(self.redis, peering=peering(config, adapter)),
                                        channels=ChannelPool(config.tls))
         self.servicers = _build_servicers(config, ctx)
+        self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers)) if config.role == "colocated" \
+            else None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         for servicer in self.servicers:
@@ -139,6 +143,8 @@ class Worker:
             if isinstance(servicer, DecodeServicer):
                 self.server.add_generic_rpc_handlers(servicer.generic_handlers())
             servicer.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
         if config.grpc_reflection:
             reflection.enable_server_reflection(names, self.server)
         await self.server.start()
@@ -174,6 +180,8 @@ class Worker:
         await self.server.stop(grace=5)
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         for servicer in self.servicers:
             await servicer.stop()
         await self.ctx.directory.stop()
@@ -222,6 +230,12 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
             servicers.append(DecodeServicer(ctx, decode, shared_fd=shared.fd if shared else None,
                                             cuda_ipc_handle=ipc, kv_paths=paths, nixl=nixl, tcp=tcp))
     return servicers
+
+
+def _stepped_engines(servicers: list) -> tuple[PrefillServicer, DecodeServicer]:
+    prefill = next(s for s in servicers if isinstance(s, PrefillServicer))
+    decode = next(s for s in servicers if isinstance(s, DecodeServicer))
+    return prefill, decode
 
 
 def peering(config: WorkerConfig, adapter: ModelAdapter) -> Peering:

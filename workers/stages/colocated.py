@@ -1,0 +1,62 @@
+"""A colocated worker's scheduler: one loop steps prefill and decode together.
+
+The stage servicers keep their RPCs, queues and streams; only their loops give
+way. Each step packs the running sequences' next tokens and the scheduled
+prefill chunks into one forward (`engine.mixed`), as a non-disaggregated server
+such as vLLM does, instead of alternating a prefill forward and a decode
+forward on the worker's single compute thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..engine.mixed import MixedStepper, MixedStepResult
+from .context import WorkerContext
+from .decode import BatchChanges, DecodeServicer
+from .prefill import PrefillServicer
+from .supervision import SupervisedLoop
+
+log = logging.getLogger(__name__)
+
+
+class ColocatedScheduler:
+    def __init__(self, ctx: WorkerContext, prefill: PrefillServicer, decode: DecodeServicer) -> None:
+        self.ctx = ctx
+        self.prefill = prefill
+        self.decode = decode
+        self.stepper = MixedStepper(prefill.engine, decode.engine)
+        prefill.steps_alone = decode.steps_alone = False
+        self.wakeup = decode.wakeup = prefill.wakeup = asyncio.Event()  # work for either engine wakes the loop
+        self._loop = SupervisedLoop("colocated scheduler", ctx.health)
+
+    def start(self) -> None:
+        self._loop.start(self._run)
+
+    async def stop(self) -> None:
+        await self._loop.stop()
+
+    async def _run(self) -> None:
+        while True:
+            if not self.prefill.engine.has_work and not self.decode.has_work:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            changes = self.decode.take_changes()
+            try:
+                result = await self.ctx.compute_shared(self._step, changes)
+            except Exception as exc:  # outside the forward (which fails its own batch): fail what decodes
+                log.exception("colocated step failed")
+                result = MixedStepResult(failed=await self.ctx.compute("decode", self.decode.engine.fail_all),
+                                         error=exc)
+            else:
+                if result.error is not None:
+                    log.error("colocated step failed: %r", result.error)
+            self.prefill.finished(result.prefill)
+            error = result.error
+            self.decode.finished([(event.request_id, event) for event in result.decode]
+                                 + ([(request_id, error) for request_id in result.failed] if error else []))
+
+    def _step(self, changes: BatchChanges) -> tuple[MixedStepResult, dict[str, float]]:
+        self.decode.apply(changes)
+        result = self.stepper.step()
+        return result, {"prefill": result.prefill_tokens, "decode": result.decode_tokens}
