@@ -2,7 +2,8 @@
 engine against the padded engine epd had before (bench/baselines) and Hugging
 Face `generate` with a static batch, in the same run, as ratios; and the
 structural figures: padding tokens computed per useful token, KV bytes copied
-per decode step, KV pool utilisation.
+per decode step, KV pool utilisation. In bfloat16 our layers are compiled
+(TorchInductor), so the same engine with eager layers runs too (`ours_eager`).
 
     python -m epd.bench.engine [--model small-llava] [--dtype float32] --out bench/results/engine.json
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ..workers.engine import KVCacheConfig
+from ..workers.engine.compiled import compiles
 from ..workers.engine.offline import OfflineEngines
 from ..workers.messages import PrefillJob, SamplingParams
 from ..workers.models import load_adapter
@@ -44,8 +46,10 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def ours(language, adapter, batch_prompts: list[list[int]], steps: int, repeats: int) -> dict:
-    engines = OfflineEngines(language, adapter, KVCacheConfig(capacity_bytes=1 << 30, prefix_cache_bytes=0))
+def ours(language, adapter, batch_prompts: list[list[int]], steps: int, repeats: int,
+         enforce_eager: bool = False) -> dict:
+    engines = OfflineEngines(language, adapter, KVCacheConfig(capacity_bytes=1 << 30, prefix_cache_bytes=0),
+                             enforce_eager=enforce_eager)
 
     def jobs(tag: str) -> list[PrefillJob]:
         return [PrefillJob(f"{tag}{i}", ids, [], [], SamplingParams(max_tokens=steps + 8, ignore_eos=True))
@@ -63,7 +67,8 @@ def ours(language, adapter, batch_prompts: list[list[int]], steps: int, repeats:
             "decode_tokens_per_s": len(batch_prompts) * steps / decode,
             "padding_tokens_per_useful_token": 0.0,
             "kv_bytes_copied_per_decode_step": stats.swapped_bytes / max(1, stats.steps),
-            "kv_pool_utilisation": stored / held if held else 0.0, "attention": engines.runtime.decoder.attention.name}
+            "kv_pool_utilisation": stored / held if held else 0.0, "attention": engines.runtime.decoder.attention.name,
+            "compiled": engines.runtime.decoder.dense.compiled}
 
 
 def padded(language, batch_prompts: list[list[int]], steps: int, repeats: int) -> dict:
@@ -116,6 +121,8 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     adapter = load_adapter(args.model)
     language, full = adapter.load_language(dtype=dtype), adapter.load_full(dtype=dtype)
+    # 16-bit layers are compiled: the same engine with eager layers (its own copy: eager packs the weights)
+    eager = adapter.load_language(dtype=dtype) if compiles(dtype, language.device, enforce_eager=False) else None
     text_ids = [t for t in range(10, int(adapter.text_config.vocab_size)) if t != adapter.image_token_id]
     results = {"model": args.model, "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "points": []}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -124,9 +131,11 @@ def main() -> int:
                  "ours": ours(language, adapter, batch_prompts, args.steps, args.repeats),
                  "padded": padded(language, batch_prompts, args.steps, args.repeats),
                  "generate": generate(full, batch_prompts, args.steps, args.repeats)}
+        if eager is not None:
+            point["ours_eager"] = ours(eager, adapter, batch_prompts, args.steps, args.repeats, enforce_eager=True)
         point["ratios"] = {f"ours/{other}": {kind: point["ours"][kind] / point[other][kind]
                                              for kind in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-                           for other in ("padded", "generate")}
+                           for other in ("padded", "generate", "ours_eager") if other in point}
         print(json.dumps({k: point[k] for k in ("batch", "ratios")}), flush=True)
         results["points"].append(point)
     write_json(args.out, results)

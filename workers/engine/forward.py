@@ -18,6 +18,7 @@ import torch
 from ..models import LanguagePartBase
 from .attention import AttentionBackend
 from .batch import PackedBatch
+from .compiled import DenseParts
 from .kv_pool import KVLayout, KVPool
 
 
@@ -33,10 +34,12 @@ def kv_layout(language: LanguagePartBase, block_size: int, dtype: torch.dtype | 
 class PackedDecoder:
     """The language model's forward for the prefill and decode engines."""
 
-    def __init__(self, language: LanguagePartBase, pool: KVPool, attention: AttentionBackend) -> None:
+    def __init__(self, language: LanguagePartBase, pool: KVPool, attention: AttentionBackend,
+                 compiled: bool = False) -> None:
         self.language = language
         self.pool = pool
         self.attention = attention
+        self.dense = DenseParts(compiled)
         model = language.text_model
         self.layers = list(model.layers)
         self.norm = model.norm
@@ -51,6 +54,20 @@ class PackedDecoder:
         return self.language.device
 
     @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the layers' dense parts now (if they are compiled), not under the first requests."""
+        config = self.language.adapter.text_config
+
+        def rotary(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            positions = self.language.text_positions_of(list(range(tokens))).to(self.device)
+            cos, sin = self.rotary(self.norm.weight.new_zeros((1, tokens, 1)),
+                                   self.language.rotary_position_ids(positions))
+            return cos[0], sin[0]
+
+        self.dense.warm_up(self.layers[0], rotary, self.apply_rotary, self.head_dim, int(config.hidden_size),
+                           int(config.num_attention_heads))
+
+    @torch.no_grad()
     def forward(self, embeds: torch.Tensor, batch: PackedBatch,
                 on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Float32 next-token logits of `batch.logits_rows` (every row when `logits_index` is None), from
@@ -59,22 +76,13 @@ class PackedDecoder:
         hidden = embeds.unsqueeze(0)
         cos, sin = self.rotary(hidden, self.language.rotary_position_ids(batch.packed_positions().to(self.device)))
         cos, sin = cos[0], sin[0]  # [T, head_dim]
-        tokens = embeds.shape[0]
         for index, layer in enumerate(self.layers):
-            residual = hidden
-            states = layer.input_layernorm(hidden)[0]
-            attn = layer.self_attn
-            query = attn.q_proj(states).view(tokens, -1, self.head_dim)
-            keys = attn.k_proj(states).view(tokens, -1, self.head_dim)
-            values = attn.v_proj(states).view(tokens, -1, self.head_dim)
-            query, keys = self.apply_rotary(query, keys, cos, sin, unsqueeze_dim=1)
+            query, keys, values = self.dense.attention_inputs(layer, hidden, cos, sin, self.apply_rotary,
+                                                              self.head_dim)
             self.pool.write(index, batch.slot_tensor, keys, values)
             if on_layer is not None:
                 on_layer(index)
-            out = self.attention.attend(index, query, keys, values, batch)
-            hidden = residual + attn.o_proj(out.reshape(1, tokens, -1))
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self.dense.layer_output(layer, hidden, self.attention.attend(index, query, keys, values, batch))
         hidden = self.norm(hidden)[0]
         if batch.logits_index is not None:
             hidden = hidden.index_select(0, batch.logits_index)

@@ -12,6 +12,7 @@ import torch
 from ..models import LanguagePartBase
 from .attention import select_backend
 from .block_allocator import BlockAllocator
+from .compiled import compiles
 from .forward import PackedDecoder, kv_layout
 from .kv_pool import Allocator, KVPool
 from .packed_linear import pack_linears
@@ -58,15 +59,20 @@ def pool_bytes(config: KVCacheConfig, device: torch.device) -> int:
     return 1 << 30
 
 
-def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: Allocator | None = None) -> EngineRuntime:
-    """The runtime of a language part; `allocate` places the pool (e.g. in shared memory)."""
+def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: Allocator | None = None,
+                  enforce_eager: bool = False) -> EngineRuntime:
+    """The runtime of a language part; `allocate` places the pool (e.g. in shared memory). The layers'
+    dense parts are compiled where `compiles` says so (and compiled here, before any request)."""
     layout = kv_layout(language, config.block_size)
     pool = KVPool.sized(layout, pool_bytes(config, language.device), language.device, allocate)
     allocator = BlockAllocator(pool.num_blocks, config.prefix_cache_bytes // layout.bytes_per_block)
     attention = select_backend(pool, layout.head_dim ** -0.5, config.attention)
-    packed = pack_linears(language.text_model)
+    compiled = compiles(language.dtype, language.device, enforce_eager)
+    packed = 0 if compiled else pack_linears(language.text_model)  # Inductor lays the weights out itself
     if packed:
         log.info("%d linear layers run on weights laid out once for oneDNN", packed)
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d KiB per token) on %s", pool.num_blocks,
              layout.block_size, pool.nbytes / 2**20, layout.bytes_per_token // 1024, pool.device)
-    return EngineRuntime(PackedDecoder(language, pool, attention), allocator)
+    decoder = PackedDecoder(language, pool, attention, compiled)
+    decoder.warm_up()
+    return EngineRuntime(decoder, allocator)

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and KV cache: the checkpoint's (auto; exact against its reference), or "
                              "bfloat16 (AMX / tensor cores: much faster, as vLLM runs float32 checkpoints)")
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="on CUDA, run decode steps without CUDA graphs (they are captured at start otherwise)")
+                        help="no graph capture or compilation: on CUDA, decode steps without CUDA graphs (captured "
+                             "at start otherwise); on CPU with 16-bit weights, the layers without TorchInductor "
+                             "(compiled at start otherwise)")
     parser.add_argument("--kv-paths", default=defaults["kv_paths"],
                         help="KV transfer paths this worker may use, best first among those both ends allow "
                              "(grpc is always kept as the fallback)")

@@ -160,7 +160,7 @@ class ModelAdapter(ABC):
         parts = build_parts(factories, device, dtype or self.default_dtype)
         load_parts(parts, self.model_dir, self.checkpoint_renames, self.tied_parameters())
         for module in parts.values():
-            module.eval()
+            module.eval().requires_grad_(False)  # serving only: no tensor computed from the weights tracks grad
         return parts
 
     @property

@@ -73,7 +73,7 @@ class WorkerConfig:
     attention_backend: str = "auto"
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
     kv_tcp_port: int = 0  # decode: the tcp KV path's port (0: any free port)
-    enforce_eager: bool = False  # on CUDA, no decode CUDA graphs
+    enforce_eager: bool = False  # no decode CUDA graphs (CUDA), no compiled layers (CPU, 16-bit weights)
     dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
@@ -131,7 +131,7 @@ class Worker:
                                        metadata=MetadataStore(self.redis, config.cache_ttl),
                                        directory=WorkerDirectory(self.redis, peering=peering(config, adapter)),
                                        channels=ChannelPool(config.tls))
-        self.servicers = _build_servicers(config, ctx)
+        self.servicers = await asyncio.get_running_loop().run_in_executor(ctx.executor, _build_servicers, config, ctx)
         self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers)) if config.role == "colocated" \
             else None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -213,7 +213,7 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         paths = parse_paths(config.kv_paths)
         shared = SharedPool() if config.role == "decode" and config.device == "cpu" and "shm" in paths else None
         runtime = build_runtime(adapter.load_language(config.device, config.torch_dtype), config.kv_cache,
-                                shared.allocate if shared else None)
+                                shared.allocate if shared else None, config.enforce_eager)
         if "prefill" in config.stages:
             prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
             servicers.append(PrefillServicer(ctx, prefill, config.cache_bytes, kv_paths=paths))

@@ -1,0 +1,59 @@
+"""The decoder layers' dense parts compiled by TorchInductor (CPU, 16-bit weights):
+compiled before any request, one graph for every batch (no recompiles under
+load), the same logits as the eager layers within bfloat16's rounding, and off
+for float32 and with `--enforce-eager`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from epd.workers.engine import EngineRuntime, KVCacheConfig, build_runtime
+from epd.workers.engine.batch import PackedBatch
+from epd.workers.engine.compiled import compiles
+from epd.workers.models import load_adapter
+
+SIZES = (3, 1, 17, 40)  # prompts of these lengths, packed into one forward
+
+
+def packed_logits(runtime: EngineRuntime, vocab: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Next-token logits of prompts of these lengths (seeded random ids) packed into one forward."""
+    language = runtime.decoder.language
+    generator = torch.Generator().manual_seed(len(sizes))
+    batch, embeds = PackedBatch(4), []
+    for length in sizes:
+        batch.add(runtime.allocator.allocate(-(-length // 4)), 0, length,
+                  language.text_positions_of(list(range(length))), wants_logits=True)
+        embeds.append(language.embed(torch.randint(10, vocab, (length,), generator=generator)))
+    logits: torch.Tensor = runtime.decoder.forward(torch.cat(embeds), batch.finish(language.device))
+    runtime.allocator.free_blocks([block for seq in batch.sequences for block in seq.block_table])
+    return logits
+
+
+def bfloat16_runtime(family: str, enforce_eager: bool) -> tuple[EngineRuntime, int]:
+    adapter = load_adapter(family)
+    return build_runtime(adapter.load_language("cpu", torch.bfloat16), KVCacheConfig(1 << 22, block_size=4),
+                         enforce_eager=enforce_eager), int(adapter.text_config.vocab_size)
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
+def test_compiled_layers_match_the_eager_ones_without_recompiling(family: str):
+    eager_runtime, vocab = bfloat16_runtime(family, enforce_eager=True)
+    assert not eager_runtime.decoder.dense.compiled
+    runtime, _ = bfloat16_runtime(family, enforce_eager=False)  # compiled (and warmed up) here
+    assert runtime.decoder.dense.compiled
+    graphs = counters["stats"]["unique_graphs"]
+    for sizes in (SIZES, (1,), (2, 1), (5,) * 9):  # whatever the batch, after start-up: no new graph
+        compiled, eager = packed_logits(runtime, vocab, sizes), packed_logits(eager_runtime, vocab, sizes)
+        assert counters["stats"]["unique_graphs"] == graphs
+        torch.testing.assert_close(compiled, eager, atol=0.05 * float(eager.abs().max()), rtol=0.0)
+        assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.75
+
+
+def test_only_16_bit_cpu_layers_are_compiled():
+    cpu = torch.device("cpu")
+    assert compiles(torch.bfloat16, cpu, enforce_eager=False) and compiles(torch.float16, cpu, enforce_eager=False)
+    assert not compiles(torch.bfloat16, cpu, enforce_eager=True)
+    assert not compiles(torch.float32, cpu, enforce_eager=False)  # the path pinned to `generate`
+    assert not compiles(torch.bfloat16, torch.device("cuda"), enforce_eager=False)  # CUDA graphs there

@@ -1,0 +1,90 @@
+"""The dense parts of each decoder layer, eager or compiled by TorchInductor.
+
+Around its attention call a layer runs some forty small ops: RMSNorm's casts
+and reduction, the projections, RoPE's slices and products, the MLP's
+activation, the residual adds. Eager PyTorch dispatches each one from Python
+and makes a pass over memory for each; Inductor fuses the element-wise ones
+into a few vectorised C++ loops around oneDNN matmuls, as vLLM's CPU backend
+does through torch.compile. Measured here (small-llava, bfloat16, 2 cores,
+eager and compiled calls alternating in one process): prefill of 16 prompts of
+90 tokens 1.19-1.22x faster than eager with prepacked weights; decode steps of
+64 sequences the same (they are bound by reading the weights and the KV).
+
+The token count is a dynamic dimension, so one graph serves every batch (and a
+second one batches of a single token); `warm_up` compiles both when the worker
+starts (about 30 s on 2 cores the first time, seconds once Inductor's on-disk
+cache holds them), never under a request. Attention and the KV pool writes stay
+outside: they read and write the paged pool in place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# A transformers decoder layer (LlamaDecoderLayer, Qwen2DecoderLayer): its submodules are untyped there.
+Layer = Any
+Rotary = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the family's apply_rotary_pos_emb
+# (layer, [1, T, hidden] input, [T, dim] cos, sin, rotary fn, head_dim) -> [T, heads, dim] query, keys, values
+AttentionInputs = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor, Rotary, int],
+                           tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (layer, [1, T, hidden] residual, [T, heads, dim] attention output) -> [1, T, hidden] layer output
+LayerOutput = Callable[[Layer, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attention_inputs(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     apply_rotary: Rotary, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's normalised input projected to queries, keys and values, RoPE applied."""
+    tokens = hidden.shape[1]
+    states = layer.input_layernorm(hidden)[0]
+    attn = layer.self_attn
+    query = attn.q_proj(states).view(tokens, -1, head_dim)
+    keys = attn.k_proj(states).view(tokens, -1, head_dim)
+    values = attn.v_proj(states).view(tokens, -1, head_dim)
+    query, keys = apply_rotary(query, keys, cos, sin, unsqueeze_dim=1)
+    return query, keys, values
+
+
+def layer_output(layer: Layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The attention output projected and added to the residual, then the MLP block."""
+    hidden = residual + layer.self_attn.o_proj(attended.reshape(1, attended.shape[0], -1))
+    out: torch.Tensor = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return out
+
+
+class DenseParts:
+    """The two halves of a layer around attention; compiled, or the plain functions."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        self.attention_inputs: AttentionInputs = attention_inputs
+        self.layer_output: LayerOutput = layer_output
+        if compiled:
+            self.attention_inputs = torch.compile(attention_inputs, dynamic=True)
+            self.layer_output = torch.compile(layer_output, dynamic=True)
+
+    def warm_up(self, layer: Layer, rotary: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                apply_rotary: Rotary, head_dim: int, hidden_size: int, heads: int) -> None:
+        """Compile the graphs every batch will use (several tokens, then a single one) on zero inputs."""
+        if not self.compiled:
+            return
+        start = time.perf_counter()
+        weight = next(layer.parameters())
+        for tokens in (2, 1):
+            cos, sin = rotary(tokens)
+            hidden = weight.new_zeros((1, tokens, hidden_size))
+            self.attention_inputs(layer, hidden, cos, sin, apply_rotary, head_dim)
+            self.layer_output(layer, hidden, weight.new_zeros((tokens, heads, head_dim)))
+        log.info("compiled the decoder layers' dense parts in %.1f s", time.perf_counter() - start)
+
+
+def compiles(dtype: torch.dtype, device: torch.device, enforce_eager: bool) -> bool:
+    """Whether layers of this dtype on this device are compiled: 16-bit weights on CPU, unless eager is
+    enforced. Float32 stays eager (the tests pin it to `generate` token for token, and fusion reorders
+    float arithmetic); on CUDA, decode replays CUDA graphs of the eager layers instead."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not enforce_eager
