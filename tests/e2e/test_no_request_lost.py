@@ -22,7 +22,7 @@ from ..conftest import wait_until
 from .harness import chat_body, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
-TOKENS = 600  # long enough that a kill seen mid-stream lands mid-stream (120 tokens took 0.5 s)
+TOKENS = 1500  # long enough that a kill seen mid-stream lands mid-stream (600 tokens once took 0.5 s)
 LOAD = [(f"Request {i}: tell me everything about it.", [png_bytes(36 + 4 * i, 32, seed=900 + i)] if i % 2 else [])
         for i in range(8)]
 
