@@ -285,3 +285,35 @@ async def test_encode_killed_while_pushing_is_recomputed_elsewhere(redis_server)
             for stage_servicer in worker.servicers:
                 await stage_servicer.stop()
     assert shm_entries() == before
+
+
+async def test_recompute_refreshes_discovery_when_every_listed_encoder_fails(redis_server):
+    """Prefill's view of the encode workers lists only one that is dead (still registered); an encode
+    worker that started since (a restarted pod) is found by refreshing discovery after the first pass
+    fails, and the item is recomputed there."""
+    dead = await start(redis_server.url, "encode", "shm")
+    prefill = await start(redis_server.url, "prefill", "shm")
+    decode = await start(redis_server.url, "decode", "shm")
+    await eventually(lambda: len(prefill.ctx.directory.live("encode")) == 1)
+    await prefill.ctx.directory.stop()  # freeze the view: only a refresh inside recompute sees the new worker
+    await kill(dead)
+    restarted = await start(redis_server.url, "encode", "shm")
+    try:
+        adapter = load_adapter("tiny-llava")
+        image = png_bytes(40, 30, seed=6)
+        ids = adapter.build_prompt([ChatMessage("user", (ImagePart(0), TextPart("What is it?")))],
+                                   [ImageSize(40, 30)])
+        ref = pb.ImageRef(image_key="img-2", image=image, width=40, height=30,
+                          items=[pb.EncodeItem(item_key="img-2", tile_index=-1, n_tokens=16)])
+        request = pb.PrefillRequest(request_id="r1", input_ids=ids, images=[ref], decode_address=decode.ctx.address,
+                                    sampling=sampling_to_proto(SamplingParams(max_tokens=4, ignore_eos=True)))
+        async with grpc.aio.insecure_channel(prefill.ctx.address) as prefill_channel, \
+                grpc.aio.insecure_channel(decode.ctx.address) as decode_channel:
+            stream = pb_grpc.DecodeServiceStub(decode_channel).Generate(pb.GenerateRequest(request_id="r1"), timeout=60)
+            reply = await pb_grpc.PrefillServiceStub(prefill_channel).Prefill(request, timeout=60)
+            tokens = [t for chunk in [c async for c in stream] for t in chunk.token_ids]
+        assert reply.items.recomputed == 1 and len(tokens) == 4
+        assert restarted.ctx.address in [w.address for w in prefill.ctx.directory.live("encode")]
+    finally:
+        for worker in (dead, prefill, decode, restarted):
+            await worker.stop()

@@ -113,28 +113,38 @@ class EmbeddingSource:
 
     async def _recompute(self, ref: pb.ImageRef, item: pb.EncodeItem, request_id: str) -> torch.Tensor:
         """Encode the item again on a live encode worker (the least loaded first; a dead one that
-        discovery still lists is skipped), which pushes it back here."""
-        workers = self.ctx.directory.live("encode")
-        if not workers:
-            await self.ctx.directory.refresh()
-            workers = self.ctx.directory.live("encode")
+        discovery still lists is skipped), which pushes it back here. When every listed worker fails,
+        discovery is refreshed once and the workers it newly lists (a restarted pod) are tried."""
         retry = pb.EncodeItem(item_key=item.item_key, image=ref.image, tile_index=item.tile_index,
                               n_tokens=item.n_tokens)
-        failures = []
-        for worker in sorted(workers, key=lambda w: (w.load.queue + w.load.in_flight, random.random())):
-            self.arrived.pop(item.item_key, None)
-            stub = pb_grpc.EncodeServiceStub(self.ctx.channels.get(worker.address))
-            try:
-                await stub.Encode(pb.EncodeRequest(request_id=request_id, items=[retry],
-                                                   prefill_address=self.ctx.address), timeout=self.embedding_wait)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ValueError(exc.details()) from exc
-                failures.append(f"{worker.address}: {exc.code().name}")
-                continue
-            tensor = self._buffered(item)
-            if tensor is not None:
-                return tensor
-            failures.append(f"{worker.address}: evicted before use")
+        failures: list[str] = []
+        tried: set[str] = set()
+        for refresh in (False, True):
+            if refresh or not self.ctx.directory.live("encode"):
+                await self.ctx.directory.refresh()
+            untried = [w for w in self.ctx.directory.live("encode") if w.address not in tried]
+            for worker in sorted(untried, key=lambda w: (w.load.queue + w.load.in_flight, random.random())):
+                tried.add(worker.address)
+                tensor = await self._encode_on(worker.address, retry, item, request_id, failures)
+                if tensor is not None:
+                    return tensor
         raise LookupError(f"embedding {item.item_key} is unavailable and could not be recomputed"
                           + (f" ({'; '.join(failures)})" if failures else ": no encode worker is live"))
+
+    async def _encode_on(self, address: str, retry: pb.EncodeItem, item: pb.EncodeItem, request_id: str,
+                         failures: list[str]) -> torch.Tensor | None:
+        """The item encoded again by one worker and pushed back here, or None (the reason added to `failures`)."""
+        self.arrived.pop(item.item_key, None)
+        stub = pb_grpc.EncodeServiceStub(self.ctx.channels.get(address))
+        try:
+            await stub.Encode(pb.EncodeRequest(request_id=request_id, items=[retry], prefill_address=self.ctx.address),
+                              timeout=self.embedding_wait)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(exc.details()) from exc
+            failures.append(f"{address}: {exc.code().name}")
+            return None
+        tensor = self._buffered(item)
+        if tensor is None:
+            failures.append(f"{address}: evicted before use")
+        return tensor
