@@ -8,7 +8,11 @@ A child process serves a decode worker's handoff side (the real
 model is left out: a pool of LLaVA-1.5-7B's KV shape, bf16, 512 KiB per token)
 and the parent sends like a prefill worker (the real `KVSender`): reserve,
 write every layer's blocks, wait for the data path. The time is from the first
-layer write to the data path's end."""
+layer write to the data path's end.
+
+With `grpc` among the paths, grpcio's own ceiling is measured too: the same
+bytes in the same frame size, ready-made, from one process to a handler that
+only counts them (what any Python sender over gRPC could reach here)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import asyncio
 import multiprocessing as mp
 import sys
 import time
+from functools import partial
 from typing import Any, cast
 
 import grpc
@@ -34,6 +39,7 @@ from ..workers.transport.kv_paths import PATHS, nixl_available
 from ..workers.transport.kv_receiver import TcpEndpoint
 from ..workers.transport.kv_sender import KVSender
 from ..workers.transport.nixl_path import NixlAgent
+from ..workers.transport.raw_frames import FRAME_BYTES
 from ..workers.transport.shm import SharedPool
 from .report import write_json
 
@@ -109,6 +115,58 @@ async def send(address: str, path: str, sizes: list[int], repeats: int) -> dict:
     return results
 
 
+def counting_server(ready) -> None:
+    """A raw-bytes stream handler that only counts what arrives (grpcio's ceiling, receiving side)."""
+    async def serve() -> None:
+        async def count(frames, context) -> bytes:
+            return str(sum([len(frame) async for frame in frames])).encode()
+
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Count", {"Write": grpc.stream_unary_rpc_method_handler(count)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.send(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+async def grpcio_ceiling(address: str, sizes: list[int], repeats: int) -> dict:
+    """Ready-made frames of FRAME_BYTES streamed to the counting server: no copy or work of ours."""
+    frame = bytes(FRAME_BYTES)
+    results = {}
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        call: grpc.aio.StreamUnaryMultiCallable = channel.stream_unary("/bench.Count/Write")
+
+        async def frames(size: int):
+            for _ in range(size // FRAME_BYTES):
+                yield frame
+
+        for size in sizes:
+            times = []
+            for attempt in range(repeats + 1):
+                start = time.perf_counter()
+                await call(frames(size))
+                if attempt:
+                    times.append(time.perf_counter() - start)
+            results[f"{size >> 20}MB"] = {"bytes_per_s": size // FRAME_BYTES * FRAME_BYTES / sorted(times)[len(times) // 2]}
+    return results
+
+
+def in_child(context, target, run):
+    """Start `target(pipe)` in a child process, `run(address)` against it, then stop the child."""
+    ours, theirs = context.Pipe()
+    child = context.Process(target=target, args=(theirs,), daemon=True)
+    child.start()
+    port = ours.recv()
+    try:
+        return asyncio.run(run(f"127.0.0.1:{port}"))
+    finally:
+        child.terminate()
+        child.join(10)
+
+
 def memcpy(sizes: list[int], repeats: int) -> dict:
     results = {}
     for size in sizes:
@@ -136,19 +194,20 @@ def main() -> int:
     blocks = LAYOUT.blocks_for(max(sizes) // LAYOUT.bytes_per_token) + 2
     context = mp.get_context("spawn")
     for path in args.paths.split(","):
-        ours, theirs = context.Pipe()
-        child = context.Process(target=decode_side, args=(blocks, f"{path},grpc", theirs), daemon=True)
-        child.start()
-        port = ours.recv()
-        try:
-            report["paths"][path] = asyncio.run(send(f"127.0.0.1:{port}", path, sizes, args.repeats))
-        finally:
-            child.terminate()
-            child.join(10)
+        report["paths"][path] = in_child(context, partial(decode_side, blocks, f"{path},grpc"),
+                                         lambda address, path=path: send(address, path, sizes, args.repeats))
         for name, entry in report["paths"][path].items():
             entry["of_memcpy"] = entry["bytes_per_s"] / report["memcpy"][name]["bytes_per_s"]
             print(f"{path:5} {name:>7}: {entry['bytes_per_s'] / 1e9:6.2f} GB/s = {entry['of_memcpy']:.0%} of memcpy",
                   flush=True)
+    if "grpc" in report["paths"]:
+        ceiling = in_child(context, counting_server, lambda address: grpcio_ceiling(address, sizes, args.repeats))
+        report["grpcio_ceiling"] = ceiling
+        for name, entry in ceiling.items():
+            entry["of_memcpy"] = entry["bytes_per_s"] / report["memcpy"][name]["bytes_per_s"]
+            entry["grpc_path_of_ceiling"] = report["paths"]["grpc"][name]["bytes_per_s"] / entry["bytes_per_s"]
+            print(f"grpcio alone {name:>7}: {entry['bytes_per_s'] / 1e9:6.2f} GB/s = {entry['of_memcpy']:.0%} of memcpy; "
+                  f"the grpc path moves {entry['grpc_path_of_ceiling']:.0%} of it", flush=True)
     write_json(args.out, report)
     return 0
 
