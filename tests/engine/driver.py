@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from epd.workers.engine import DecodeEngine, EngineRuntime, KVCacheConfig, PrefillEngine, build_runtime
+from epd.workers.engine.step_threads import StepThreads
 from epd.workers.messages import ChatMessage, ImagePart, KVHandoff, PrefillJob, SamplingParams, TextPart
 from epd.workers.models import EncodeInput
 from epd.workers.transport.block_copy import BlockCopyPlan, copy_layer
@@ -75,10 +76,12 @@ class Engines:
     @classmethod
     def build(cls, stages: Stages, block_size: int = 4, token_budget: int = 8192, prefill_bytes: int = 1 << 24,
               decode_bytes: int = 1 << 24, max_batch: int = 16, max_kv_tokens: int = 1 << 20,
-              attention: str = "auto", shared: bool = False) -> "Engines":
-        prefill_runtime = build_runtime(stages.language, KVCacheConfig(prefill_bytes, block_size, attention=attention))
+              attention: str = "auto", shared: bool = False, threads: StepThreads | None = None) -> "Engines":
+        prefill_runtime = build_runtime(stages.language, KVCacheConfig(prefill_bytes, block_size, attention=attention),
+                                        threads=threads)
         decode_runtime = prefill_runtime if shared else build_runtime(
-            stages.language, KVCacheConfig(decode_bytes, block_size, prefix_cache_bytes=0, attention=attention))
+            stages.language, KVCacheConfig(decode_bytes, block_size, prefix_cache_bytes=0, attention=attention),
+            threads=threads)
         return cls(PrefillEngine(prefill_runtime.decoder, stages.adapter, prefill_runtime.allocator, token_budget),
                    DecodeEngine(decode_runtime.decoder, stages.adapter, decode_runtime.allocator, max_batch,
                                 max_kv_tokens),

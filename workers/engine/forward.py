@@ -20,6 +20,7 @@ from .attention import AttentionBackend
 from .batch import PackedBatch
 from .compiled import DenseParts
 from .kv_pool import KVLayout, KVPool
+from .step_threads import StepThreads
 
 
 def kv_layout(language: LanguagePartBase, block_size: int, dtype: torch.dtype | None = None) -> KVLayout:
@@ -35,8 +36,9 @@ class PackedDecoder:
     """The language model's forward for the prefill and decode engines."""
 
     def __init__(self, language: LanguagePartBase, pool: KVPool, attention: AttentionBackend,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, threads: StepThreads | None = None) -> None:
         self.language = language
+        self.threads = threads or StepThreads()
         self.pool = pool
         self.attention = attention
         self.dense = DenseParts(compiled)
@@ -64,8 +66,14 @@ class PackedDecoder:
                                    self.language.rotary_position_ids(positions))
             return cos[0], sin[0]
 
-        self.dense.warm_up(self.layers[0], rotary, self.apply_rotary, self.head_dim, int(config.hidden_size),
-                           int(config.num_attention_heads))
+        full = torch.get_num_threads()
+        try:
+            for count in self.threads.counts(self.device):
+                torch.set_num_threads(count)
+                self.dense.warm_up(self.layers[0], rotary, self.apply_rotary, self.head_dim, int(config.hidden_size),
+                                   int(config.num_attention_heads))
+        finally:
+            torch.set_num_threads(full)
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, batch: PackedBatch,
@@ -73,6 +81,10 @@ class PackedDecoder:
         """Float32 next-token logits of `batch.logits_rows` (every row when `logits_index` is None), from
         `[T, hidden]` input embeddings.
         `on_layer(i)` runs once layer i's keys and values are in the pool (layer-wise KV transfer)."""
+        with self.threads.for_forward(self.device, embeds.shape[0]):
+            return self._forward(embeds, batch, on_layer)
+
+    def _forward(self, embeds: torch.Tensor, batch: PackedBatch, on_layer: Callable[[int], None] | None) -> torch.Tensor:
         hidden = embeds.unsqueeze(0)
         cos, sin = self.rotary(hidden, self.language.rotary_position_ids(batch.packed_positions().to(self.device)))
         cos, sin = cos[0], sin[0]  # [T, head_dim]

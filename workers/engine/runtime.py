@@ -16,6 +16,7 @@ from .compiled import compiles
 from .forward import PackedDecoder, kv_layout
 from .kv_pool import Allocator, KVPool
 from .packed_linear import pack_linears
+from .step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def pool_bytes(config: KVCacheConfig, device: torch.device) -> int:
 
 
 def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: Allocator | None = None,
-                  enforce_eager: bool = False) -> EngineRuntime:
+                  enforce_eager: bool = False, threads: StepThreads | None = None) -> EngineRuntime:
     """The runtime of a language part; `allocate` places the pool (e.g. in shared memory). The layers'
     dense parts are compiled where `compiles` says so (and compiled here, before any request)."""
     layout = kv_layout(language, config.block_size)
@@ -73,6 +74,6 @@ def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: A
         log.info("%d linear layers run on weights laid out once for oneDNN", packed)
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d KiB per token) on %s", pool.num_blocks,
              layout.block_size, pool.nbytes / 2**20, layout.bytes_per_token // 1024, pool.device)
-    decoder = PackedDecoder(language, pool, attention, compiled)
+    decoder = PackedDecoder(language, pool, attention, compiled, threads)
     decoder.warm_up()
     return EngineRuntime(decoder, allocator)

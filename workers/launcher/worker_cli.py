@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op threads for this worker's model (0: torch's default, one per core); "
                              "processes that share a machine should split its cores")
+    parser.add_argument("--small-step-tokens", type=int, default=defaults["small_step_tokens"],
+                        help="CPU: forwards of at most this many tokens (small decode batches) run on one thread, "
+                             "which a preempted second thread cannot stall (0: every forward on all threads)")
     parser.add_argument("--drain-timeout", type=float, default=defaults["drain_timeout"],
                         help="on SIGTERM, seconds to finish held requests after leaving discovery "
                              "(keep it below the pod's terminationGracePeriodSeconds)")
@@ -60,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.torch_threads < 0:
-            raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+        for name in ("torch_threads", "small_step_tokens"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)

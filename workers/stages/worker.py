@@ -25,6 +25,7 @@ from .. import metrics
 from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
+from ..engine.step_threads import StepThreads
 from ..models import ModelAdapter, load_adapter
 from ..redis_connection import connect
 from ..registry import Peering, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
@@ -74,6 +75,7 @@ class WorkerConfig:
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
     kv_tcp_port: int = 0  # decode: the tcp KV path's port (0: any free port)
     enforce_eager: bool = False  # no decode CUDA graphs (CUDA), no compiled layers (CPU, 16-bit weights)
+    small_step_tokens: int = 0  # CPU: forwards of at most this many tokens run on one thread (0: never)
     dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
@@ -89,6 +91,7 @@ class WorkerConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         _ = self.kv_cache  # building it validates the KV settings
+        StepThreads(self.small_step_tokens)  # validates it
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_paths(self.kv_paths)
@@ -213,7 +216,8 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         paths = parse_paths(config.kv_paths)
         shared = SharedPool() if config.role == "decode" and config.device == "cpu" and "shm" in paths else None
         runtime = build_runtime(adapter.load_language(config.device, config.torch_dtype), config.kv_cache,
-                                shared.allocate if shared else None, config.enforce_eager)
+                                shared.allocate if shared else None, config.enforce_eager,
+                                StepThreads(config.small_step_tokens))
         if "prefill" in config.stages:
             prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
             servicers.append(PrefillServicer(ctx, prefill, config.cache_bytes, kv_paths=paths))

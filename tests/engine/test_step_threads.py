@@ -1,0 +1,80 @@
+"""Small forwards on one CPU thread (`--small-step-tokens`): the thread count
+drops only around forwards of that many tokens or fewer, and comes back after
+(even when the forward fails); outputs stay exact against `model.generate`; and
+the compiled layers hold graphs for both thread counts from start-up on (no
+compile under a request)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from epd.workers.engine import KVCacheConfig, build_runtime
+from epd.workers.engine.step_threads import StepThreads
+from epd.workers.models import load_adapter
+from epd.workers.stages.worker import WorkerConfig
+
+from .conftest import Stages
+from .driver import Engines, mixed_jobs
+from .test_compiled_layers import SIZES, packed_logits
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Two intra-op threads whatever this machine has (the policy does nothing on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_only_small_cpu_forwards_drop_to_one_thread(two_threads):
+    threads = StepThreads(small_step_tokens=4)
+    with threads.for_forward(CPU, 4):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    for device, tokens in ((CPU, 5), (torch.device("cuda"), 1)):
+        with threads.for_forward(device, tokens):
+            assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="forward failed"), threads.for_forward(CPU, 1):
+        raise RuntimeError("forward failed")
+    assert torch.get_num_threads() == 2
+    with StepThreads().for_forward(CPU, 1):  # off by default
+        assert torch.get_num_threads() == 2
+    assert threads.counts(CPU) == [2, 1] and StepThreads().counts(CPU) == [2]
+
+
+def test_a_negative_token_count_is_rejected():
+    with pytest.raises(ValueError, match="small_step_tokens must be >= 0"):
+        StepThreads(-1)
+    with pytest.raises(ValueError, match="small_step_tokens must be >= 0"):
+        WorkerConfig(role="decode", model="tiny-llava", redis_url="redis://unused", small_step_tokens=-1)
+
+
+def test_single_thread_decode_steps_match_generate(stages: Stages, two_threads):
+    """Sequences join every 2 steps and leave at different steps: decode batches of 1-4 tokens run on
+    one thread, larger ones and the prefill on two; every output equals `generate`'s."""
+    jobs, expected = mixed_jobs(stages, 6)
+    for index, job in enumerate(jobs):
+        job.sampling = type(job.sampling)(max_tokens=12 - index, ignore_eos=True)
+        expected[job.request_id] = expected[job.request_id][:12 - index]
+    engines = Engines.build(stages, threads=StepThreads(small_step_tokens=4))
+    assert engines.run(jobs, join_every=2) == expected
+    assert torch.get_num_threads() == 2
+
+
+def test_compiled_layers_are_ready_for_both_thread_counts(two_threads):
+    adapter = load_adapter("tiny-llava")
+    vocab = int(adapter.text_config.vocab_size)
+    language = adapter.load_language("cpu", torch.bfloat16)
+    runtime = build_runtime(language, KVCacheConfig(1 << 22, block_size=4), threads=StepThreads(small_step_tokens=4))
+    assert runtime.decoder.dense.compiled
+    graphs = counters["stats"]["unique_graphs"]
+    for sizes in ((1,), (2, 1), (1, 1, 1, 1), SIZES):  # one thread for the first three, two for the last
+        packed_logits(runtime, vocab, sizes)
+        assert counters["stats"]["unique_graphs"] == graphs
