@@ -1,17 +1,20 @@
 """The decoder layers' dense parts compiled by TorchInductor (CPU, 16-bit weights):
 compiled before any request, one graph for every batch (no recompiles under
 load), the same logits as the eager layers within bfloat16's rounding, and off
-for float32 and with `--enforce-eager`."""
+for float32 and with `--enforce-eager`; their projections fused (queries, keys
+and values as one matmul, gate and up as another), the weights held once."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch._dynamo.utils import counters
 
 from epd.workers.engine import EngineRuntime, KVCacheConfig, build_runtime
 from epd.workers.engine.batch import PackedBatch
 from epd.workers.engine.compiled import compiles
+from epd.workers.engine.fused_layer import FusedLayer, joined
 from epd.workers.models import load_adapter
 
 SIZES = (3, 1, 17, 40)  # prompts of these lengths, packed into one forward
@@ -57,3 +60,25 @@ def test_only_16_bit_cpu_layers_are_compiled():
     assert not compiles(torch.bfloat16, cpu, enforce_eager=True)
     assert not compiles(torch.float32, cpu, enforce_eager=False)  # the path pinned to `generate`
     assert not compiles(torch.bfloat16, torch.device("cuda"), enforce_eager=False)  # CUDA graphs there
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_joined_projections_compute_the_linears_side_by_side(dtype: torch.dtype):
+    torch.manual_seed(0)
+    linears = [nn.Linear(32, 48, bias=True).to(dtype), nn.Linear(32, 16, bias=False).to(dtype),
+               nn.Linear(32, 16, bias=True).to(dtype)]
+    x = torch.randn(5, 32, dtype=dtype)
+    expected = torch.cat([linear(x) for linear in linears], dim=-1)
+    got = joined(linears)(x)
+    assert got.shape == (5, 80) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_compiled_layers_hold_their_projection_weights_once():
+    runtime, _ = bfloat16_runtime("tiny-llava", enforce_eager=False)
+    fused = runtime.decoder.layers[0]
+    assert isinstance(fused, FusedLayer)
+    original = runtime.decoder.language.text_model.layers[0]
+    for module, name in ((original.self_attn, "q_proj"), (original.self_attn, "o_proj"),
+                         (original.mlp, "gate_proj"), (original.mlp, "down_proj")):
+        assert not hasattr(module, name)

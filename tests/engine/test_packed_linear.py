@@ -21,7 +21,7 @@ def test_a_packed_linear_computes_what_the_linear_does(bias, shape):
     linear = nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
     x = torch.randn(*shape, dtype=torch.bfloat16)
     expected = linear(x)
-    got = PackedLinear(linear)(x)
+    got = PackedLinear(linear.weight, linear.bias)(x)
     assert got.shape == expected.shape and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 

@@ -43,12 +43,11 @@ class PackedDecoder:
         self.attention = attention
         self.dense = DenseParts(compiled)
         model = language.text_model
-        self.layers = list(model.layers)
+        # the family's own rotary application (exactness); every layer uses the same function
+        self.apply_rotary = sys.modules[type(model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.layers = self.dense.layers(list(model.layers))
         self.norm = model.norm
         self.rotary = model.rotary_emb
-        first = self.layers[0].self_attn
-        # the family's own rotary application (exactness); every layer uses the same function
-        self.apply_rotary = sys.modules[type(first).__module__].apply_rotary_pos_emb
         self.head_dim = pool.layout.head_dim
 
     @property

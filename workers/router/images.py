@@ -6,12 +6,12 @@ preprocessing happen on the encode workers."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 from dataclasses import dataclass
 
 import aiohttp
+import pybase64
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
@@ -80,7 +80,8 @@ class ImageFetcher:
         if len(payload) * 3 // 4 > self.limits.max_bytes:
             raise self._too_big(len(payload) * 3 // 4, param)
         try:
-            return base64.b64decode(payload, validate=True)
+            # SIMD base64 (the standard library's takes 1.3 ms for a 336x336 PNG, here on the event loop)
+            return pybase64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise bad_request(f"image data URL is not valid base64: {exc}", "invalid_image", param) from exc
 

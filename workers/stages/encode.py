@@ -109,6 +109,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         features = iter(await self.ctx.compute("encode", self.vision.encode_prepared, good) if good else [])
         results = [p if isinstance(p, Exception) else next(features) for p in prepared]
         metrics.ENCODED_ITEMS.inc(sum(not isinstance(r, Exception) for r in results))
+        encoded = []
         for task, result in zip(tasks, results, strict=True):
             self.in_flight.pop(task.key, None)
             if isinstance(result, Exception):
@@ -119,10 +120,12 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
             for evicted in self.lru.put(task.key, result):
                 metrics.CACHE_EVENTS.labels("encode", "evicted").inc()
                 await self.ctx.metadata.forget(evicted, owner=self.ctx.address)
-            if task.key in self.lru:
-                await self._announce(task.key, result)
-            else:
-                await self.ctx.metadata.forget(task.key, owner=self.ctx.address)
+            encoded.append((task, result))
+        # the batch's records in one round of Redis writes (an item a later one evicted is forgotten)
+        await asyncio.gather(*(self._announce(task.key, result) if task.key in self.lru
+                               else self.ctx.metadata.forget(task.key, owner=self.ctx.address)
+                               for task, result in encoded))
+        for task, result in encoded:
             if not task.future.done():
                 task.future.set_result(result)
 

@@ -61,7 +61,9 @@ class WorkerConfig:
     metrics_port: int = 0
     device: str = "cpu"
     encode_max_batch: int = 16
-    encode_max_wait: float = 0.005
+    # 0: a batch is whatever is queued when the tower is free (batches form while the previous one runs);
+    # waiting for more only delays a lone request's first token
+    encode_max_wait: float = 0.0
     prefill_token_budget: int = 8192  # tokens per prefill step; longer prompts are chunked
     decode_max_batch: int = 64
     decode_max_kv_tokens: int = 1 << 20
