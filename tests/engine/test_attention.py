@@ -1,5 +1,6 @@
 """The paged attention kernels against PyTorch's SDPA on gathered keys and values:
-random block tables, different context lengths, GQA groups, float32 and bfloat16."""
+random block tables, different context lengths, GQA groups, float32 and 16-bit;
+and the C++ backend's split of a mixed batch between its kernels and SDPA."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epd.workers.engine.cpu_attention import kernel, paged_decode
+from epd.workers.engine.attention import PREFILL_KERNEL_MAX_CONTEXT, CpuPagedAttention, SdpaAttention
+from epd.workers.engine.batch import PackedBatch
+from epd.workers.engine.block_allocator import BlockAllocator
+from epd.workers.engine.cpu_attention import kernel, paged_decode, paged_prefill
+from epd.workers.engine.kv_pool import KVLayout, KVPool
 
 
 def reference(query, keys, values, tables, lengths, scale):
@@ -39,3 +44,65 @@ def test_cpu_paged_decode_matches_sdpa(dtype, tolerance, heads, kv_heads, batch)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), reference(query, keys, values, tables, lengths, dim ** -0.5),
                                atol=tolerance, rtol=tolerance)
+
+
+def prefill_reference(query, keys, values, tables, starts, lens, contexts, scale):
+    """Each chunk's queries (the last of its context's positions) attending causally over its gathered blocks."""
+    block = keys.shape[1]
+    out = torch.zeros_like(query, dtype=torch.float32)
+    for s, (start, n, context) in enumerate(zip(starts.tolist(), lens.tolist(), contexts.tolist(), strict=True)):
+        slots = [tables[s, t // block].item() * block + t % block for t in range(context)]
+        k = keys.flatten(0, 1)[slots].transpose(0, 1).unsqueeze(0).float()
+        v = values.flatten(0, 1)[slots].transpose(0, 1).unsqueeze(0).float()
+        mask = torch.ones(n, context, dtype=torch.bool).tril(context - n)
+        q = query[start:start + n].transpose(0, 1).unsqueeze(0).float()
+        out[start:start + n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                              enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 32), (8, 2, 64), (6, 3, 40)])
+def test_cpu_paged_prefill_matches_sdpa(dtype, tolerance, heads, kv_heads, dim):
+    """Chunks with and without a cached prefix, one spanning several query tiles, one of a single token;
+    packed in any order, with other rows (here left zero) between them."""
+    if kernel() is None:
+        pytest.fail("the CPU paged-attention kernel did not build: is a C++ compiler installed? (scripts/setup.sh)")
+    generator = torch.Generator().manual_seed(1)
+    blocks, block = 160, 4
+    keys = torch.randn(blocks, block, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(blocks, block, kv_heads, dim, generator=generator).to(dtype)
+    lens = torch.tensor([150, 7, 1, 33])
+    contexts = torch.tensor([150, 7 + 20, 1 + 9, 33 + 64])  # new tokens after 0, 20, 9 and 64 cached ones
+    starts = torch.tensor([40, 0, 200, 300])
+    tables = torch.randperm(blocks, generator=generator)[:4 * 38].view(4, 38)
+    query = torch.randn(340, heads, dim, generator=generator).to(dtype)
+    out = torch.zeros_like(query)
+    paged_prefill(out, query, keys, values, tables, starts, lens, contexts, dim ** -0.5)
+    expected = prefill_reference(query, keys, values, tables, starts, lens, contexts, dim ** -0.5)
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    assert out[190:200].abs().sum() == 0  # rows of no chunk are left alone
+
+
+def test_cpu_paged_backend_sends_short_bfloat16_prompts_to_the_kernel_and_long_ones_to_sdpa():
+    """A mixed batch (decode rows, short prompt chunks, a prompt longer than the kernel's limit) through the
+    C++ backend gives SDPA's outputs within bfloat16 rounding."""
+    if kernel() is None:
+        pytest.fail("the CPU paged-attention kernel did not build: is a C++ compiler installed? (scripts/setup.sh)")
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.bfloat16)
+    pool = KVPool(layout, 160)
+    allocator = BlockAllocator(pool.num_blocks)
+    generator = torch.Generator().manual_seed(2)
+    batch = PackedBatch(layout.block_size)
+    for cached, new in ((30, 1), (5, 1), (0, 100), (48, 20), (0, PREFILL_KERNEL_MAX_CONTEXT + 200)):
+        table = allocator.allocate(-(-(cached + new) // layout.block_size))
+        batch.add(table, cached, new, torch.arange(cached, cached + new), wants_logits=True)
+    batch.finish(torch.device("cpu"))
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=generator).to(torch.bfloat16))
+    tokens = batch.num_tokens
+    query = torch.randn(tokens, 8, 32, generator=generator).to(torch.bfloat16)
+    new_keys, new_values = pool.slots(0)
+    keys, values = new_keys[batch.slot_tensor].clone(), new_values[batch.slot_tensor].clone()
+    got = CpuPagedAttention(pool, 32 ** -0.5).attend(0, query, keys, values, batch)
+    expected = SdpaAttention(pool, 32 ** -0.5).attend(0, query, keys, values, batch)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -4,8 +4,8 @@
 scaled-dot-product attention per sequence: a sequence with nothing cached
 attends over its own new tokens (causal), one that extends cached KV (a
 prefix-cache hit, a later chunk, a decode step) over its blocks.
-`CpuPagedAttention` runs decode steps through a C++ kernel that reads the
-blocks in place (`cpu_attention`); the CUDA decode kernel lives in
+`CpuPagedAttention` runs decode steps, and in 16-bit pools short prompt chunks,
+through C++ kernels that read the blocks in place (`cpu_attention`); the CUDA decode kernel lives in
 `triton_attention`. `select_backend` picks the fastest that runs here."""
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import torch.nn.functional as F
 
 from .batch import PackedBatch
 from .cpu_attention import kernel as cpu_kernel
-from .cpu_attention import paged_decode
+from .cpu_attention import paged_decode, paged_prefill
 from .kv_pool import KVPool
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "cpu-paged", "triton")
+# Longer prompt contexts go to PyTorch's flash attention, faster there (see cpu_attention; crossover ~700 here).
+PREFILL_KERNEL_MAX_CONTEXT = 640
 
 
 class AttentionBackend(Protocol):
@@ -50,21 +52,27 @@ class SdpaAttention:
     def attend_each(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     batch: PackedBatch, out: torch.Tensor, first: int = 0) -> torch.Tensor:
         """Fill `out`'s rows of sequences `first`.. one SDPA call each."""
-        for index, seq in enumerate(batch.sequences[first:], first):
-            rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            q = query[rows].transpose(0, 1).unsqueeze(0)
-            if seq.cached_len == 0:
-                k, v = keys[rows], values[rows]
-                mask = None
-                causal = seq.query_len > 1
-            else:
-                k, v = self.pool.read(layer, batch.block_table(index), seq.context_len)
-                mask = _offset_causal_mask(seq.query_len, seq.context_len, query.device) if seq.query_len > 1 else None
-                causal = False
-            o = F.scaled_dot_product_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                                               attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1)
+        for index in range(first, len(batch.sequences)):
+            self.attend_one(layer, query, keys, values, batch, out, index)
         return out
+
+    def attend_one(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   batch: PackedBatch, out: torch.Tensor, index: int) -> None:
+        """Fill `out`'s rows of sequence `index` with one SDPA call."""
+        seq = batch.sequences[index]
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        q = query[rows].transpose(0, 1).unsqueeze(0)
+        if seq.cached_len == 0:
+            k, v = keys[rows], values[rows]
+            mask = None
+            causal = seq.query_len > 1
+        else:
+            k, v = self.pool.read(layer, batch.block_table(index), seq.context_len)
+            mask = _offset_causal_mask(seq.query_len, seq.context_len, query.device) if seq.query_len > 1 else None
+            causal = False
+        o = F.scaled_dot_product_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                                           attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1)
 
 
 class PagedDecodeAttention(SdpaAttention):
@@ -79,22 +87,42 @@ class PagedDecodeAttention(SdpaAttention):
                batch: PackedBatch) -> torch.Tensor:
         rows = batch.decode_rows
         if rows == 0:
-            return super().attend(layer, query, keys, values, batch)
+            return self.attend_prefill(layer, query, keys, values, batch, torch.empty_like(query), 0)
         key_cache, value_cache = self.pool.kv[layer]
         tables, lengths = batch.decode_tables
         decoded = type(self).kernel(query[:rows], key_cache, value_cache, tables, lengths, self.scale)
         if rows == len(batch.sequences):
             return decoded
-        out = self.attend_each(layer, query, keys, values, batch, torch.empty_like(query), first=rows)
+        out = self.attend_prefill(layer, query, keys, values, batch, torch.empty_like(query), rows)
         out[:rows] = decoded
         return out
 
+    def attend_prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       batch: PackedBatch, out: torch.Tensor, first: int) -> torch.Tensor:
+        """Fill `out`'s rows of the prompt chunks, sequences `first`.. (SDPA here)."""
+        return self.attend_each(layer, query, keys, values, batch, out, first)
+
 
 class CpuPagedAttention(PagedDecodeAttention):
-    """Decode through the C++ paged kernel (epd.workers.engine.cpu_attention)."""
+    """Decode through the C++ paged kernel (epd.workers.engine.cpu_attention); in 16-bit pools, the prompt
+    chunks of at most `PREFILL_KERNEL_MAX_CONTEXT` positions through its prefill kernel, all in one call."""
 
     name = "cpu-paged"
     kernel = paged_decode
+
+    def attend_prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       batch: PackedBatch, out: torch.Tensor, first: int) -> torch.Tensor:
+        if query.dtype not in (torch.bfloat16, torch.float16):  # float32 stays pinned to SDPA (exactness tests)
+            return self.attend_each(layer, query, keys, values, batch, out, first)
+        short = batch.short_prompts(first, PREFILL_KERNEL_MAX_CONTEXT)
+        if short is not None:
+            key_cache, value_cache = self.pool.kv[layer]
+            paged_prefill(out, query, key_cache, value_cache, short.tables, short.query_starts, short.query_lens,
+                          short.context_lens, self.scale)
+        for index in range(first, len(batch.sequences)):
+            if batch.sequences[index].context_len > PREFILL_KERNEL_MAX_CONTEXT:
+                self.attend_one(layer, query, keys, values, batch, out, index)
+        return out
 
 
 def _offset_causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,17 @@ class SequenceSlice:
         return self.context_len - self.query_len
 
 
+@dataclass(frozen=True)
+class KernelPrompts:
+    """Some prompt chunks of a batch as a prefill kernel takes them: `[S, max_blocks]` block tables and `[S]`
+    first packed rows, row counts and context lengths."""
+
+    tables: torch.Tensor
+    query_starts: torch.Tensor
+    query_lens: torch.Tensor
+    context_lens: torch.Tensor
+
+
 @dataclass
 class PackedBatch:
     """A forward's inputs besides the embeddings; built with `add`, then `finish`."""
@@ -40,6 +51,9 @@ class PackedBatch:
     logits_index: torch.Tensor | None = None  # rows whose logits are needed; None: every row (decode)
     position_ids: torch.Tensor | None = None  # given directly (decode, CUDA graphs), else from `positions`
     device: torch.device | None = None  # where `finish` put the tensors
+    # kernel inputs derived once per forward for every layer: (first sequence, context limit) -> prompts
+    _short_prompts: dict[tuple[int, int], KernelPrompts | None] = field(default_factory=dict, init=False,
+                                                                        repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +102,24 @@ class PackedBatch:
     def block_table(self, index: int) -> torch.Tensor:
         """Sequence `index`'s block table as a tensor on the batch's device."""
         return torch.tensor(self.sequences[index].block_table, dtype=torch.long).to(self.device)
+
+    def short_prompts(self, first: int, max_context: int) -> KernelPrompts | None:
+        """Sequences `first`.. whose context is at most `max_context` positions, for a prefill kernel (None:
+        there are none); built on the first call of a forward, reused by every layer."""
+        key = (first, max_context)
+        if key not in self._short_prompts:
+            chosen = [s for s in self.sequences[first:] if s.context_len <= max_context]
+            prompts = None
+            if chosen:
+                width = max(len(s.block_table) for s in chosen)
+                prompts = KernelPrompts(
+                    torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in chosen],
+                                 dtype=torch.long).to(self.device),
+                    torch.tensor([s.query_start for s in chosen], dtype=torch.long).to(self.device),
+                    torch.tensor([s.query_len for s in chosen], dtype=torch.long).to(self.device),
+                    torch.tensor([s.context_len for s in chosen], dtype=torch.long).to(self.device))
+            self._short_prompts[key] = prompts
+        return self._short_prompts[key]
 
     @property
     def decode_rows(self) -> int:
