@@ -82,3 +82,14 @@ def test_compiled_layers_hold_their_projection_weights_once():
     for module, name in ((original.self_attn, "q_proj"), (original.self_attn, "o_proj"),
                          (original.mlp, "gate_proj"), (original.mlp, "down_proj")):
         assert not hasattr(module, name)
+
+
+def test_runtimes_built_on_one_language_part_share_its_fused_layers():
+    """The offline engines and the benchmark build several runtimes on one language part: the layers are
+    fused once, and every runtime computes the same logits."""
+    adapter = load_adapter("tiny-llava")
+    language = adapter.load_language("cpu", torch.bfloat16)
+    first, second = (build_runtime(language, KVCacheConfig(1 << 22, block_size=4)) for _ in range(2))
+    assert all(a is b for a, b in zip(first.decoder.layers, second.decoder.layers, strict=True))
+    vocab = int(adapter.text_config.vocab_size)
+    torch.testing.assert_close(packed_logits(first, vocab, SIZES), packed_logits(second, vocab, SIZES))

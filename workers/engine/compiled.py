@@ -73,7 +73,7 @@ class DenseParts:
 
     def layers(self, layers: list[Layer]) -> list[Layer]:
         """The decoder layers as these dense parts take them: fused (compiled), or as they are."""
-        return [FusedLayer(layer) for layer in layers] if self.compiled else layers
+        return [FusedLayer.of(layer) for layer in layers] if self.compiled else layers
 
     def warm_up(self, layer: Layer, rotary: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
                 apply_rotary: Rotary, head_dim: int, hidden_size: int, heads: int) -> None:

@@ -17,7 +17,7 @@ Float32 layers are never compiled, so the path pinned token for token to
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj")
 
 
 class FusedLayer(nn.Module):
-    """What a compiled layer's dense parts read: the norms, the activation and the fused projections."""
+    """What a compiled layer's dense parts read: the norms, the activation and the fused projections.
+    Build it with `of`: a layer is fused once, and every runtime built on it shares the result."""
 
     input_layernorm: nn.Module
     post_attention_layernorm: nn.Module
@@ -54,6 +55,14 @@ class FusedLayer(nn.Module):
         for module, names in ((attn, (*ATTENTION_PROJECTIONS, "o_proj")), (mlp, (*MLP_PROJECTIONS, "down_proj"))):
             for name in names:  # the fused copies replace them: the weights are held once
                 delattr(module, name)
+
+    @classmethod
+    def of(cls, layer: Any) -> FusedLayer:
+        """The layer's fused projections, made now if no runtime made them before."""
+        fused = getattr(layer, "fused_projections", None)
+        if fused is None:
+            fused = layer.fused_projections = cls(layer)
+        return cast(FusedLayer, fused)
 
 
 def joined(linears: Sequence[nn.Linear]) -> nn.Module:
