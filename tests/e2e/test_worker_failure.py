@@ -14,6 +14,9 @@ from ..conftest import wait_until
 from .harness import chat_body, png_bytes, running, start_serve
 
 MODEL = "tiny-llava"
+# long enough that the kill lands mid-stream: 400 tokens of tiny-llava once all streamed before the busy worker
+# was found and killed (no resume happened)
+TOKENS = 2000
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def served(redis_server):
 
 
 def test_decode_worker_killed_mid_stream(served):
-    body = chat_body(MODEL, "Tell me a very long story.", [], max_tokens=400, stream=True)
+    body = chat_body(MODEL, "Tell me a very long story.", [], max_tokens=TOKENS, stream=True)
     undisturbed = httpx.post(served.base_url + "/chat/completions", json={**body, "stream": False}, timeout=120)
     events = []
     with httpx.stream("POST", served.base_url + "/chat/completions", json=body, timeout=120) as response:
@@ -44,7 +47,7 @@ def test_decode_worker_killed_mid_stream(served):
     chunks = [json.loads(e) for e in events[:-1]]
     assert not [c for c in chunks if "error" in c]
     tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role") is None]
-    assert len(tokens) == 400 and tokens[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(tokens) == TOKENS and tokens[-1]["choices"][0]["finish_reason"] == "length"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in tokens)
     assert text == undisturbed.json()["choices"][0]["message"]["content"]  # greedy: as if undisturbed
     assert served.router_metric("epd_router_recoveries_total", kind="resume") == 1
