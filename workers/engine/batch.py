@@ -75,10 +75,8 @@ class PackedBatch:
         if rows:  # plain integers, one tensor each (the per-step hot path)
             parts.insert(0, torch.tensor([s.block_table[s.cached_len // size] * size + s.cached_len % size
                                           for s in singles], dtype=torch.long))
-            width = max(len(s.block_table) for s in singles)
-            self.padded_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in singles],
-                                              dtype=torch.long).to(device)
-            self.context_lens = torch.tensor([s.context_len for s in singles], dtype=torch.long).to(device)
+            self.padded_tables = _padded_tables(singles, device)
+            self.context_lens = _longs([s.context_len for s in singles], device)
         self.slots = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device)
         if len(self.logits_rows) != self.num_tokens:
             self.logits_index = torch.tensor(self.logits_rows, dtype=torch.long).to(device)
@@ -111,13 +109,10 @@ class PackedBatch:
             chosen = [s for s in self.sequences[first:] if s.context_len <= max_context]
             prompts = None
             if chosen:
-                width = max(len(s.block_table) for s in chosen)
-                prompts = KernelPrompts(
-                    torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in chosen],
-                                 dtype=torch.long).to(self.device),
-                    torch.tensor([s.query_start for s in chosen], dtype=torch.long).to(self.device),
-                    torch.tensor([s.query_len for s in chosen], dtype=torch.long).to(self.device),
-                    torch.tensor([s.context_len for s in chosen], dtype=torch.long).to(self.device))
+                prompts = KernelPrompts(_padded_tables(chosen, self.device),
+                                        _longs([s.query_start for s in chosen], self.device),
+                                        _longs([s.query_len for s in chosen], self.device),
+                                        _longs([s.context_len for s in chosen], self.device))
             self._short_prompts[key] = prompts
         return self._short_prompts[key]
 
@@ -130,3 +125,13 @@ class PackedBatch:
     def packed_positions(self) -> torch.Tensor:
         """`[T]` (1-D RoPE) or `[3, T]` (M-RoPE) position ids of every packed token."""
         return self.position_ids if self.position_ids is not None else torch.cat(self.positions, dim=-1)
+
+
+def _longs(values: list[int] | list[list[int]], device: torch.device | None) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device)
+
+
+def _padded_tables(sequences: list[SequenceSlice], device: torch.device | None) -> torch.Tensor:
+    """`[len(sequences), max_blocks]` block tables, each padded with block 0 (never read past its length)."""
+    width = max(len(s.block_table) for s in sequences)
+    return _longs([s.block_table + [0] * (width - len(s.block_table)) for s in sequences], device)

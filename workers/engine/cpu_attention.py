@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 #include <algorithm>
 #include <array>
 #include <cmath>
