@@ -8,8 +8,6 @@ import logging
 import sys
 from dataclasses import fields
 
-import torch
-
 from ..engine import ATTENTION_BACKENDS
 from ..models import UnknownModelError, download
 from ..redis_connection import add_redis_argument, redis_url
@@ -67,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         args.redis_url, args.tls = redis_url(args.redis_url), tls_from_args(args)
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
         download.prepare(args.model, args.role)  # a hub model with EPD_MODEL_DOWNLOAD=1: this stage's shards
         config = WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)})
         asyncio.run(serve_worker(config))

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..cache import MetadataStore
+from ..engine.thread_teams import pinned_executor
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
 from ..transport.grpc_transport import ChannelPool, GrpcEmbeddingTransport
@@ -34,9 +35,12 @@ class WorkerContext:
     health: WorkerHealth = field(default_factory=WorkerHealth)
     # One thread: the engines are synchronous and own the device. In colocated
     # mode all three stages share it, exactly like a single non-disaggregated server.
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engine"))
+    # Its parallel regions run on `threads` threads (0: the process default); see `engine.thread_teams`.
+    threads: int = 0
+    executor: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
+        self.executor = pinned_executor(self.threads, 1, "engine")
         self.embeddings = GrpcEmbeddingTransport(self.channels)
 
     async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import grpc
@@ -26,6 +26,7 @@ from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
 from ..engine.step_threads import StepThreads
+from ..engine.thread_teams import pin_threads, pinned_executor
 from ..models import ModelAdapter, load_adapter
 from ..redis_connection import connect
 from ..registry import Peering, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerRegistration
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 Role = Literal["encode", "prefill", "decode", "colocated"]
 INCARNATION = uuid.uuid4().hex  # this process's discovery records carry it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HELPER_THREADS = min(32, (os.cpu_count() or 1) + 4)  # the event loop's default executor (asyncio's own size)
 ROLES: tuple[Role, ...] = ("encode", "prefill", "decode", "colocated")
 
 
@@ -78,6 +80,7 @@ class WorkerConfig:
     kv_tcp_port: int = 0  # decode: the tcp KV path's port (0: any free port)
     enforce_eager: bool = False  # no decode CUDA graphs (CUDA), no compiled layers (CPU, 16-bit weights)
     small_step_tokens: int = 0  # CPU: forwards of at most this many tokens run on one thread (0: never)
+    torch_threads: int = 0  # the engine thread's intra-op threads (0: torch's default, one per core)
     dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
     tls: TLSFiles | None = None  # mutual TLS: serve with client certificates required, call peers with it
     grpc_reflection: bool = False
@@ -94,6 +97,8 @@ class WorkerConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         _ = self.kv_cache  # building it validates the KV settings
         StepThreads(self.small_step_tokens)  # validates it
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: one per core), got {self.torch_threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_paths(self.kv_paths)
@@ -135,7 +140,7 @@ class Worker:
         self.ctx = ctx = WorkerContext(address=address, adapter=adapter, redis=self.redis,
                                        metadata=MetadataStore(self.redis, config.cache_ttl),
                                        directory=WorkerDirectory(self.redis, peering=peering(config, adapter)),
-                                       channels=ChannelPool(config.tls))
+                                       channels=ChannelPool(config.tls), threads=config.torch_threads)
         self.servicers = await asyncio.get_running_loop().run_in_executor(ctx.executor, _build_servicers, config, ctx)
         self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers)) if config.role == "colocated" \
             else None
@@ -198,10 +203,21 @@ class Worker:
 
 async def serve_worker(config: WorkerConfig) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
-    worker = Worker(config)
+    worker = Worker(confine_teams(config))
     await worker.start()
     await until_signalled()
     await worker.stop()
+
+
+def confine_teams(config: WorkerConfig) -> WorkerConfig:
+    """Make the engine thread this process's only multi-threaded OpenMP team (`engine.thread_teams`): the
+    event loop's thread (the caller's) and its default executor run torch ops on one thread; the engine
+    thread gets `config.torch_threads`, made explicit here (torch's default when 0) before this thread's
+    count drops to one."""
+    config = replace(config, torch_threads=config.torch_threads or torch.get_num_threads())
+    pin_threads(1)
+    asyncio.get_running_loop().set_default_executor(pinned_executor(1, HELPER_THREADS, "helper"))
+    return config
 
 
 def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
