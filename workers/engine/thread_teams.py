@@ -7,10 +7,9 @@ outnumber the CPUs it stops spinning at barriers: each team member then sleeps
 in the kernel after every region and is woken for the next, and a forward has
 hundreds of regions. A worker whose engine thread already uses every core (the
 default) reaches that point as soon as one more thread opens a team: the event
-loop converting a tensor, a helper thread preprocessing images or copying KV,
-or the main thread loading the model before the engine thread took over. It
-stays there for the life of the process, since teams live as long as their
-threads. Measured here (small-llava, bfloat16, 2 cores, offline): a decode step
+loop looking up a prompt's embeddings (prefill does that as a request comes
+in), a helper thread preprocessing images or copying KV frames. It stays there
+for the life of the process, since teams live as long as their threads. Measured here (small-llava, bfloat16, 2 cores, offline): a decode step
 of 8 sequences took 8.4 ms with one team and 14-17 ms once a second thread had
 opened one; a step of 64 sequences 32 against 44-47 ms.
 
