@@ -9,8 +9,9 @@ hundreds of regions. A worker whose engine thread already uses every core (the
 default) reaches that point as soon as one more thread opens a team: the event
 loop looking up a prompt's embeddings (prefill does that as a request comes
 in), a helper thread preprocessing images or copying KV frames. It stays there
-for the life of the process, since teams live as long as their threads. Measured here (small-llava, bfloat16, 2 cores, offline): a decode step
-of 8 sequences took 8.4 ms with one team and 14-17 ms once a second thread had
+for the life of the process, since teams live as long as their threads.
+Measured here (small-llava, bfloat16, 2 cores, offline): a decode step of 8
+sequences took 8.4 ms with one team and 14-17 ms once a second thread had
 opened one; a step of 64 sequences 32 against 44-47 ms.
 
 So a worker pins its engine thread to its intra-op thread count and every other
@@ -32,6 +33,7 @@ def pin_threads(count: int) -> None:
     torch.set_num_threads(count or default)
 
 
-def pinned_executor(count: int, workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads run their parallel regions on `count` threads."""
+def pinned_executor(count: int, workers: int | None, name: str) -> ThreadPoolExecutor:
+    """A thread pool (of `workers` threads; None: the standard library's default) whose threads run their
+    parallel regions on `count` threads."""
     return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=pin_threads, initargs=(count,))

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 Role = Literal["encode", "prefill", "decode", "colocated"]
 INCARNATION = uuid.uuid4().hex  # this process's discovery records carry it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-HELPER_THREADS = min(32, (os.cpu_count() or 1) + 4)  # the event loop's default executor (asyncio's own size)
 ROLES: tuple[Role, ...] = ("encode", "prefill", "decode", "colocated")
 
 
@@ -216,7 +215,7 @@ def confine_teams(config: WorkerConfig) -> WorkerConfig:
     count drops to one."""
     config = replace(config, torch_threads=config.torch_threads or torch.get_num_threads())
     pin_threads(1)
-    asyncio.get_running_loop().set_default_executor(pinned_executor(1, HELPER_THREADS, "helper"))
+    asyncio.get_running_loop().set_default_executor(pinned_executor(1, None, "helper"))
     return config
 
 
