@@ -48,6 +48,8 @@ class WorkerInfo:
     incarnation: str = ""  # random per process start: a restarted worker on the same address is someone new
     processor: str = ""  # fingerprint of the image-processor settings (ModelAdapter.processor_fingerprint)
     block_size: int = 0  # tokens per KV block, prefill and decode (0: encode, or not published)
+    host_id: str = ""  # prefill: the host (and network namespace) it runs on, kv_paths.host_id()
+    embedding_socket: str = ""  # prefill: its shared-memory embedding mailbox, for encode workers on that host
     load: WorkerLoad = field(default_factory=WorkerLoad)
 
     def to_json(self) -> str:

@@ -2,7 +2,8 @@
 processes over gRPC, real Redis) equals `model.generate` of the same model,
 for every family, with 0, 1 and 4 images, 8 requests at once, over every KV
 path that runs here: shared memory, a TCP connection per handoff and raw gRPC
-frames between processes, and in-process adoption in one colocated process."""
+frames between processes, and in-process adoption in one colocated process.
+The embeddings take shared memory alongside the shm KV path, gRPC otherwise."""
 
 from __future__ import annotations
 
@@ -89,3 +90,8 @@ def test_eight_concurrent_mixed_requests_match_generate(served):
     assert served.metric(prefill, "epd_transfer_bytes_total", kind="kv", path=served.kv_path) > 0
     # intra-request parallelism: the items (images, anyres tiles) were spread over both encode workers
     assert all(served.metric(w.metrics_url, "epd_encode_items_total") > 0 for w in served.workers("encode"))
+    # embeddings take shared memory where prefill offers its mailbox (shm allowed), else gRPC
+    embedding_path, other = ("shm", "grpc") if served.kv_path == "shm" else ("grpc", "shm")
+    pushes = {path: served.stage_metric("encode", "epd_transfer_latency_seconds_count", kind="embedding", path=path)
+              for path in (embedding_path, other)}
+    assert pushes[embedding_path] > 0 and pushes[other] == 0, pushes

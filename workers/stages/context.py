@@ -16,7 +16,8 @@ from ..cache import MetadataStore
 from ..engine.thread_teams import pinned_executor
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
-from ..transport.grpc_transport import ChannelPool, GrpcEmbeddingTransport
+from ..transport.embedding_transport import EmbeddingTransport
+from ..transport.grpc_transport import ChannelPool
 from .supervision import WorkerHealth
 
 R = TypeVar("R")
@@ -41,7 +42,7 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.executor = pinned_executor(self.threads, 1, "engine")
-        self.embeddings = GrpcEmbeddingTransport(self.channels)
+        self.embeddings = EmbeddingTransport(self.channels, self.directory)
 
     async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:
         """Run engine work on the compute thread, counting busy time for the stage."""

@@ -11,6 +11,7 @@ import logging
 import time
 
 import grpc
+import torch
 
 from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
@@ -18,9 +19,10 @@ from epd.v1 import stages_pb2_grpc as pb_grpc
 from .. import metrics
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
-from ..transport.grpc_transport import LOCAL_EMBEDDING_SINKS
+from ..transport.embedding_transport import LOCAL_EMBEDDING_SINKS
 from ..transport.kv_paths import PATHS
 from ..transport.kv_sender import KVHandoffSink, KVSender
+from ..transport.shm_embeddings import EmbeddingMailbox
 from ..wire import failed_peer_metadata, sampling_from_proto, tensor_from_proto
 from .context import WorkerContext
 from .embeddings import EmbeddingSource, ItemSources
@@ -35,6 +37,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.ctx = ctx
         self.engine = engine
         self.kv = KVSender(ctx.channels, engine.pool, allowed=kv_paths)
+        self.kv_paths = kv_paths
+        self.mailbox: EmbeddingMailbox | None = None  # encode workers on this host push embeddings here
         self.embeddings = EmbeddingSource(ctx, engine.language, cache_bytes, embedding_wait)
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
         self.wakeup = asyncio.Event()
@@ -47,14 +51,29 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             self._loop.start(self._run)
         if self.ctx is not None:  # an encode stage in this process hands embeddings over by reference
             LOCAL_EMBEDDING_SINKS[self.ctx.address] = self._receive
+            if "shm" in self.kv_paths:
+                self.mailbox = EmbeddingMailbox(self._receive_all)
+                self.mailbox.start()
 
     async def stop(self) -> None:
         if self.ctx is not None:
             LOCAL_EMBEDDING_SINKS.pop(self.ctx.address, None)
+        if self.mailbox is not None:
+            await self.mailbox.stop()
         await self._loop.stop()
 
     def _receive(self, key: str, tensor) -> None:
         self.embeddings.store(key, self.embeddings.validated(tensor))
+
+    def _receive_all(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """A push through the mailbox: every embedding is checked before any is stored."""
+        for key, tensor in items:
+            try:
+                self.embeddings.validated(tensor)
+            except ValueError as exc:
+                raise ValueError(f"embedding {key}: {exc}") from exc
+        for key, tensor in items:
+            self.embeddings.store(key, tensor)
 
     @property
     def queue_depth(self) -> int:

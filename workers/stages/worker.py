@@ -33,7 +33,7 @@ from ..registry import Peering, WorkerDirectory, WorkerInfo, WorkerLoad, WorkerR
 from ..security.tls import TLSFiles, bind, plaintext_health_server
 from ..transport.cuda_ipc import export_handle
 from ..transport.grpc_transport import CHANNEL_OPTIONS, ChannelPool
-from ..transport.kv_paths import PATHS, nixl_available, parse_paths
+from ..transport.kv_paths import PATHS, host_id, nixl_available, parse_paths
 from ..transport.kv_receiver import TcpEndpoint
 from ..transport.nixl_path import NixlAgent
 from ..transport.shm import SharedPool
@@ -161,12 +161,14 @@ class Worker:
                               if config.health_port else None)
         self.metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
         metrics_url = f"http://{config.host}:{self.metrics_server.server_port}/metrics"
-        infos = [published(config, adapter, stage, address, metrics_url) for stage in config.stages]
+        mailbox = next((s.mailbox.path for s in self.servicers if isinstance(s, PrefillServicer) and s.mailbox), "")
+        infos = [published(config, adapter, stage, address, metrics_url, mailbox) for stage in config.stages]
         for info in infos:
             metrics.BATCH_LIMIT.labels(info.stage).set(info.batch_limit)
         self.registration = WorkerRegistration(self.redis, infos, lambda: _load(self.servicers))
-        if "prefill" in config.stages:
-            await ctx.directory.start()  # prefill recomputes on encode workers it finds here
+        if {"encode", "prefill"} & set(config.stages):
+            # prefill recomputes on encode workers it finds here; encode finds prefill's embedding mailbox
+            await ctx.directory.start()
         await self.registration.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._withdraw_when_dead())
@@ -264,15 +266,19 @@ def peering(config: WorkerConfig, adapter: ModelAdapter) -> Peering:
     return Peering(config.model, adapter.processor_fingerprint)
 
 
-def published(config: WorkerConfig, adapter: ModelAdapter, stage: str, address: str, metrics_url: str) -> WorkerInfo:
+def published(config: WorkerConfig, adapter: ModelAdapter, stage: str, address: str, metrics_url: str,
+              mailbox: str = "") -> WorkerInfo:
     """This worker's discovery record for `stage`: what peers must agree on, read from here rather
-    than repeated in their flags (the router hashes prompt blocks at this block size)."""
+    than repeated in their flags (the router hashes prompt blocks at this block size), and where
+    prefill takes embeddings in shared memory (`mailbox`: its socket)."""
     batch_limit = {"encode": config.encode_max_batch, "prefill": config.prefill_token_budget,
                    "decode": config.decode_max_batch}[stage]
     return WorkerInfo(stage=stage, address=address, model=config.model, batch_limit=batch_limit,
                       metrics_url=metrics_url, pid=os.getpid(), incarnation=INCARNATION,
                       processor=peering(config, adapter).processor,
-                      block_size=config.block_size if stage != "encode" else 0)
+                      block_size=config.block_size if stage != "encode" else 0,
+                      host_id=host_id() if stage == "prefill" else "",
+                      embedding_socket=mailbox if stage == "prefill" else "")
 
 
 def _load(servicers: list) -> WorkerLoad:
