@@ -3,7 +3,10 @@
 * multimodal cache: TTFT of requests whose 4 images are cached vs new images,
   with the prefill prefix KV cache on (default) and off (embedding cache only);
 * EPD (separate encode, prefill, decode processes) vs `--colocated` (one
-  process, no disaggregation) on the same load.
+  process, no disaggregation) on the same load: the colocated worker with the
+  machine's cores (what `epd serve --colocated` gives it), and with as many
+  threads as each EPD worker gets (the same compute per stage, so what is
+  left between the two is the price of the hops and transfers).
 
 Usage: python -m epd.bench.compare [--model small-llava] --out bench/results/compare.json"""
 
@@ -21,6 +24,7 @@ from epd.image_size import image_size_argument
 from epd.slo import SLO
 
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
+from ..workers.launcher.serve_cli import threads_each
 from .report import table, write_json
 from .runner import run_workload
 from .workload import WorkloadSpec
@@ -52,8 +56,21 @@ def cache_runs(model: str, base: WorkloadSpec, *extra: str) -> tuple[dict, dict]
     return miss, hit
 
 
+def colocated_run(model: str, base: WorkloadSpec, *extra: str) -> dict:
+    with serving(model, "--colocated", *extra) as url:
+        measure(url, replace(base, requests=4, seed=99), "warm-up")
+        return measure(url, replace(base, seed=1), f"colocated{' ' + ' '.join(extra) if extra else ''}, new images")
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def versus(epd: dict, colocated: dict) -> dict:
+    return {"epd": epd, "colocated": colocated,
+            "ttft_p50_epd_over_colocated": ratio(epd["ttft_s"]["p50"], colocated["ttft_s"]["p50"]),
+            "ttft_p90_epd_over_colocated": ratio(epd["ttft_s"]["p90"], colocated["ttft_s"]["p90"]),
+            "throughput_epd_over_colocated": ratio(epd["throughput_rps"], colocated["throughput_rps"])}
 
 
 def main() -> int:
@@ -72,9 +89,9 @@ def main() -> int:
     miss, hit = cache_runs(args.model, base)
     # the same with the prefill prefix KV cache off: what the embedding cache alone saves
     miss_no_prefix, hit_no_prefix = cache_runs(args.model, base, "--worker-arg=--prefix-cache-bytes=0")
-    with serving(args.model, "--colocated") as url:
-        measure(url, replace(base, requests=4, seed=99), "warm-up")
-        colocated = measure(url, replace(base, seed=1), "colocated, new images")
+    colocated = colocated_run(args.model, base)
+    per_stage = threads_each(3)  # what `epd serve` gives each of EPD's three workers
+    colocated_per_stage = colocated_run(args.model, base, f"--worker-threads={per_stage}")
 
     results["cache"] = {"miss": miss, "hit": hit,
                         "ttft_p50_hit_over_miss": ratio(hit["ttft_s"]["p50"], miss["ttft_s"]["p50"]),
@@ -83,17 +100,15 @@ def main() -> int:
                             "miss": miss_no_prefix, "hit": hit_no_prefix,
                             "ttft_p50_hit_over_miss": ratio(hit_no_prefix["ttft_s"]["p50"],
                                                             miss_no_prefix["ttft_s"]["p50"])}}
-    results["epd_vs_colocated"] = {
-        "epd": miss, "colocated": colocated,
-        "ttft_p50_epd_over_colocated": ratio(miss["ttft_s"]["p50"], colocated["ttft_s"]["p50"]),
-        "ttft_p90_epd_over_colocated": ratio(miss["ttft_s"]["p90"], colocated["ttft_s"]["p90"]),
-        "throughput_epd_over_colocated": ratio(miss["throughput_rps"], colocated["throughput_rps"]),
-    }
+    results["epd_vs_colocated"] = versus(miss, colocated)
+    results["epd_vs_colocated_same_threads"] = {"threads": per_stage, **versus(miss, colocated_per_stage)}
     write_json(args.out, results)
     print(json.dumps({k: v for k, v in results["cache"].items() if "over" in k}
                      | {"ttft_p50_hit_over_miss_embedding_cache_only":
                         results["cache"]["embedding_cache_only"]["ttft_p50_hit_over_miss"]}
-                     | {k: v for k, v in results["epd_vs_colocated"].items() if "over" in k}, indent=2))
+                     | {k: v for k, v in results["epd_vs_colocated"].items() if "over" in k}
+                     | {f"{k}_same_threads": v for k, v in results["epd_vs_colocated_same_threads"].items()
+                        if "over" in k}, indent=2))
     return 0
 
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             roles = [("colocated", 1)] if args.colocated else list(counts.items())
             # the router, Redis and the clients share this machine's cores with the workers: a worker's small
             # forwards run on one thread, which they cannot stall (--worker-arg=--small-step-tokens=0: off)
-            threads = ["--torch-threads", str(args.worker_threads or _threads_each(sum(n for _, n in roles))),
+            threads = ["--torch-threads", str(args.worker_threads or threads_each(sum(n for _, n in roles))),
                        f"--small-step-tokens={SHARED_MACHINE_SMALL_STEP_TOKENS}"]
             workers = [group.start(f"{role}-{i}", epd_command("worker", "--role", role, "--model", args.model,
                                                               *tls, *threads, *args.worker_arg),
@@ -124,7 +124,7 @@ def _supervise(group: ProcessGroup, stop: threading.Event) -> int:
     return 0
 
 
-def _threads_each(workers: int) -> int:
+def threads_each(workers: int) -> int:
     """The cores this process may use, split evenly among `workers` processes (at least one each)."""
     return max(1, len(os.sched_getaffinity(0)) // workers)
 
