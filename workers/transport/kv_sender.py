@@ -77,6 +77,8 @@ class KVHandoffSink:
         self.aborted = False  # set before the reservation is given back: no write may follow
         self.task: asyncio.Task | None = None  # the grpc path's sender
         self.finished = asyncio.get_running_loop().create_future()  # resolved by the data path
+        # a data path that fails after the request already failed (nobody awaits `finish`) is no news
+        self.finished.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     @property
     def path(self) -> str:
