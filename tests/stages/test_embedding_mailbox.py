@@ -20,7 +20,12 @@ from epd.workers.stages.prefill import PrefillServicer
 from epd.workers.stages.worker import Worker, WorkerConfig
 from epd.workers.transport.embedding_transport import LOCAL_EMBEDDING_SINKS
 from epd.workers.transport.kv_paths import host_id
-from epd.workers.transport.shm_embeddings import EmbeddingMailbox, EmbeddingRejected, send_embeddings
+from epd.workers.transport.shm_embeddings import (
+    MAX_ITEMS,
+    EmbeddingMailbox,
+    EmbeddingRejected,
+    send_embeddings,
+)
 
 from ..helpers import eventually
 
@@ -143,6 +148,11 @@ async def test_encode_pushes_to_a_prefill_worker_of_its_host_in_shared_memory(en
     await encode.ctx.embeddings.push(prefill.ctx.address, "r1", encode.ctx.address, {"img-1": embedding})
     assert torch.equal(stage.embeddings.buffer.get("img-1"), embedding)
     assert (pushed("shm"), pushed("grpc")) == (before[0] + embedding.nbytes, before[1])
+    # more items than one message carries descriptors for: several messages
+    many = {f"tile-{i}": torch.full((4, hidden), float(i)) for i in range(MAX_ITEMS + 6)}
+    await encode.ctx.embeddings.push(prefill.ctx.address, "r3", encode.ctx.address, many)
+    assert all(torch.equal(stage.embeddings.buffer.get(key), tensor) for key, tensor in many.items())
+    assert pushed("grpc") == before[1]
     # an embedding that does not fit the model is refused whole, as over gRPC
     with pytest.raises(EmbeddingRejected, match="embedding img-3: expected a floating"):
         await encode.ctx.embeddings.push(prefill.ctx.address, "r2", encode.ctx.address,

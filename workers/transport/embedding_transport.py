@@ -22,7 +22,7 @@ from ..registry import WorkerDirectory
 from ..wire import tensor_from_proto, tensor_to_proto
 from .grpc_transport import ChannelPool
 from .kv_paths import host_id
-from .shm_embeddings import send_embeddings
+from .shm_embeddings import MAX_ITEMS, send_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class EmbeddingTransport:
         start = time.perf_counter()
         mailbox = self._mailbox(address)
         if mailbox:
-            try:
-                sent = await asyncio.to_thread(send_embeddings, mailbox, embeddings, self.timeout)
+            items = list(embeddings.items())
+            try:  # at most MAX_ITEMS descriptors per message (anyres images have many tiles)
+                sent = sum([await asyncio.to_thread(send_embeddings, mailbox, dict(items[i:i + MAX_ITEMS]),
+                                                    self.timeout) for i in range(0, len(items), MAX_ITEMS)])
             except OSError as exc:  # gone, or restarted with another mailbox: gRPC still reaches it
                 log.warning("embeddings for %s: shared memory to %s failed (%r); sending over gRPC",
                             request_id, address, exc)
