@@ -181,3 +181,23 @@ async def test_a_prefill_worker_without_shm_gets_embeddings_over_grpc(encode_and
     await encode.ctx.embeddings.push(prefill.ctx.address, "r1", encode.ctx.address, {"img-1": embedding})
     assert torch.equal(stage.embeddings.buffer.get("img-1"), embedding)
     assert pushed("shm") == before[0] and pushed("grpc") > before[1]
+
+
+async def test_descriptors_sent_without_a_header_are_closed(mailbox):
+    box, taken = mailbox
+
+    def descriptors_alone() -> bytes:
+        memory = os.memfd_create("test")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(5.0)
+                sock.connect(box.path)
+                socket.send_fds(sock, [b""], [memory])
+                return sock.recv(4096)
+        finally:
+            os.close(memory)
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    assert await asyncio.to_thread(descriptors_alone) == b""  # no header: no answer, nothing stored
+    await eventually(lambda: len(os.listdir("/proc/self/fd")) == open_before)  # the mailbox closed what it got
+    assert taken.pushes == []

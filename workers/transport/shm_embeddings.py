@@ -112,7 +112,8 @@ class EmbeddingMailbox:
             except (OSError, asyncio.TimeoutError) as exc:  # the sender died or stalled: nothing was stored
                 log.debug("embedding push broke off: %r", exc)
                 return
-            if not message:  # connected and left without a word
+            if not message:  # connected and left without a word (any descriptors with it are closed)
+                _close(fds)
                 return
             reply = self._take(message, fds)
             with contextlib.suppress(OSError):  # a sender gone by now learns nothing; its items are stored
@@ -130,8 +131,12 @@ class EmbeddingMailbox:
             log.warning("refused an embedding push: %s", exc)
             return f"refused: {exc}".encode()
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _mapped(fd: int, item: dict) -> torch.Tensor:
@@ -154,8 +159,7 @@ async def _receive(connection: socket.socket) -> tuple[bytes, list[int]]:
             await _readable(loop, connection)
             continue
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in fds:
-                os.close(fd)
+            _close(fds)
             raise OSError("an embedding push larger than the mailbox takes")
         return message, fds
 
