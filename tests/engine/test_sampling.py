@@ -34,17 +34,27 @@ def generate(adapter, language, sampling: SamplingParams, text: str = "Tell me a
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    generator = new_generator(0)
+    generator = new_generator(SamplingParams(temperature=1.0, seed=0))
     assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), generator) for _ in range(20)} == {1}
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), generator) for _ in range(50)} <= {1, 2}
     assert sample(logits, SamplingParams(), generator) == 1
 
 
 def test_generator_state_round_trips():
-    generator = new_generator(1234)
+    params = SamplingParams(temperature=0.7, seed=1234)
+    generator = new_generator(params)
     torch.rand(3, generator=generator)
-    copy = restore_generator(generator_state(generator))
+    copy = restore_generator(generator_state(generator), params)
     assert torch.equal(torch.rand(5, generator=generator), torch.rand(5, generator=copy))
+
+
+def test_greedy_requests_carry_no_generator_and_sampling_never_falls_back_to_the_global_one():
+    greedy = SamplingParams(temperature=0.0, seed=3)
+    assert new_generator(greedy) is None and generator_state(None) == b""
+    assert restore_generator(b"", greedy) is None
+    assert sample(torch.tensor([0.0, 2.0, 1.0]), greedy, None) == 1
+    with pytest.raises(ValueError, match="needs the request's generator"):
+        sample(torch.tensor([0.0, 2.0, 1.0]), SamplingParams(temperature=1.0), None)
 
 
 def test_seeded_sampling_is_reproducible_across_the_handoff(llava):

@@ -25,6 +25,7 @@ from epd.workers.router.inprocess_stage_client import InProcessStageClient, _Con
 from epd.workers.router.pipeline import StageFailure, StagePipeline
 from epd.workers.router.prepare import prepare
 from epd.workers.router.prompt import PromptEncoder
+from epd.workers.router.recovery import RecoveringStream
 from epd.workers.router.routing import RoutePlanner
 from epd.workers.router.schema import parse_chat_request
 from epd.workers.router.stage_client import StageCallError
@@ -71,6 +72,54 @@ async def test_the_pipeline_gives_the_same_tokens_in_process_and_over_grpc(worke
     finally:
         await channels.close()
         await redis.aclose()
+
+
+class CancelLog(InProcessStageClient):
+    """The in-process client, noting every `Cancel` the pipeline sends."""
+
+    def __init__(self, servicers) -> None:
+        super().__init__(servicers)
+        self.cancels: list[str] = []
+
+    async def cancel(self, stage: str, address: str, request_id: str) -> bool:
+        self.cancels.append(stage)
+        return await super().cancel(stage, address, request_id)
+
+
+async def test_only_a_request_left_unfinished_sends_the_stages_a_cancel(worker, redis_server):
+    """The router's reader stops at the last chunk; that must not read as the client leaving (a `Cancel` for
+    every finished request). A client that leaves earlier still cancels its request at decode."""
+    adapter = load_adapter("tiny-llava")
+    redis = connect(redis_server.url)
+    directory = WorkerDirectory(redis)
+    await directory.refresh()
+    client = CancelLog({worker.ctx.address: worker.servicers})
+    stream = RecoveringStream(StagePipeline(directory, MetadataStore(redis), client, RoutePlanner()), adapter)
+    try:
+        completions = [c async for c in stream.run(request(adapter, "all of it", []))]
+        assert completions[-1].finish_reason == "length" and sum(len(c.token_ids) for c in completions) == 6
+        assert client.cancels == []
+
+        started = asyncio.Event()
+
+        async def leaving_early() -> None:  # the client goes away: aiohttp cancels its handler
+            async for _ in stream.run(request(adapter, "leaving early", [], max_tokens=200)):
+                started.set()
+
+        reader = asyncio.create_task(leaving_early())
+        await eventually(started.is_set, 30, "the first token")
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert client.cancels == ["decode"]
+        await eventually(lambda: decode_idle(worker), 30, "decode to drop the request that left")
+    finally:
+        await redis.aclose()
+
+
+def decode_idle(worker) -> bool:
+    decode = next(s for s in worker.servicers if hasattr(s, "Generate"))
+    return decode.in_flight == 0 and not decode.engine.running
 
 
 async def test_a_stage_cancelling_a_request_fails_its_in_process_call_as_cancelled(worker, monkeypatch):

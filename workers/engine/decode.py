@@ -39,7 +39,7 @@ class DecodeSequence:
 
     request_id: str
     sampling: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator | None  # None for greedy requests
     detokenizer: IncrementalDetokenizer
     rope_delta: int
     length: int  # tokens whose KV is in the cache
@@ -187,7 +187,7 @@ class DecodeEngine:
         """The sequence of a committed handoff and the event of its first token (sampled by prefill), made
         without touching the batch: the server sends that token at once, then `join`s the sequence."""
         seq = DecodeSequence(request_id=handoff.request_id, sampling=handoff.sampling,
-                             generator=restore_generator(handoff.generator_state),
+                             generator=restore_generator(handoff.generator_state, handoff.sampling),
                              detokenizer=IncrementalDetokenizer(self.adapter.tokenizer, handoff.sampling.stop),
                              rope_delta=handoff.rope_delta, length=handoff.next_position,
                              last_token=handoff.first_token)

@@ -331,7 +331,7 @@ class PrefillEngine:
 
     def _handoff(self, seq: PrefillSequence, logits: torch.Tensor) -> KVHandoff:
         job = seq.job
-        generator = new_generator(job.sampling.seed)
+        generator = new_generator(job.sampling)
         first = sample(logits, job.sampling, generator)
         return KVHandoff(request_id=job.request_id, prompt_tokens=seq.length, first_token=first,
                          next_position=seq.length, rope_delta=seq.rope_delta, sampling=job.sampling,

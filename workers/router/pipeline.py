@@ -88,9 +88,11 @@ class StagePipeline:
             holders.prefill = asyncio.create_task(self._prefill(request, images, plan))
             await self._first_failure(holders.prefill, list(holders.encodes.values()))
             async for chunk in _read_until_told(generate):
+                # set before the yield: a reader that stops at the last chunk closes this generator at the
+                # yield, and a finished request must not cost the stages a Cancel
+                finished = bool(chunk.finish_reason)
                 yield chunk
-                if chunk.finish_reason:
-                    finished = True
+                if finished:
                     return
             raise StageFailure("decode", plan.decode.address, "the token stream ended before the last token", True)
         except StageCallError as error:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from .. import metrics
@@ -77,17 +78,20 @@ class RecoveringStream:
         attempt = request
         for recovery in range(self.max_recoveries + 1):
             try:
-                async for chunk in self._attempt(attempt, recovery):
-                    if not produced:
-                        request.cached_tokens = attempt.cached_tokens
-                    tokens = list(chunk.token_ids)
-                    produced += tokens
-                    text, finish = (continued.next(tokens, chunk.finish_reason) if continued
-                                    else (chunk.text, chunk.finish_reason))
-                    sent += len(text)
-                    yield Completion(tuple(tokens), text, finish)
-                    if finish:
-                        return
+                # closed here, not whenever the collector gets to it: the attempt's cleanup (cancels,
+                # the planner's bookkeeping) belongs to this request
+                async with aclosing(self._attempt(attempt, recovery)) as chunks:
+                    async for chunk in chunks:
+                        if not produced:
+                            request.cached_tokens = attempt.cached_tokens
+                        tokens = list(chunk.token_ids)
+                        produced += tokens
+                        text, finish = (continued.next(tokens, chunk.finish_reason) if continued
+                                        else (chunk.text, chunk.finish_reason))
+                        sent += len(text)
+                        yield Completion(tuple(tokens), text, finish)
+                        if finish:
+                            return
             except StageFailure as failure:
                 if not failure.retryable or recovery == self.max_recoveries:
                     raise failure.api_error() from failure
