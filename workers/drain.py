@@ -19,8 +19,9 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-# Probes and tooling, not work: a health Watch stream would otherwise hold the drain open.
-NOT_WORK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Probes and tooling, not work: a health Watch stream would otherwise hold the drain open. The token
+# feed lives as long as its router; the requests it follows are counted one by one (`started`).
+NOT_WORK = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/epd.v1.DecodeService/Feed")
 
 
 class ActiveCalls(grpc.aio.ServerInterceptor):
@@ -43,6 +44,13 @@ class ActiveCalls(grpc.aio.ServerInterceptor):
         else:
             self.idle.set()
 
+    def started(self) -> None:
+        """Work that is not a call of its own began (a request the token feed follows)."""
+        self.active += 1
+
+    def ended(self) -> None:
+        self.active -= 1
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(NOT_WORK):
@@ -59,20 +67,20 @@ class ActiveCalls(grpc.aio.ServerInterceptor):
     def _counted(self, behavior):
         if inspect.isasyncgenfunction(behavior):
             async def streamed(request, context):
-                self.active += 1
+                self.started()
                 try:
                     async for response in behavior(request, context):
                         yield response
                 finally:
-                    self.active -= 1
+                    self.ended()
             return streamed
 
         async def answered(request, context):
-            self.active += 1
+            self.started()
             try:
                 return await behavior(request, context)
             finally:
-                self.active -= 1
+                self.ended()
         return answered
 
 

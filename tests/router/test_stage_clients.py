@@ -70,6 +70,7 @@ async def test_the_pipeline_gives_the_same_tokens_in_process_and_over_grpc(worke
         assert produced["grpc"] == produced["in-process"]
         assert all(len(ids) == 6 for ids in produced["grpc"])
     finally:
+        await clients["grpc"].close()
         await channels.close()
         await redis.aclose()
 

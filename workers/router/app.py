@@ -76,7 +76,8 @@ class Router:
         # only workers of this model with these image-processor settings: they publish both
         self.directory = WorkerDirectory(self.redis, peering=Peering(adapter.model_id, adapter.processor_fingerprint))
         self.channels = ChannelPool(config.tls)
-        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), GrpcStageClient(self.channels),
+        self.stages = GrpcStageClient(self.channels)
+        self.pipeline = StagePipeline(self.directory, MetadataStore(self.redis), self.stages,
                                       RoutePlanner())
         self.recovering = RecoveringStream(self.pipeline, adapter, config.max_recoveries)
         self.encoder = PromptEncoder(adapter, config.special_tokens_in_text)
@@ -93,6 +94,7 @@ class Router:
 
     async def on_cleanup(self, app: web.Application) -> None:
         await self.directory.stop()
+        await self.stages.close()
         await self.channels.close()
         if self.session:
             await self.session.close()

@@ -54,7 +54,7 @@ class StageCallError(Exception):
 
 
 class DecodeStream(Protocol):
-    """An open Generate call: tokens as decode produces them."""
+    """A request's tokens as decode produces them (its Generate call, or its place on the token feed)."""
 
     async def read(self) -> GeneratedChunk | None:
         """The next chunk; None once the stream ended; StageCallError if it failed."""
@@ -63,7 +63,7 @@ class DecodeStream(Protocol):
         """Whether the call already ended because its worker was lost."""
 
     def cancel(self) -> None:
-        """Close the call (after the worker got its Cancel)."""
+        """Stop reading (after the worker got its Cancel); the worker drops a request still streaming."""
 
 
 class StageClient(Protocol):

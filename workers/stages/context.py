@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from .. import metrics
 from ..cache import MetadataStore
+from ..drain import ActiveCalls
 from ..engine.thread_teams import pinned_executor
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
@@ -34,6 +35,7 @@ class WorkerContext:
     directory: WorkerDirectory
     channels: ChannelPool = field(default_factory=ChannelPool)
     health: WorkerHealth = field(default_factory=WorkerHealth)
+    calls: ActiveCalls = field(default_factory=ActiveCalls)  # what a drain waits for
     # One thread: the engines are synchronous and own the device. In colocated
     # mode all three stages share it, exactly like a single non-disaggregated server.
     # Its parallel regions run on `threads` threads (0: the process default); see `engine.thread_teams`.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +29,7 @@ from ..transport.raw_frames import write_handler
 from ..wire import handoff_from_commit, layout_from_proto
 from .context import WorkerContext
 from .supervision import SupervisedLoop
+from .token_feed import FeedFollower, FeedOutbox, HandoffMissing, chunk_message
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                                    allowed=kv_paths, nixl=nixl, tcp=tcp)
         self.arrived: dict[str, tuple[Arrival, float]] = {}  # committed, not yet taken by Generate
         self.arrival_events: dict[str, asyncio.Event] = {}  # Generate calls waiting for their commit
-        self.streams: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}  # request id -> its token events
+        self.streams: dict[str, Callable[[TokenEvent | Exception], None]] = {}  # request id -> its events' taker
         self.joining: list[tuple[DecodeSequence, list[int] | None]] = []  # opened, joining at the next step
         self.cancelled: set[str] = set()
         self.wakeup = asyncio.Event()
@@ -161,52 +162,114 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         await self._compute(self.engine.release, handoff.request_id, adopted)
         self.receiver.capacity_changed()
 
-    # ---- the token stream ----------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        request_id = request.request_id
+    # ---- the token streams: a Generate call per request, or the router's token feed ------
+    async def _opened(self, request_id: str) -> tuple[Arrival, DecodeSequence, TokenEvent]:
+        """The request's committed KV (waited for, up to the handoff wait) opened as a sequence, and its
+        first token; HandoffMissing if no KV came."""
         if request_id not in self.arrived:
             event = self.arrival_events.setdefault(request_id, asyncio.Event())
             try:
                 await asyncio.wait_for(event.wait(), self.handoff_wait)
             except asyncio.TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no KV cache arrived for request {request_id} within {self.handoff_wait}s")
+                raise HandoffMissing(f"no KV cache arrived for request {request_id} within {self.handoff_wait}s") \
+                    from None
             finally:
                 self.arrival_events.pop(request_id, None)
         arrival, _ = self.arrived.pop(request_id)
-        handoff, adopted = arrival
         # the first token (prefill sampled it) goes out now, not after the batch's next step
-        seq, first = self.engine.open(handoff)
-        queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
-        queue.put_nowait(first)
-        self.streams[request_id] = queue
+        seq, first = self.engine.open(arrival[0])
+        return arrival, seq, first
+
+    async def _follow(self, opened: tuple[Arrival, DecodeSequence, TokenEvent],
+                      deliver: Callable[[TokenEvent | Exception], None]) -> None:
+        """Stream an opened request: its first token now, the others as steps make them (`finished`)."""
+        arrival, seq, first = opened
+        self.streams[seq.request_id] = deliver
         metrics.IN_FLIGHT.labels("decode").inc()
+        deliver(first)
+        if first.finish_reason is None:
+            self.joining.append((seq, arrival[1]))
+            self.wakeup.set()
+        else:
+            await self._discard(arrival)
+
+    def _unfollow(self, request_id: str, finished: bool) -> None:
+        """The request's stream ended; one that ended before its last token leaves the batch."""
+        if self.streams.pop(request_id, None) is None:
+            return
+        if not finished:  # the client went away, or its step failed
+            self.cancelled.add(request_id)
+            self.wakeup.set()
+        metrics.IN_FLIGHT.labels("decode").dec()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        request_id = request.request_id
+        try:
+            opened = await self._opened(request_id)
+        except HandoffMissing as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
+        await self._follow(opened, queue.put_nowait)
         start = time.perf_counter()
         completion = 0
         finished = False
         try:
-            if first.finish_reason is None:
-                self.joining.append((seq, adopted))
-                self.wakeup.set()
-            else:
-                await self._discard(arrival)
             while True:
                 token = await queue.get()
                 if isinstance(token, Exception):
                     await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token!r}")
                 completion += 1
-                yield pb.GenerateChunk(token_ids=[token.token_id], text=token.text,
-                                       finish_reason=token.finish_reason or "", prompt_tokens=handoff.prompt_tokens,
-                                       completion_tokens=completion)
+                yield chunk_message(token, opened[0][0].prompt_tokens, completion)
                 if token.finish_reason:
                     finished = True
                     break
             metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
         finally:
-            if self.streams.pop(request_id, None) is not None and not finished:
-                self.cancelled.add(request_id)  # client went away: leave the batch at the next step
-                self.wakeup.set()
-            metrics.IN_FLIGHT.labels("decode").dec()
+            self._unfollow(request_id, finished)
+
+    async def Feed(self, request_iterator: AsyncIterator[pb.FeedRequest], context: grpc.aio.ServicerContext):
+        """The router's token feed: it names requests to follow (or leave), and gets every followed request's
+        chunks batched, one message per wake-up (a decode step's tokens together)."""
+        outbox = FeedOutbox()
+        following: dict[str, asyncio.Task] = {}  # request id -> the task that opened it, until its stream ends
+
+        def end(request_id: str, finished: bool) -> None:
+            self._unfollow(request_id, finished)
+            task = following.pop(request_id, None)
+            if task is not None:
+                if task is not asyncio.current_task():
+                    task.cancel()  # it left while it still waits for its KV
+                if self.ctx is not None:
+                    self.ctx.calls.ended()
+                outbox.wake()
+
+        async def follow(request_id: str) -> None:
+            try:
+                opened = await self._opened(request_id)
+            except HandoffMissing as exc:
+                outbox.fail(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+                end(request_id, False)
+                return
+            await self._follow(opened, FeedFollower(outbox, request_id, opened[0][0].prompt_tokens, end))
+
+        async def read_requests() -> None:
+            async for message in request_iterator:
+                if message.leave:
+                    end(message.request_id, False)
+                elif message.request_id not in following:
+                    if self.ctx is not None:
+                        self.ctx.calls.started()
+                    following[message.request_id] = asyncio.create_task(follow(message.request_id))
+
+        reader = asyncio.create_task(read_requests())
+        reader.add_done_callback(lambda _: outbox.wake())
+        try:
+            while (batch := await outbox.next_batch(lambda: reader.done() and not following)) is not None:
+                yield batch
+        finally:
+            reader.cancel()
+            for request_id in list(following):  # the router went away: its requests leave the batch
+                end(request_id, False)
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         request_id = request.request_id
@@ -262,9 +325,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def finished(self, events: list[tuple[str, TokenEvent | Exception]]) -> None:
         """After a step: each event to its stream, then the freed capacity and the metrics."""
         for request_id, event in events:
-            queue = self.streams.get(request_id)
-            if queue is not None:
-                queue.put_nowait(event)
+            deliver = self.streams.get(request_id)
+            if deliver is not None:
+                deliver(event)
         self.receiver.capacity_changed()
         metrics.QUEUE_DEPTH.labels("decode").set(len(self.engine.waiting) + len(self.engine.swapped))
         if self.engine.running:

@@ -139,7 +139,8 @@ class Worker:
         self.ctx = ctx = WorkerContext(address=address, adapter=adapter, redis=self.redis,
                                        metadata=MetadataStore(self.redis, config.cache_ttl),
                                        directory=WorkerDirectory(self.redis, peering=peering(config, adapter)),
-                                       channels=ChannelPool(config.tls), threads=config.torch_threads)
+                                       channels=ChannelPool(config.tls), threads=config.torch_threads,
+                                       calls=self.calls)
         self.servicers = await asyncio.get_running_loop().run_in_executor(ctx.executor, _build_servicers, config, ctx)
         self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers)) if config.role == "colocated" \
             else None
