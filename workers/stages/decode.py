@@ -209,11 +209,11 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         except HandoffMissing as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
-        await self._follow(opened, queue.put_nowait)
         start = time.perf_counter()
         completion = 0
         finished = False
         try:
+            await self._follow(opened, queue.put_nowait)
             while True:
                 token = await queue.get()
                 if isinstance(token, Exception):
