@@ -37,8 +37,12 @@ def write_checkpoint(source: Path, target: Path, tensors: dict[str, torch.Tensor
 
 
 def internal_names(stages: Stages) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{name}": tensor for parts in (stages.vision.parts, stages.language.parts)
-            for prefix, module in parts.items() for name, tensor in module.state_dict().items()}
+    """Every tensor of the model, named as the stages' parts name them (the tower layers the vision part
+    frees included)."""
+    full = stages.full.state_dict()
+    return {**{name: full[name] for name in stages.vision.dropped},
+            **{f"{prefix}.{name}": tensor for parts in (stages.vision.parts, stages.language.parts)
+               for prefix, module in parts.items() for name, tensor in module.state_dict().items()}}
 
 
 @pytest.mark.parametrize("layout, shards", [("hub", 1), ("hub", 3), ("transformers", 2), ("internal", 1)])

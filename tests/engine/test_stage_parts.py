@@ -16,8 +16,9 @@ def test_stage_parts_partition_the_full_model(stages):
     full = {name for name, _ in stages.full.named_parameters()}
     vision, language = names(stages.vision.parts), names(stages.language.parts)
     assert not vision & language
-    assert vision | language == full
-    assert all("vision" in n or "visual" in n or "projector" in n for n in vision)
+    assert vision | language | stages.vision.dropped == full
+    assert not (vision | language) & stages.vision.dropped
+    assert all("vision" in n or "visual" in n or "projector" in n for n in vision | stages.vision.dropped)
     assert not any("vision_tower" in n or "visual" in n for n in language)
 
 
@@ -50,3 +51,18 @@ def test_unknown_model_is_named():
 
     with pytest.raises(UnknownModelError, match="no-such-model"):
         load_adapter("no-such-model")
+
+
+def test_llava_tower_stops_at_its_feature_layer(stages):
+    """LLaVA's features come from the tower's second-to-last layer: the last one is freed, and the features
+    are still exactly the full model's."""
+    if stages.adapter.family not in ("llava", "llava_next"):
+        return
+    layers = stages.full.config.vision_config.num_hidden_layers
+    assert stages.vision.dropped and all(f".layers.{layers - 1}." in name for name in stages.vision.dropped)
+    size = stages.full.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    hidden = stages.full.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert len(hidden) == layers + 1
+    expected = stages.full.model.multi_modal_projector(hidden[-2][:, 1:])
+    assert torch.equal(stages.vision.features(pixels), expected)

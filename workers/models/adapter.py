@@ -199,6 +199,9 @@ def _template_part(part: TextPart | ImagePart) -> dict[str, str]:
 class VisionPartBase(ABC):
     """Vision tower + projector of one family; batches items across requests."""
 
+    # checkpoint parameters this part loads and then frees, as its features never use them
+    dropped: frozenset[str] = frozenset()
+
     def __init__(self, adapter: ModelAdapter, parts: dict[str, nn.Module]) -> None:
         self.adapter = adapter
         self.parts = parts

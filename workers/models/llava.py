@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,23 @@ class LlavaAdapter(ModelAdapter):
 
 
 class LlavaVision(VisionPartBase):
+    """The tower keeps only the layers up to the deepest one the features are taken from (LLaVA takes the
+    second-to-last: computing the last layer of CLIP ViT-L/14 would cost 1/24 of the tower for nothing)."""
+
     adapter: LlavaAdapter
+
+    def __init__(self, adapter: ModelAdapter, parts: dict[str, nn.Module]) -> None:
+        super().__init__(adapter, parts)
+        layers = _encoder_layers(parts["model.vision_tower"])
+        selected = self.adapter.config.vision_feature_layer
+        # hidden_states[i] is the input of layer i (0: the embeddings), so index -1 is after the last layer
+        self.feature_layers = [index % (len(layers) + 1)
+                               for index in (selected if isinstance(selected, (list, tuple)) else [selected])]
+        keep = max(self.feature_layers)
+        unused = {id(param) for layer in layers[keep:] for param in layer.parameters()}
+        self.dropped = frozenset(f"model.vision_tower.{name}"
+                                 for name, param in parts["model.vision_tower"].named_parameters() if id(param) in unused)
+        del layers[keep:]
 
     @torch.no_grad()
     def prepare(self, item: EncodeInput) -> torch.Tensor:
@@ -77,17 +93,10 @@ class LlavaVision(VisionPartBase):
         tower = self.parts["model.vision_tower"]
         pixels = pixels.to(device=next(tower.parameters()).device, dtype=self.dtype)
         hidden = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
-        layer = self.adapter.config.vision_feature_layer
-        if isinstance(layer, int):
-            selected = hidden[layer]
-            if self.adapter.config.vision_feature_select_strategy == "default":
-                selected = selected[:, 1:]
-        else:
-            pool = [hidden[i] for i in layer]
-            if self.adapter.config.vision_feature_select_strategy == "default":
-                pool = [h[:, 1:] for h in pool]
-            selected = torch.cat(pool, dim=-1)
-        return self.parts["model.multi_modal_projector"](selected)
+        pool = [hidden[index] for index in self.feature_layers]
+        if self.adapter.config.vision_feature_select_strategy == "default":
+            pool = [h[:, 1:] for h in pool]
+        return self.parts["model.multi_modal_projector"](torch.cat(pool, dim=-1))
 
 
 class LlavaLanguage(LanguagePartBase):
@@ -154,3 +163,9 @@ class LlavaNextLanguage(LlavaLanguage):
         newline = cast(torch.Tensor, self.parts["model"].image_newline)
         packed, _ = _pack(self.adapter.config, [torch.stack(list(item_embeddings))], size, newline)
         return packed[0]
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP- or SigLIP-style vision tower."""
+    model: Any = getattr(tower, "vision_model", tower)
+    return cast(nn.ModuleList, model.encoder.layers)
