@@ -101,7 +101,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       const T* q_rows = q + (b * heads + first * group) * dim;  // this run's query heads, in order
       query.resize(rows * dim);
       for (int64_t i = 0; i < rows * dim; ++i) query[i] = static_cast<float>(q_rows[i]) * scale;
-      scores.assign(rows * padded, -INFINITY);  // the padding's exponentials are 0
+      scores.assign(rows * padded, -INFINITY);  // padding: exp_tile needs whole tiles; nothing reads it after
       for (int64_t t = 0; t < length; ++t) {
         const T* keys = k_cache + (table[t / block_size] * block_size + t % block_size) * token_stride + first * dim;
         for (int64_t r = 0; r < rows; ++r) {
