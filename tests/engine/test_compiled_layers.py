@@ -1,6 +1,7 @@
 """The decoder layers' dense parts compiled by TorchInductor (CPU, 16-bit weights):
 compiled before any request, one graph for every batch (no recompiles under
-load), the same logits as the eager layers within bfloat16's rounding, and off
+load; once warm, calls that skip Dynamo's guards run the graphs the guards
+would have picked), the same logits as the eager layers within bfloat16's rounding, and off
 for float32 and with `--enforce-eager`; their projections fused (queries, keys
 and values as one matmul, gate and up as another), the weights held once."""
 
@@ -34,6 +35,22 @@ def packed_logits(runtime: EngineRuntime, vocab: int, sizes: tuple[int, ...]) ->
     return logits
 
 
+def warm_logits(runtime: EngineRuntime, vocab: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """`packed_logits` with Dynamo's guards checked, asserting that no graph is compiled (warm-up made
+    them all), and again without the guards (how a warm decoder runs): bit for bit the same."""
+    dense, graphs = runtime.decoder.dense, counters["stats"]["unique_graphs"]
+    assert dense.warm
+    dense.warm = False  # guards checked, as before warm-up
+    try:
+        guarded = packed_logits(runtime, vocab, sizes)
+    finally:
+        dense.warm = True
+    assert counters["stats"]["unique_graphs"] == graphs
+    unguarded = packed_logits(runtime, vocab, sizes)
+    assert torch.equal(unguarded, guarded)
+    return unguarded
+
+
 def bfloat16_runtime(family: str, enforce_eager: bool) -> tuple[EngineRuntime, int]:
     adapter = load_adapter(family)
     return build_runtime(adapter.load_language("cpu", torch.bfloat16), KVCacheConfig(1 << 22, block_size=4),
@@ -46,10 +63,8 @@ def test_compiled_layers_match_the_eager_ones_without_recompiling(family: str):
     assert not eager_runtime.decoder.dense.compiled
     runtime, _ = bfloat16_runtime(family, enforce_eager=False)  # compiled (and warmed up) here
     assert runtime.decoder.dense.compiled
-    graphs = counters["stats"]["unique_graphs"]
     for sizes in (SIZES, (1,), (2, 1), (5,) * 9):  # whatever the batch, after start-up: no new graph
-        compiled, eager = packed_logits(runtime, vocab, sizes), packed_logits(eager_runtime, vocab, sizes)
-        assert counters["stats"]["unique_graphs"] == graphs
+        compiled, eager = warm_logits(runtime, vocab, sizes), packed_logits(eager_runtime, vocab, sizes)
         torch.testing.assert_close(compiled, eager, atol=0.05 * float(eager.abs().max()), rtol=0.0)
         assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.75
 

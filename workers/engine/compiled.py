@@ -15,13 +15,23 @@ The token count is a dynamic dimension, so one graph serves every batch (and a
 second one batches of a single token); `warm_up` compiles both when the worker
 starts (about 30 s on 2 cores the first time, seconds once Inductor's on-disk
 cache holds them), never under a request. Attention and the KV pool writes stay
-outside: they read and write the paged pool in place."""
+outside: they read and write the paged pool in place.
+
+Once warm, the forwards skip Dynamo's guard checks (as vLLM's compiled models
+dispatch straight to their graphs): every call had checked some hundred guards
+over the layer's modules and inputs, 110 us each, sixteen calls a step for
+small-llava, when after warm-up the only thing left to tell the graphs apart
+is what Dynamo keeps checking in this mode: the guards that ever failed (the
+single-token specialisation, the thread count). Measured here (small-llava,
+bfloat16, 2 cores, offline, same script): decode steps of 64 sequences 23.6
+and 24.8 ms against 29.0 and 28.0 ms with the guards."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -65,6 +75,7 @@ class DenseParts:
 
     def __init__(self, compiled: bool) -> None:
         self.compiled = compiled
+        self.warm = False  # every graph the forwards will call is compiled
         self.attention_inputs: AttentionInputs = attention_inputs
         self.layer_output: LayerOutput = layer_output
         if compiled:
@@ -76,18 +87,35 @@ class DenseParts:
         return [FusedLayer.of(layer) for layer in layers] if self.compiled else layers
 
     def warm_up(self, layer: Layer, rotary: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                apply_rotary: Rotary, head_dim: int, hidden_size: int, heads: int) -> None:
-        """Compile the graphs every batch will use (several tokens, then a single one) on zero inputs."""
+                apply_rotary: Rotary, head_dim: int, hidden_size: int, heads: int,
+                thread_counts: Sequence[int]) -> None:
+        """Compile the graphs every batch will use (several tokens, then a single one, on each of
+        `thread_counts` threads) on zero inputs."""
         if not self.compiled:
             return
         start = time.perf_counter()
         weight = next(layer.parameters())
-        for tokens in (2, 1):
-            cos, sin = rotary(tokens)
-            hidden = weight.new_zeros((1, tokens, hidden_size))
-            self.attention_inputs(layer, hidden, cos, sin, apply_rotary, head_dim)
-            self.layer_output(layer, hidden, weight.new_zeros((tokens, heads, head_dim)))
+        full = torch.get_num_threads()
+        try:
+            for count in thread_counts:
+                torch.set_num_threads(count)
+                for tokens in (2, 1):
+                    cos, sin = rotary(tokens)
+                    hidden = weight.new_zeros((1, tokens, hidden_size))
+                    self.attention_inputs(layer, hidden, cos, sin, apply_rotary, head_dim)
+                    self.layer_output(layer, hidden, weight.new_zeros((tokens, heads, head_dim)))
+        finally:
+            torch.set_num_threads(full)
+        self.warm = True
         log.info("compiled the decoder layers' dense parts in %.1f s", time.perf_counter() - start)
+
+    def unguarded(self) -> AbstractContextManager[object]:
+        """Calls of the compiled parts in this context skip the guards that never failed (see the module
+        docstring); before warm-up, and for eager parts, nothing changes."""
+        if not self.warm:
+            return nullcontext()
+        stance: AbstractContextManager[object] = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return stance
 
 
 def compiles(dtype: torch.dtype, device: torch.device, enforce_eager: bool) -> bool:

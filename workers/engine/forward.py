@@ -65,14 +65,8 @@ class PackedDecoder:
                                    self.language.rotary_position_ids(positions))
             return cos[0], sin[0]
 
-        full = torch.get_num_threads()
-        try:
-            for count in self.threads.counts(self.device):
-                torch.set_num_threads(count)
-                self.dense.warm_up(self.layers[0], rotary, self.apply_rotary, self.head_dim, int(config.hidden_size),
-                                   int(config.num_attention_heads))
-        finally:
-            torch.set_num_threads(full)
+        self.dense.warm_up(self.layers[0], rotary, self.apply_rotary, self.head_dim, int(config.hidden_size),
+                           int(config.num_attention_heads), self.threads.counts(self.device))
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, batch: PackedBatch,
@@ -80,7 +74,7 @@ class PackedDecoder:
         """Float32 next-token logits of `batch.logits_rows` (every row when `logits_index` is None), from
         `[T, hidden]` input embeddings.
         `on_layer(i)` runs once layer i's keys and values are in the pool (layer-wise KV transfer)."""
-        with self.threads.for_forward(self.device, embeds.shape[0]):
+        with self.threads.for_forward(self.device, embeds.shape[0]), self.dense.unguarded():
             return self._forward(embeds, batch, on_layer)
 
     def _forward(self, embeds: torch.Tensor, batch: PackedBatch, on_layer: Callable[[int], None] | None) -> torch.Tensor:
