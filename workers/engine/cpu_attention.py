@@ -90,9 +90,15 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + batch - 1) / batch));
   const int64_t per_chunk = (kv_heads + chunks - 1) / chunks;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  // OpenMP directly, as in prefill_kernel: at::parallel_for would reset this thread's count to the
+  // process-wide setting (the last any thread made) on its first call from this library; and tasks
+  // handed out one at a time let one thread take over the work of another that the OS preempted.
+  const int64_t tasks = batch * chunks;
+  #pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> query, scores, acc, total;
-    for (int64_t task = begin; task < end; ++task) {
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / chunks, first = (task % chunks) * per_chunk;
       const int64_t count = std::min(per_chunk, kv_heads - first), rows = count * group;
       const int64_t length = lengths[b], padded = (length + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
@@ -143,7 +149,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < dim; ++d) out_rows[r * dim + d] = static_cast<T>(acc[r * dim + d] / total[r]);
     }
-  });
+  }
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,

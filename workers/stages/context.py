@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+import torch
 
 from .. import metrics
 from ..cache import MetadataStore
@@ -49,6 +50,7 @@ class WorkerContext:
     async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:
         """Run engine work on the compute thread, counting busy time for the stage."""
         def timed() -> R:
+            self._own_thread_count()
             start = time.perf_counter()
             try:
                 return fn(*args)
@@ -57,10 +59,18 @@ class WorkerContext:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
+    def _own_thread_count(self) -> None:
+        """Give the engine thread its count again before each job: PyTorch code compiled into another
+        library (an extension, a compiled graph) sets a thread's count from the process-wide setting, the
+        last count any thread chose (a helper's one), the first time it runs on that thread."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
     async def compute_shared(self, fn: Callable[..., tuple[R, dict[str, float]]], *args) -> R:
         """Engine work for several stages at once (a colocated worker's mixed step): `fn` returns its result
         and each stage's share of the work, and the busy time is split between the stages by those shares."""
         def timed() -> R:
+            self._own_thread_count()
             start = time.perf_counter()
             result, shares = fn(*args)
             elapsed, total = time.perf_counter() - start, sum(shares.values())
