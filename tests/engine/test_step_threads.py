@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from epd.workers.engine import KVCacheConfig, build_runtime
 from epd.workers.engine.step_threads import StepThreads
@@ -18,7 +19,7 @@ from epd.workers.stages.worker import WorkerConfig
 
 from .conftest import Stages
 from .driver import Engines, mixed_jobs
-from .test_compiled_layers import SIZES, warm_logits
+from .test_compiled_layers import SIZES, packed_logits, warm_logits
 
 CPU = torch.device("cpu")
 
@@ -75,3 +76,21 @@ def test_compiled_layers_are_ready_for_both_thread_counts(two_threads):
     assert runtime.decoder.dense.compiled
     for sizes in ((1,), (2, 1), (1, 1, 1, 1), SIZES):  # one thread for the first three, two for the last
         warm_logits(runtime, vocab, sizes)
+
+
+def test_a_graph_warm_up_missed_is_compiled_not_failed(two_threads):
+    """A forward on a thread count warm-up never saw (one the worker would not use) finds no graph: it gets
+    one compiled then, as with Dynamo's guards checked, and the same logits as on the warmed-up count."""
+    adapter = load_adapter("tiny-llava")
+    vocab = int(adapter.text_config.vocab_size)
+    runtime = build_runtime(adapter.load_language("cpu", torch.bfloat16), KVCacheConfig(1 << 22, block_size=4),
+                            threads=StepThreads(small_step_tokens=4))
+    expected = warm_logits(runtime, vocab, SIZES)
+    graphs = counters["stats"]["unique_graphs"]
+    torch.set_num_threads(3)
+    try:
+        logits = packed_logits(runtime, vocab, SIZES)
+    finally:
+        torch.set_num_threads(2)
+    assert counters["stats"]["unique_graphs"] > graphs
+    torch.testing.assert_close(logits, expected, atol=0.02 * float(expected.abs().max()), rtol=0.0)
