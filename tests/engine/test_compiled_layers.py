@@ -16,6 +16,7 @@ from epd.workers.engine import EngineRuntime, KVCacheConfig, build_runtime
 from epd.workers.engine.batch import PackedBatch
 from epd.workers.engine.compiled import compiles
 from epd.workers.engine.fused_layer import FusedLayer, joined
+from epd.workers.engine.step_threads import StepThreads
 from epd.workers.models import load_adapter
 
 SIZES = (3, 1, 17, 40)  # prompts of these lengths, packed into one forward
@@ -51,10 +52,11 @@ def warm_logits(runtime: EngineRuntime, vocab: int, sizes: tuple[int, ...]) -> t
     return unguarded
 
 
-def bfloat16_runtime(family: str, enforce_eager: bool) -> tuple[EngineRuntime, int]:
+def bfloat16_runtime(family: str, enforce_eager: bool = False,
+                     threads: StepThreads | None = None) -> tuple[EngineRuntime, int]:
     adapter = load_adapter(family)
     return build_runtime(adapter.load_language("cpu", torch.bfloat16), KVCacheConfig(1 << 22, block_size=4),
-                         enforce_eager=enforce_eager), int(adapter.text_config.vocab_size)
+                         enforce_eager=enforce_eager, threads=threads), int(adapter.text_config.vocab_size)
 
 
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])

@@ -94,7 +94,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
   // process-wide setting (the last any thread made) on its first call from this library; and tasks
   // handed out one at a time let one thread take over the work of another that the OS preempted.
   const int64_t tasks = batch * chunks;
-  #pragma omp parallel num_threads(at::get_num_threads())
+  #pragma omp parallel num_threads(threads)
   {
     std::vector<float> query, scores, acc, total;
     #pragma omp for schedule(dynamic, 1)

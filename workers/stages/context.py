@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-import torch
 
 from .. import metrics
 from ..cache import MetadataStore
 from ..drain import ActiveCalls
-from ..engine.thread_teams import pinned_executor
+from ..engine.thread_teams import pin_threads, pinned_executor
 from ..models import ModelAdapter
 from ..registry import WorkerDirectory
 from ..transport.embedding_transport import EmbeddingTransport
@@ -63,8 +62,7 @@ class WorkerContext:
         """Give the engine thread its count again before each job: PyTorch code compiled into another
         library (an extension, a compiled graph) sets a thread's count from the process-wide setting, the
         last count any thread chose (a helper's one), the first time it runs on that thread."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        pin_threads(self.threads)
 
     async def compute_shared(self, fn: Callable[..., tuple[R, dict[str, float]]], *args) -> R:
         """Engine work for several stages at once (a colocated worker's mixed step): `fn` returns its result
