@@ -10,8 +10,13 @@ bound to every core), `epd serve` (separate encode, prefill and decode
 processes) and `epd serve --colocated`. Each serves the same loads: 4 images of
 336x336 with 32-token prompts and 16 output tokens at 2 req/s and at
 saturation, and a text-only load at saturation; first, a few greedy requests
-check that every server returns the same text. Installing vLLM's CPU build
-(it needs its own virtualenv): see the README's benchmark section."""
+check that every server returns the same text. Both run at one precision
+(`--precision`): bfloat16 where the CPU computes it natively (AVX-512 BF16,
+AMX), float32 elsewhere (AVX2), where bfloat16 matmuls are emulated and run
+several times slower (vLLM would still pick bfloat16 for a float32 checkpoint:
+0.64 against 1.99 4-image req/s at 2 req/s offered, on an AVX2 EPYC). In float32
+epd's layers are compiled too (`--compile-float32`), as vLLM's are. Installing
+vLLM's CPU build (it needs its own virtualenv): see the README's benchmark section."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import aiohttp
 from epd.image_size import ImageSize
 from epd.slo import SLO
 
+from ..workers.engine.packed_linear import native_bfloat16
 from ..workers.launcher.processes import ProcessGroup, free_port, start_serve
 from ..workers.registry import KEY_PREFIX, WorkerInfo
 from .report import table, write_json
@@ -77,11 +83,20 @@ def _internal_name(adapter, name: str) -> str:
     return name
 
 
-def start_vllm(python: str, model_dir: Path, threads: str) -> tuple[subprocess.Popen, str]:
+def precision_args(precision: str) -> tuple[list[str], list[str]]:
+    """(vLLM's arguments, epd's worker arguments) for running both at `precision`."""
+    if precision == "auto":
+        precision = "bfloat16" if native_bfloat16() else "float32"
+    if precision == "bfloat16":
+        return ["--dtype", "bfloat16"], ["--worker-arg=--dtype=bfloat16"]
+    return ["--dtype", "float32"], ["--worker-arg=--dtype=float32", "--worker-arg=--compile-float32"]
+
+
+def start_vllm(python: str, model_dir: Path, threads: str, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": threads, "VLLM_CPU_KVCACHE_SPACE": "4"}
     process = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                                "--served-model-name", NAME, "--port", str(port)],
+                                "--served-model-name", NAME, "--port", str(port), *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tempfile.gettempdir())
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 600
@@ -173,17 +188,19 @@ def main() -> int:
     parser.add_argument("--model", default="small-llava")
     parser.add_argument("--vllm-threads", default=f"0-{(os.cpu_count() or 1) - 1}",
                         help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")
-    parser.add_argument("--epd-dtype", default="bfloat16",
-                        help="epd workers' --dtype (vLLM's CPU build runs float32 checkpoints in bfloat16)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="both servers' precision (auto: bfloat16 where the CPU computes it natively, "
+                             "float32 elsewhere, with epd's float32 layers compiled)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    vllm_args, epd_args = precision_args(args.precision)
     model_dir = hub_layout_copy(args.model)
     spec = WorkloadSpec(model=NAME)
     rounds = []
     for round_index in range(args.rounds):
         results = {}
-        process, url = start_vllm(args.vllm_python, model_dir, args.vllm_threads)
+        process, url = start_vllm(args.vllm_python, model_dir, args.vllm_threads, vllm_args)
         try:
             results["vllm"] = measure("vLLM", url, spec)
         finally:
@@ -193,7 +210,7 @@ def main() -> int:
             port = free_port()
             with ProcessGroup(quiet=True) as group:
                 child = start_serve(group, str(model_dir), port, "--quiet", "--served-model-name", NAME,
-                                    f"--worker-arg=--dtype={args.epd_dtype}", *extra)
+                                    *epd_args, *extra)
                 results[label] = measure(label, f"http://127.0.0.1:{port}/v1", spec,
                                          prefill_metric_urls(child.ready_fields["redis"]))
         results["same_greedy_text"] = results["vllm"]["greedy"] == results["epd"]["greedy"] \
@@ -202,7 +219,7 @@ def main() -> int:
         print(f"round {round_index + 1}: same greedy text: {results['same_greedy_text']}\n"
               + json.dumps(results["ratios_vs_vllm"], indent=2), flush=True)
         rounds.append(results)
-    write_json(args.out, {"model": args.model, "rounds": rounds})
+    write_json(args.out, {"model": args.model, "vllm_args": vllm_args, "epd_args": epd_args, "rounds": rounds})
     shutil.rmtree(model_dir, ignore_errors=True)
     return 0
 

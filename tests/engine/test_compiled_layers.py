@@ -2,7 +2,7 @@
 compiled before any request, one graph for every batch (no recompiles under
 load; once warm, calls that skip Dynamo's guards run the graphs the guards
 would have picked), the same logits as the eager layers within bfloat16's rounding, and off
-for float32 and with `--enforce-eager`; their projections fused (queries, keys
+for float32 (unless `--compile-float32`: then within float32's) and with `--enforce-eager`; their projections fused (queries, keys
 and values as one matmul, gate and up as another), the weights held once."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from epd.workers.engine import EngineRuntime, KVCacheConfig, build_runtime
 from epd.workers.engine.batch import PackedBatch
 from epd.workers.engine.compiled import compiles
 from epd.workers.engine.fused_layer import FusedLayer, joined
+from epd.workers.engine.packed_linear import PackedLinear
 from epd.workers.engine.step_threads import StepThreads
 from epd.workers.models import load_adapter
 
@@ -52,18 +53,19 @@ def warm_logits(runtime: EngineRuntime, vocab: int, sizes: tuple[int, ...]) -> t
     return unguarded
 
 
-def bfloat16_runtime(family: str, enforce_eager: bool = False,
-                     threads: StepThreads | None = None) -> tuple[EngineRuntime, int]:
+def cpu_runtime(family: str, enforce_eager: bool = False, threads: StepThreads | None = None,
+                dtype: torch.dtype = torch.bfloat16, compile_float32: bool = False) -> tuple[EngineRuntime, int]:
     adapter = load_adapter(family)
-    return build_runtime(adapter.load_language("cpu", torch.bfloat16), KVCacheConfig(1 << 22, block_size=4),
-                         enforce_eager=enforce_eager, threads=threads), int(adapter.text_config.vocab_size)
+    return build_runtime(adapter.load_language("cpu", dtype), KVCacheConfig(1 << 22, block_size=4),
+                         enforce_eager=enforce_eager, threads=threads, compile_float32=compile_float32), \
+        int(adapter.text_config.vocab_size)
 
 
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
 def test_compiled_layers_match_the_eager_ones_without_recompiling(family: str):
-    eager_runtime, vocab = bfloat16_runtime(family, enforce_eager=True)
+    eager_runtime, vocab = cpu_runtime(family, enforce_eager=True)
     assert not eager_runtime.decoder.dense.compiled
-    runtime, _ = bfloat16_runtime(family, enforce_eager=False)  # compiled (and warmed up) here
+    runtime, _ = cpu_runtime(family, enforce_eager=False)  # compiled (and warmed up) here
     assert runtime.decoder.dense.compiled
     for sizes in (SIZES, (1,), (2, 1), (5,) * 9):  # whatever the batch, after start-up: no new graph
         compiled, eager = warm_logits(runtime, vocab, sizes), packed_logits(eager_runtime, vocab, sizes)
@@ -71,12 +73,28 @@ def test_compiled_layers_match_the_eager_ones_without_recompiling(family: str):
         assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.75
 
 
-def test_only_16_bit_cpu_layers_are_compiled():
+def test_only_16_bit_cpu_layers_are_compiled_unless_float32_is_asked_for():
     cpu = torch.device("cpu")
     assert compiles(torch.bfloat16, cpu, enforce_eager=False) and compiles(torch.float16, cpu, enforce_eager=False)
     assert not compiles(torch.bfloat16, cpu, enforce_eager=True)
     assert not compiles(torch.float32, cpu, enforce_eager=False)  # the path pinned to `generate`
+    assert compiles(torch.float32, cpu, enforce_eager=False, compile_float32=True)
+    assert not compiles(torch.float32, cpu, enforce_eager=True, compile_float32=True)
     assert not compiles(torch.bfloat16, torch.device("cuda"), enforce_eager=False)  # CUDA graphs there
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
+def test_compiled_float32_layers_match_the_eager_ones_to_float32_rounding(family: str):
+    """`--compile-float32`: fused, packed and compiled float32 layers, against the eager float32 ones
+    that `generate` pins; no recompiles under any batch."""
+    eager_runtime, vocab = cpu_runtime(family, dtype=torch.float32)
+    assert not eager_runtime.decoder.dense.compiled
+    runtime, _ = cpu_runtime(family, dtype=torch.float32, compile_float32=True)
+    assert runtime.decoder.dense.compiled
+    assert isinstance(runtime.decoder.layers[0].qkv_proj, PackedLinear)  # oneDNN's blocked layout
+    for sizes in (SIZES, (1,), (2, 1), (5,) * 9):
+        compiled, eager = warm_logits(runtime, vocab, sizes), packed_logits(eager_runtime, vocab, sizes)
+        torch.testing.assert_close(compiled, eager, atol=1e-4 * float(eager.abs().max()), rtol=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -92,7 +110,7 @@ def test_joined_projections_compute_the_linears_side_by_side(dtype: torch.dtype)
 
 
 def test_compiled_layers_hold_their_projection_weights_once():
-    runtime, _ = bfloat16_runtime("tiny-llava", enforce_eager=False)
+    runtime, _ = cpu_runtime("tiny-llava", enforce_eager=False)
     fused = runtime.decoder.layers[0]
     assert isinstance(fused, FusedLayer)
     original = runtime.decoder.language.text_model.layers[0]
@@ -110,3 +128,30 @@ def test_runtimes_built_on_one_language_part_share_its_fused_layers():
     assert all(a is b for a, b in zip(first.decoder.layers, second.decoder.layers, strict=True))
     vocab = int(adapter.text_config.vocab_size)
     torch.testing.assert_close(packed_logits(first, vocab, SIZES), packed_logits(second, vocab, SIZES))
+
+
+async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_server):
+    """`epd worker --compile-float32`: the flag reaches the runtime, and the worker serves a request on it."""
+    import argparse
+    from dataclasses import fields
+
+    from epd.workers.launcher.worker_cli import add_arguments
+    from epd.workers.messages import PrefillJob, SamplingParams
+    from epd.workers.stages.worker import Worker, WorkerConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--role", "colocated", "--model", "tiny-llava", "--redis-url", redis_server.url,
+                              "--compile-float32"])
+    args.tls = None
+    worker = Worker(WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)}))
+    await worker.start()
+    try:
+        prefill = next(s for s in worker.servicers if type(s).__name__ == "PrefillServicer").engine
+        assert prefill.decoder.dense.compiled and prefill.decoder.language.dtype == torch.float32
+        job = PrefillJob("r", [1, 20, 30, 40, 50], [], [], SamplingParams(max_tokens=1, ignore_eos=True))
+        [handoff] = await worker.ctx.compute("prefill", prefill.run, [job])
+        assert 0 <= handoff.first_token < int(load_adapter("tiny-llava").text_config.vocab_size)
+        await worker.ctx.compute("prefill", prefill.release, "r")
+    finally:
+        await worker.stop()

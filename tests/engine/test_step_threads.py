@@ -17,7 +17,7 @@ from epd.workers.stages.worker import WorkerConfig
 
 from .conftest import Stages
 from .driver import Engines, mixed_jobs
-from .test_compiled_layers import SIZES, bfloat16_runtime, packed_logits, warm_logits
+from .test_compiled_layers import SIZES, cpu_runtime, packed_logits, warm_logits
 
 CPU = torch.device("cpu")
 
@@ -67,7 +67,7 @@ def test_single_thread_decode_steps_match_generate(stages: Stages, two_threads):
 
 
 def test_compiled_layers_are_ready_for_both_thread_counts(two_threads):
-    runtime, vocab = bfloat16_runtime("tiny-llava", threads=StepThreads(small_step_tokens=4))
+    runtime, vocab = cpu_runtime("tiny-llava", threads=StepThreads(small_step_tokens=4))
     assert runtime.decoder.dense.compiled
     for sizes in ((1,), (2, 1), (1, 1, 1, 1), SIZES):  # one thread for the first three, two for the last
         warm_logits(runtime, vocab, sizes)
@@ -76,7 +76,7 @@ def test_compiled_layers_are_ready_for_both_thread_counts(two_threads):
 def test_a_graph_warm_up_missed_is_compiled_not_failed(two_threads):
     """A forward on a thread count warm-up never saw (one the worker would not use) finds no graph: it gets
     one compiled then, as with Dynamo's guards checked, and the same logits as on the warmed-up count."""
-    runtime, vocab = bfloat16_runtime("tiny-llava", threads=StepThreads(small_step_tokens=4))
+    runtime, vocab = cpu_runtime("tiny-llava", threads=StepThreads(small_step_tokens=4))
     expected = warm_logits(runtime, vocab, SIZES)
     graphs = counters["stats"]["unique_graphs"]
     torch.set_num_threads(3)

@@ -51,6 +51,11 @@ AttentionInputs = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor, Rot
 # (layer, [1, T, hidden] residual, [T, heads, dim] attention output) -> [1, T, hidden] layer output
 LayerOutput = Callable[[Layer, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Dynamo keeps at most this many graphs per function, then runs it eagerly without a word. A worker needs four
+# (one token or several, on each of two thread counts); a process holding runtimes of several models or dtypes
+# (the engine benchmark, the tests) needs four for each, so the default of 8 is raised.
+GRAPHS_PER_FUNCTION = 64
+
 
 def attention_inputs(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      apply_rotary: Rotary, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,6 +86,7 @@ class DenseParts:
         self.attention_inputs: AttentionInputs = attention_inputs
         self.layer_output: LayerOutput = layer_output
         if compiled:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_PER_FUNCTION)
             self.attention_inputs = compiling_misses(torch.compile(fused_attention_inputs, dynamic=True))
             self.layer_output = compiling_misses(torch.compile(fused_layer_output, dynamic=True))
 
@@ -137,8 +143,11 @@ def compiling_misses(compiled: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def compiles(dtype: torch.dtype, device: torch.device, enforce_eager: bool) -> bool:
+def compiles(dtype: torch.dtype, device: torch.device, enforce_eager: bool, compile_float32: bool = False) -> bool:
     """Whether layers of this dtype on this device are compiled: 16-bit weights on CPU, unless eager is
-    enforced. Float32 stays eager (the tests pin it to `generate` token for token, and fusion reorders
-    float arithmetic); on CUDA, decode replays CUDA graphs of the eager layers instead."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not enforce_eager
+    enforced. Float32 stays eager unless `compile_float32` (eager float32 is exact against `generate`
+    token for token; fusion and oneDNN's blocked matmuls reorder float arithmetic); on CUDA, decode
+    replays CUDA graphs of the eager layers instead."""
+    compiled_dtypes = (torch.bfloat16, torch.float16, torch.float32) if compile_float32 else (torch.bfloat16,
+                                                                                             torch.float16)
+    return device.type == "cpu" and dtype in compiled_dtypes and not enforce_eager

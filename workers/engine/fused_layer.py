@@ -72,7 +72,7 @@ def joined(linears: Sequence[nn.Linear]) -> nn.Module:
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else weight.new_zeros(linear.out_features)
          for b, linear in zip(biases, linears, strict=True)])
-    if packs(weight.dtype, weight.device):
+    if packs(weight.dtype, weight.device, compiled=True):
         return PackedLinear(weight, bias)
     plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     plain.weight = nn.Parameter(weight, requires_grad=False)

@@ -16,8 +16,9 @@ from .runtime import EngineRuntime, KVCacheConfig, build_runtime
 class OfflineEngines:
     def __init__(self, language: LanguagePartBase, adapter: ModelAdapter, config: KVCacheConfig | None = None,
                  token_budget: int = 8192, max_batch: int = 256, max_kv_tokens: int = 1 << 30,
-                 enforce_eager: bool = False) -> None:
-        self.runtime: EngineRuntime = build_runtime(language, config or KVCacheConfig(), enforce_eager=enforce_eager)
+                 enforce_eager: bool = False, compile_float32: bool = False) -> None:
+        self.runtime: EngineRuntime = build_runtime(language, config or KVCacheConfig(), enforce_eager=enforce_eager,
+                                                    compile_float32=compile_float32)
         self.prefill = PrefillEngine(self.runtime.decoder, adapter, self.runtime.allocator, token_budget)
         self.decode = DecodeEngine(self.runtime.decoder, adapter, self.runtime.allocator, max_batch, max_kv_tokens)
 

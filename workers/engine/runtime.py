@@ -61,14 +61,15 @@ def pool_bytes(config: KVCacheConfig, device: torch.device) -> int:
 
 
 def build_runtime(language: LanguagePartBase, config: KVCacheConfig, allocate: Allocator | None = None,
-                  enforce_eager: bool = False, threads: StepThreads | None = None) -> EngineRuntime:
+                  enforce_eager: bool = False, threads: StepThreads | None = None,
+                  compile_float32: bool = False) -> EngineRuntime:
     """The runtime of a language part; `allocate` places the pool (e.g. in shared memory). The layers'
     dense parts are compiled where `compiles` says so (and compiled here, before any request)."""
     layout = kv_layout(language, config.block_size)
     pool = KVPool.sized(layout, pool_bytes(config, language.device), language.device, allocate)
     allocator = BlockAllocator(pool.num_blocks, config.prefix_cache_bytes // layout.bytes_per_block)
     attention = select_backend(pool, layout.head_dim ** -0.5, config.attention)
-    compiled = compiles(language.dtype, language.device, enforce_eager)
+    compiled = compiles(language.dtype, language.device, enforce_eager, compile_float32)
     packed = 0 if compiled else pack_linears(language.text_model)  # Inductor lays the weights out itself
     if packed:
         log.info("%d linear layers run on weights laid out once for oneDNN", packed)

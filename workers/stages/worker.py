@@ -78,6 +78,7 @@ class WorkerConfig:
     kv_paths: str = ",".join(PATHS)  # KV data paths this worker may use (grpc is always one)
     kv_tcp_port: int = 0  # decode: the tcp KV path's port (0: any free port)
     enforce_eager: bool = False  # no decode CUDA graphs (CUDA), no compiled layers (CPU, 16-bit weights)
+    compile_float32: bool = False  # CPU: float32 layers compiled too (faster; no longer exact against generate)
     small_step_tokens: int = 0  # CPU: forwards of at most this many tokens run on one thread (0: never)
     torch_threads: int = 0  # the engine thread's intra-op threads (0: torch's default, one per core)
     dtype: str = "auto"  # weights and KV: the checkpoint's ("auto"), float32, bfloat16 or float16
@@ -237,7 +238,7 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
         shared = SharedPool() if config.role == "decode" and config.device == "cpu" and "shm" in paths else None
         runtime = build_runtime(adapter.load_language(config.device, config.torch_dtype), config.kv_cache,
                                 shared.allocate if shared else None, config.enforce_eager,
-                                StepThreads(config.small_step_tokens))
+                                StepThreads(config.small_step_tokens), config.compile_float32)
         if "prefill" in config.stages:
             prefill = PrefillEngine(runtime.decoder, adapter, runtime.allocator, config.prefill_token_budget)
             servicers.append(PrefillServicer(ctx, prefill, config.cache_bytes, kv_paths=paths))
