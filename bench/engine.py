@@ -2,10 +2,11 @@
 engine against the padded engine epd had before (bench/baselines) and Hugging
 Face `generate` with a static batch, in the same run, as ratios; and the
 structural figures: padding tokens computed per useful token, KV bytes copied
-per decode step, KV pool utilisation. In bfloat16 our layers are compiled
-(TorchInductor), so the same engine with eager layers runs too (`ours_eager`).
+per decode step, KV pool utilisation. In bfloat16 (and in float32 with
+`--compile-float32`) our layers are compiled (TorchInductor), so the same
+engine with eager layers runs too (`ours_eager`).
 
-    python -m epd.bench.engine [--model small-llava] [--dtype float32] --out bench/results/engine.json
+    python -m epd.bench.engine [--model small-llava] [--dtype float32] [--compile-float32] --out bench/results/engine.json
 
 Prompts have mixed lengths (100 to 700 tokens, seeded) like a real queue, so
 padding costs what it costs in service. Decode runs `--steps` greedy steps after
@@ -47,9 +48,9 @@ def median(values: list[float]) -> float:
 
 
 def ours(language, adapter, batch_prompts: list[list[int]], steps: int, repeats: int,
-         enforce_eager: bool = False) -> dict:
+         enforce_eager: bool = False, compile_float32: bool = False) -> dict:
     engines = OfflineEngines(language, adapter, KVCacheConfig(capacity_bytes=1 << 30, prefix_cache_bytes=0),
-                             enforce_eager=enforce_eager)
+                             enforce_eager=enforce_eager, compile_float32=compile_float32)
 
     def jobs(tag: str) -> list[PrefillJob]:
         return [PrefillJob(f"{tag}{i}", ids, [], [], SamplingParams(max_tokens=steps + 8, ignore_eos=True))
@@ -116,6 +117,8 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile-float32", action="store_true",
+                        help="float32 layers compiled too (the workers' --compile-float32), eager ones beside them")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -123,14 +126,17 @@ def main() -> int:
     language, full = adapter.load_language(dtype=dtype), adapter.load_full(dtype=dtype)
     # the padded baseline runs the family's own layers (compiled ones give up their projections to fused ones)
     baseline = adapter.load_language(dtype=dtype)
-    # 16-bit layers are compiled: the same engine with eager layers (its own copy: eager packs the weights)
-    eager = adapter.load_language(dtype=dtype) if compiles(dtype, language.device, enforce_eager=False) else None
+    # compiled layers: the same engine with eager layers beside them (its own copy: eager packs 16-bit weights)
+    compiled = compiles(dtype, language.device, enforce_eager=False, compile_float32=args.compile_float32)
+    eager = adapter.load_language(dtype=dtype) if compiled else None
     text_ids = [t for t in range(10, int(adapter.text_config.vocab_size)) if t != adapter.image_token_id]
-    results = {"model": args.model, "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "points": []}
+    results = {"model": args.model, "dtype": args.dtype, "compiled": compiled, "torch_threads": torch.get_num_threads(),
+               "points": []}
     for batch in (int(b) for b in args.batches.split(",")):
         batch_prompts = prompts(batch, text_ids, seed=batch)
         point: dict[str, Any] = {"batch": batch, "prompt_tokens": sum(map(len, batch_prompts)),
-                 "ours": ours(language, adapter, batch_prompts, args.steps, args.repeats),
+                 "ours": ours(language, adapter, batch_prompts, args.steps, args.repeats,
+                              compile_float32=args.compile_float32),
                  "padded": padded(baseline, batch_prompts, args.steps, args.repeats),
                  "generate": generate(full, batch_prompts, args.steps, args.repeats)}
         if eager is not None:

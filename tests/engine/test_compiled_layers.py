@@ -16,7 +16,7 @@ from epd.workers.engine import EngineRuntime, KVCacheConfig, build_runtime
 from epd.workers.engine.batch import PackedBatch
 from epd.workers.engine.compiled import compiles
 from epd.workers.engine.fused_layer import FusedLayer, joined
-from epd.workers.engine.packed_linear import PackedLinear
+from epd.workers.engine.packed_linear import PackedLinear, packs
 from epd.workers.engine.step_threads import StepThreads
 from epd.workers.models import load_adapter
 
@@ -155,3 +155,14 @@ async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_
         await worker.ctx.compute("prefill", prefill.release, "r")
     finally:
         await worker.stop()
+
+
+def test_the_vllm_comparison_runs_both_servers_at_the_precision_this_cpu_computes_natively():
+    from epd.bench.vllm_compare import precision_args
+    from epd.workers.engine.packed_linear import native_bfloat16
+
+    assert precision_args("bfloat16") == (["--dtype", "bfloat16"], ["--worker-arg=--dtype=bfloat16"])
+    assert precision_args("float32") == (["--dtype", "float32"],
+                                         ["--worker-arg=--dtype=float32", "--worker-arg=--compile-float32"])
+    assert precision_args("auto") == precision_args("bfloat16" if native_bfloat16() else "float32")
+    assert native_bfloat16() == packs(torch.bfloat16, torch.device("cpu"))
