@@ -137,6 +137,7 @@ async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_
 
     from epd.workers.launcher.worker_cli import add_arguments
     from epd.workers.messages import PrefillJob, SamplingParams
+    from epd.workers.stages.prefill import PrefillServicer
     from epd.workers.stages.worker import Worker, WorkerConfig
 
     parser = argparse.ArgumentParser()
@@ -147,7 +148,7 @@ async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_
     worker = Worker(WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)}))
     await worker.start()
     try:
-        prefill = next(s for s in worker.servicers if type(s).__name__ == "PrefillServicer").engine
+        prefill = next(s for s in worker.servicers if isinstance(s, PrefillServicer)).engine
         assert prefill.decoder.dense.compiled and prefill.decoder.language.dtype == torch.float32
         job = PrefillJob("r", [1, 20, 30, 40, 50], [], [], SamplingParams(max_tokens=1, ignore_eos=True))
         [handoff] = await worker.ctx.compute("prefill", prefill.run, [job])

@@ -148,6 +148,6 @@ def compiles(dtype: torch.dtype, device: torch.device, enforce_eager: bool, comp
     enforced. Float32 stays eager unless `compile_float32` (eager float32 is exact against `generate`
     token for token; fusion and oneDNN's blocked matmuls reorder float arithmetic); on CUDA, decode
     replays CUDA graphs of the eager layers instead."""
-    compiled_dtypes = (torch.bfloat16, torch.float16, torch.float32) if compile_float32 else (torch.bfloat16,
-                                                                                             torch.float16)
-    return device.type == "cpu" and dtype in compiled_dtypes and not enforce_eager
+    if device.type != "cpu" or enforce_eager:
+        return False
+    return dtype in (torch.bfloat16, torch.float16) or compile_float32 and dtype == torch.float32
