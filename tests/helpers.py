@@ -52,3 +52,18 @@ def png_bytes(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def worker_from_command_line(*argv: str):
+    """A `Worker` configured exactly as `epd worker ARGV` would be (TLS off); not started."""
+    import argparse
+    from dataclasses import fields
+
+    from epd.workers.launcher.worker_cli import add_arguments
+    from epd.workers.stages.worker import Worker, WorkerConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.tls = None
+    return Worker(WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)}))

@@ -20,6 +20,8 @@ from epd.workers.engine.packed_linear import PackedLinear, packs
 from epd.workers.engine.step_threads import StepThreads
 from epd.workers.models import load_adapter
 
+from ..helpers import worker_from_command_line
+
 SIZES = (3, 1, 17, 40)  # prompts of these lengths, packed into one forward
 
 
@@ -132,20 +134,11 @@ def test_runtimes_built_on_one_language_part_share_its_fused_layers():
 
 async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_server):
     """`epd worker --compile-float32`: the flag reaches the runtime, and the worker serves a request on it."""
-    import argparse
-    from dataclasses import fields
-
-    from epd.workers.launcher.worker_cli import add_arguments
     from epd.workers.messages import PrefillJob, SamplingParams
     from epd.workers.stages.prefill import PrefillServicer
-    from epd.workers.stages.worker import Worker, WorkerConfig
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--role", "colocated", "--model", "tiny-llava", "--redis-url", redis_server.url,
-                              "--compile-float32"])
-    args.tls = None
-    worker = Worker(WorkerConfig(**{f.name: getattr(args, f.name) for f in fields(WorkerConfig)}))
+    worker = worker_from_command_line("--role", "colocated", "--model", "tiny-llava", "--redis-url",
+                                      redis_server.url, "--compile-float32")
     await worker.start()
     try:
         prefill = next(s for s in worker.servicers if isinstance(s, PrefillServicer)).engine

@@ -1,15 +1,18 @@
 """A colocated worker's steps: the decode tokens of every running sequence and the
 scheduled prefill chunks in one forward (decode rows through the paged kernel,
-prefill chunks through SDPA) give `model.generate`'s tokens, and a step that
-fails fails exactly its requests and gives every block back."""
+prefill chunks through SDPA) give `model.generate`'s tokens, a step never holds
+more tokens than its budget (decode rows first), and a step that fails fails
+exactly its requests and gives every block back."""
 
 from __future__ import annotations
 
 import pytest
 
-from epd.workers.engine.mixed import MixedStepper
+from epd.workers.engine.mixed import DEFAULT_STEP_TOKENS, MixedStepper
 from epd.workers.messages import PrefillJob
+from epd.workers.stages.worker import WorkerConfig
 
+from ..helpers import worker_from_command_line
 from .conftest import Stages
 from .driver import Engines, mixed_jobs
 
@@ -21,9 +24,10 @@ def arrive(engines: Engines, job: PrefillJob) -> None:
     engines.prefill.add(job)
 
 
-def serve(engines: Engines, jobs: list[PrefillJob]) -> tuple[dict[str, list[int]], int]:
+def serve(engines: Engines, jobs: list[PrefillJob],
+          step_tokens: int = DEFAULT_STEP_TOKENS) -> tuple[dict[str, list[int]], int]:
     """One prompt arrives per step; the tokens per request and how many steps mixed both engines."""
-    stepper = MixedStepper(engines.prefill, engines.decode)
+    stepper = MixedStepper(engines.prefill, engines.decode, step_tokens)
     tokens: dict[str, list[int]] = {job.request_id: [] for job in jobs}
     pending, mixed = list(jobs), 0
     while pending or stepper.has_work:
@@ -32,6 +36,7 @@ def serve(engines: Engines, jobs: list[PrefillJob]) -> tuple[dict[str, list[int]
         result = stepper.step()
         assert result.error is None and not result.failed
         mixed += bool(result.prefill_tokens and result.decode_tokens)
+        assert result.prefill_tokens + result.decode_tokens <= step_tokens
         for event in result.decode:
             tokens[event.request_id].append(event.token_id)
         for done in result.prefill:
@@ -53,6 +58,28 @@ def test_mixed_steps_match_generate(stages: Stages, attention: str):
     assert tokens == expected
     assert mixed > len(jobs)
     assert engines.prefill.allocator.used == 0 and engines.decode.blocks_held == 0
+
+
+def test_a_step_budget_counts_decode_rows_first_and_chunks_the_prompts(stages: Stages):
+    """The prefill engine's own budget is large, the step's small: the decode rows of a step take their
+    share first and the prompts are chunked into the rest, and the tokens still equal `generate`'s."""
+    jobs, expected = mixed_jobs(stages)
+    engines = Engines.build(stages, token_budget=8192, max_batch=len(jobs), shared=True)
+    step_tokens = len(jobs) + 3
+    assert max(len(job.input_ids) for job in jobs) > step_tokens
+    tokens, mixed = serve(engines, jobs, step_tokens)
+    assert tokens == expected
+    assert mixed > len(jobs)
+    assert engines.prefill.allocator.used == 0 and engines.decode.blocks_held == 0
+
+
+def test_a_step_budget_must_leave_prefill_room_beside_a_full_decode_batch(stages: Stages):
+    engines = Engines.build(stages, max_batch=16, shared=True)
+    with pytest.raises(ValueError, match=r"tokens per mixed step \(16\) must exceed the decode batch limit \(16\)"):
+        MixedStepper(engines.prefill, engines.decode, step_tokens=16)
+    with pytest.raises(ValueError, match=r"step_token_budget \(64\) must exceed decode_max_batch \(64\)"):
+        WorkerConfig(role="colocated", model="tiny-llava", redis_url="redis://unused", step_token_budget=64)
+    WorkerConfig(role="prefill", model="tiny-llava", redis_url="redis://unused", step_token_budget=64)  # unused there
 
 
 def test_a_failed_mixed_step_fails_its_requests_and_frees_their_blocks(stages: Stages,
@@ -83,3 +110,13 @@ def test_a_failed_mixed_step_fails_its_requests_and_frees_their_blocks(stages: S
     monkeypatch.undo()
     tokens, _ = serve(engines, jobs[2:])
     assert tokens == {jobs[2].request_id: expected[jobs[2].request_id]}
+
+
+async def test_a_colocated_worker_steps_under_the_budget_its_command_line_names(redis_server):
+    worker = worker_from_command_line("--role", "colocated", "--model", "tiny-llava", "--redis-url",
+                                      redis_server.url, "--step-token-budget", "512")
+    await worker.start()
+    try:
+        assert worker.scheduler is not None and worker.scheduler.stepper.step_tokens == 512
+    finally:
+        await worker.stop()

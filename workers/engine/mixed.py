@@ -6,8 +6,12 @@ under load the decode batch waits for each prefill and the other way round. As
 vLLM's scheduler does, a step here packs the next token of every running
 sequence and the scheduled prefill chunks into one forward: decode rows first
 (the paged-decode kernel attends them in place), then the prefill chunks. Each
-engine keeps its own scheduling (admission, preemption, the token budget), so
-the tokens are those of separate steps."""
+engine keeps its own scheduling (admission, preemption, its token budget), so
+the tokens are those of separate steps. A step carries at most `step_tokens`
+tokens, decode rows counted first (vLLM's `max_num_batched_tokens`): a long
+prompt is chunked instead of holding every running sequence back for its whole
+prefill, and under a burst the prompts finish prefill in groups, so the
+sequences do not decode in lockstep with no prompt to share their steps."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 from ..messages import TokenEvent
 from .decode import DecodeEngine
 from .prefill import PrefillEngine, PrefillResult
+
+DEFAULT_STEP_TOKENS = 2048  # vLLM's CPU default for an API server
 
 
 @dataclass
@@ -35,11 +41,15 @@ class MixedStepResult:
 class MixedStepper:
     """Steps a prefill and a decode engine that share one decoder (and so one KV pool) together."""
 
-    def __init__(self, prefill: PrefillEngine, decode: DecodeEngine) -> None:
+    def __init__(self, prefill: PrefillEngine, decode: DecodeEngine, step_tokens: int = DEFAULT_STEP_TOKENS) -> None:
         if prefill.decoder is not decode.decoder:
             raise ValueError("mixed steps need the prefill and decode engines to share one decoder and KV pool")
+        if step_tokens <= decode.max_batch:
+            raise ValueError(f"tokens per mixed step ({step_tokens}) must exceed the decode batch limit "
+                             f"({decode.max_batch}), or a full decode batch would leave prefill no room")
         self.prefill = prefill
         self.decode = decode
+        self.step_tokens = step_tokens
 
     @property
     def has_work(self) -> bool:
@@ -48,7 +58,7 @@ class MixedStepper:
     @torch.no_grad()
     def step(self) -> MixedStepResult:
         rows = self.decode.prepare()
-        scheduled = self.prefill.prepare()
+        scheduled = self.prefill.prepare(self.step_tokens - rows)
         result = MixedStepResult(prefill_tokens=sum(take for _, take in scheduled), decode_tokens=rows)
         if not scheduled:
             try:

@@ -234,12 +234,13 @@ class PrefillEngine:
         scheduled = self.prepare()
         return self.run_prepared(scheduled) if scheduled else []
 
-    def prepare(self) -> list[tuple[PrefillSequence, int]]:
-        """Take in the prompts added since, and schedule the next forward's chunks: (prompt, tokens)."""
+    def prepare(self, room: int | None = None) -> list[tuple[PrefillSequence, int]]:
+        """Take in the prompts added since, and schedule the next forward's chunks: (prompt, tokens), at most
+        `room` tokens (a mixed step's share) and the token budget."""
         with self._lock:
             self.waiting.extend(self.incoming)
             self.incoming.clear()
-        scheduled = self._schedule()
+        scheduled = self._schedule(self.token_budget if room is None else min(room, self.token_budget))
         self.last_batch = len(scheduled)
         return scheduled
 
@@ -294,8 +295,7 @@ class PrefillEngine:
             self._retire(seq)
         return [PrefillResult(seq.job.request_id, error=error) for seq, _ in scheduled]
 
-    def _schedule(self) -> list[tuple[PrefillSequence, int]]:
-        budget = self.token_budget
+    def _schedule(self, budget: int) -> list[tuple[PrefillSequence, int]]:
         scheduled = []
         for seq in self.running:
             if budget == 0:

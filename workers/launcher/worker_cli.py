@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "decode_max_kv_tokens", "cache_bytes", "cache_ttl", "kv_cache_bytes", "gpu_memory_utilization",
                  "block_size", "prefix_cache_bytes"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(defaults[name]), default=defaults[name])
+    parser.add_argument("--step-token-budget", type=int, default=defaults["step_token_budget"],
+                        help="colocated: tokens per step, the running sequences' next tokens first and prefill "
+                             "chunks in the rest (as vLLM's --max-num-batched-tokens); bounds how long one "
+                             "prompt's prefill holds decoding back (must exceed --decode-max-batch)")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults["attention_backend"])
     parser.add_argument("--dtype", choices=DTYPES, default=defaults["dtype"],
                         help="weights and KV cache: the checkpoint's (auto; exact against its reference), or "

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class ColocatedScheduler:
-    def __init__(self, ctx: WorkerContext, prefill: PrefillServicer, decode: DecodeServicer) -> None:
+    def __init__(self, ctx: WorkerContext, prefill: PrefillServicer, decode: DecodeServicer, step_tokens: int) -> None:
         self.ctx = ctx
         self.prefill = prefill
         self.decode = decode
-        self.stepper = MixedStepper(prefill.engine, decode.engine)
+        self.stepper = MixedStepper(prefill.engine, decode.engine, step_tokens)
         prefill.steps_alone = decode.steps_alone = False
         self.wakeup = decode.wakeup = prefill.wakeup = asyncio.Event()  # work for either engine wakes the loop
         self._loop = SupervisedLoop("colocated scheduler", ctx.health)

@@ -25,6 +25,7 @@ from .. import metrics
 from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
+from ..engine.mixed import DEFAULT_STEP_TOKENS
 from ..engine.step_threads import StepThreads
 from ..engine.thread_teams import pin_threads, pinned_executor
 from ..models import ModelAdapter, load_adapter
@@ -66,6 +67,7 @@ class WorkerConfig:
     # waiting for more only delays a lone request's first token
     encode_max_wait: float = 0.0
     prefill_token_budget: int = 8192  # tokens per prefill step; longer prompts are chunked
+    step_token_budget: int = DEFAULT_STEP_TOKENS  # colocated: tokens per mixed step, decode rows first
     decode_max_batch: int = 64
     decode_max_kv_tokens: int = 1 << 20
     cache_bytes: int = 1 << 30
@@ -90,9 +92,13 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        for name in ("encode_max_batch", "prefill_token_budget", "decode_max_batch", "decode_max_kv_tokens"):
+        for name in ("encode_max_batch", "prefill_token_budget", "step_token_budget", "decode_max_batch",
+                     "decode_max_kv_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.role == "colocated" and self.step_token_budget <= self.decode_max_batch:
+            raise ValueError(f"step_token_budget ({self.step_token_budget}) must exceed decode_max_batch "
+                             f"({self.decode_max_batch}): a full decode batch would leave prefill no room")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}")
         _ = self.kv_cache  # building it validates the KV settings
@@ -143,8 +149,8 @@ class Worker:
                                        channels=ChannelPool(config.tls), threads=config.torch_threads,
                                        calls=self.calls)
         self.servicers = await asyncio.get_running_loop().run_in_executor(ctx.executor, _build_servicers, config, ctx)
-        self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers)) if config.role == "colocated" \
-            else None
+        self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers), config.step_token_budget) \
+            if config.role == "colocated" else None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         for servicer in self.servicers:
