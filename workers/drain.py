@@ -17,6 +17,8 @@ import time
 
 import grpc
 
+from . import timeouts
+
 log = logging.getLogger(__name__)
 
 # Probes and tooling, not work: a health Watch stream would otherwise hold the drain open. The token
@@ -92,7 +94,7 @@ async def drain(calls: ActiveCalls, within: float, settle: float = 1.0) -> bool:
     await asyncio.sleep(settle)  # the routers refresh their view of the workers twice a second
     log.info("draining: %d call(s) in progress", calls.active)
     try:
-        await asyncio.wait_for(calls.idle.wait(), max(0.0, within - (time.monotonic() - start)))
+        await timeouts.within(calls.idle.wait(), max(0.0, within - (time.monotonic() - start)))
     except TimeoutError:
         log.warning("drain timed out after %.0fs with %d call(s) in progress", within, calls.active)
         return False

@@ -24,6 +24,8 @@ from redis.exceptions import RedisError
 
 from epd.stages import STAGES
 
+from .background import periodically
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "epd:worker:"
@@ -86,7 +88,7 @@ class WorkerRegistration:
 
     async def start(self) -> None:
         await self.beat()
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(periodically(self.interval, self.beat, "heartbeat"))
 
     async def beat(self) -> None:
         """Write the records; while Redis is away the worker keeps serving and re-registers on its return."""
@@ -106,18 +108,10 @@ class WorkerRegistration:
             log.info("registered in Redis as %s", ", ".join(f"{i.stage} {i.address}" for i in self.infos))
         self.registered = True
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # periodic heartbeat, not synchronisation
-            try:
-                await self.beat()
-            except Exception:  # a heartbeat loop that dies silently would drop the worker from routing
-                log.exception("heartbeat failed")
-
     async def stop(self) -> None:
-        """Stop heartbeating and delete the records: peers stop choosing this worker."""
-        if self._task:
-            self._task.cancel()
+        """Stop heartbeating and delete the records: peers stop choosing this worker. The loop has ended
+        before the delete, so no heartbeat in flight can write a record back."""
+        await _cancelled(self._task)
         try:
             await self.client.delete(*[KEY_PREFIX + f"{i.stage}:{i.address}" for i in self.infos])
         except (RedisError, OSError):
@@ -210,16 +204,14 @@ class WorkerDirectory:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # periodic refresh, not synchronisation
-            try:
-                await self.refresh()
-            except Exception:  # a refresh loop that dies would freeze the view forever
-                log.exception("refreshing the worker directory failed")
+        self._task = asyncio.create_task(periodically(self.interval, self.refresh, "refreshing the worker directory"))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        await _cancelled(self._task)
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    """Cancel `task` and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -14,6 +14,7 @@ import grpc
 from epd.v1 import stages_pb2 as pb
 
 from ..messages import EncodeItem, GeneratedChunk, PrefillCall
+from ..timeouts import within
 from ..wire import chunk_from_proto, encode_item_to_proto, prefill_to_proto
 from .stage_client import StageCallError
 
@@ -39,7 +40,7 @@ def _status(exc: Exception) -> StageCallError:
 
 
 async def _called(call: Awaitable[T]) -> T:
-    """Run one call in a task of its own (give it its deadline with asyncio.wait_for), as a server would:
+    """Run one call in a task of its own (give it its deadline with `within`), as a server would:
     a stage's Cancel cancels that task, and the caller sees CANCELLED (as a gRPC client does), not its
     own cancellation."""
     task = asyncio.ensure_future(call)
@@ -105,11 +106,11 @@ class InProcessStageClient:
                      prefill_address: str) -> None:
         message = pb.EncodeRequest(request_id=request_id, prefill_address=prefill_address,
                                    items=[encode_item_to_proto(item, image) for item, image in items])
-        await _called(asyncio.wait_for(self._servicer("encode", address).Encode(message, _Context()), self.timeout))
+        await _called(within(self._servicer("encode", address).Encode(message, _Context()), self.timeout))
 
     async def prefill(self, address: str, call: PrefillCall) -> int:
         servicer = self._servicer("prefill", address)
-        reply = await _called(asyncio.wait_for(servicer.Prefill(prefill_to_proto(call), _Context()), self.timeout))
+        reply = await _called(within(servicer.Prefill(prefill_to_proto(call), _Context()), self.timeout))
         return reply.cached_tokens
 
     def generate(self, address: str, request_id: str) -> InProcessDecodeStream:
@@ -120,5 +121,5 @@ class InProcessStageClient:
     async def cancel(self, stage: str, address: str, request_id: str) -> bool:
         servicer = self._servicer(stage, address)
         request = pb.CancelRequest(request_id=request_id)
-        reply = await _called(asyncio.wait_for(servicer.Cancel(request, _Context()), self.cancel_timeout))
+        reply = await _called(within(servicer.Cancel(request, _Context()), self.cancel_timeout))
         return reply.cancelled

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..timeouts import within
 from .errors import APIError, bad_request
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes can produce them; UTF-8 cannot carry them
@@ -39,7 +40,7 @@ async def read_json(request: web.Request, limits: RequestLimits, executor: Execu
     if (request.content_length or 0) > limits.max_body_bytes:
         raise _too_large(request.content_length or 0, limits)
     try:
-        raw = await asyncio.wait_for(request.read(), limits.body_timeout)
+        raw = await within(request.read(), limits.body_timeout)
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g}s",
                        "request_timeout") from None

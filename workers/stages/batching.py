@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from .. import metrics
+from ..timeouts import within
 from .supervision import SupervisedLoop, WorkerHealth
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ class MicroBatcher(Generic[T]):
         while used < self.max_cost:
             remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                item = self._queue.get_nowait() if remaining <= 0 else await within(self._queue.get(), remaining)
             except (asyncio.TimeoutError, asyncio.QueueEmpty):
                 break
             if used + self.cost(item) > self.max_cost:

@@ -21,6 +21,7 @@ from ..background import spawn
 from ..engine import DecodeEngine
 from ..engine.decode import DecodeSequence
 from ..messages import KVHandoff, TokenEvent
+from ..timeouts import within
 from ..transport.kv_paths import PATHS
 from ..transport.kv_receiver import KVReceiver, Reservation, ReservationTimeout, ReserveSpec, TcpEndpoint
 from ..transport.kv_sender import LOCAL_DECODERS
@@ -169,7 +170,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         if request_id not in self.arrived:
             event = self.arrival_events.setdefault(request_id, asyncio.Event())
             try:
-                await asyncio.wait_for(event.wait(), self.handoff_wait)
+                await within(event.wait(), self.handoff_wait)
             except asyncio.TimeoutError:
                 raise HandoffMissing(f"no KV cache arrived for request {request_id} within {self.handoff_wait}s") \
                     from None

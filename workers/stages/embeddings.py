@@ -20,6 +20,7 @@ from .. import metrics
 from ..cache import ByteLRU
 from ..messages import ImageSize
 from ..models import LanguagePartBase
+from ..timeouts import within
 from .context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class EmbeddingSource:
     async def _wait_for_push(self, key: str, seconds: float) -> None:
         event = self.arrived.setdefault(key, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), seconds)
+            await within(event.wait(), seconds)
         except TimeoutError:
             pass
 

@@ -29,6 +29,7 @@ from ..background import spawn
 from ..engine import DecodeEngine
 from ..engine.kv_pool import KVLayout
 from ..security.tls import TLSFiles
+from ..timeouts import within
 from .block_copy import block_runs
 from .kv_paths import PATHS, choose_path, host_id
 from .nixl_path import NixlAgent
@@ -142,7 +143,7 @@ class KVReceiver:
                 raise ReservationTimeout(f"request {spec.request_id}: the decode worker stayed full for "
                                          f"{self.wait:.0f}s")
             try:
-                await asyncio.wait_for(self.capacity.wait(), min(remaining, 1.0))
+                await within(self.capacity.wait(), min(remaining, 1.0))
             except asyncio.TimeoutError:
                 pass  # re-check: a reservation may also have expired
             await self.expire()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ..background import spawn
+from ..timeouts import within
 from .shm import map_tensor, shared_tensor
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class EmbeddingMailbox:
         with connection:
             connection.setblocking(False)
             try:
-                message, fds = await asyncio.wait_for(_receive(connection), self.timeout)
+                message, fds = await within(_receive(connection), self.timeout)
             except (OSError, asyncio.TimeoutError) as exc:  # the sender died or stalled: nothing was stored
                 log.debug("embedding push broke off: %r", exc)
                 return
