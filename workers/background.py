@@ -9,8 +9,8 @@ until cancelled. A cancellation can be lost inside a library: Python 3.11's
 `asyncio.wait_for`, which redis-py uses for every write under a socket
 timeout, returns normally when the cancellation meets a write that has just
 finished. A loop that went on would never stop (a worker heartbeating after it
-deregistered, a `stop()` that waits forever), so the loop checks its task's
-pending cancellation after each step."""
+deregistered, a `stop()` that waits forever), so long-lived loops call
+`end_if_cancelled` after each step."""
 
 from __future__ import annotations
 
@@ -40,12 +40,17 @@ def _finished(task: asyncio.Task[Any]) -> None:
 
 async def periodically(interval: float, step: Callable[[], Awaitable[object]], what: str) -> None:
     """Await `step` every `interval` seconds until cancelled; a failing step is logged and retried."""
-    task = asyncio.current_task()
     while True:
         await asyncio.sleep(interval)  # a period, not synchronisation
         try:
             await step()
         except Exception:  # a loop that died silently would stop heartbeats or freeze a view forever
             log.exception("%s failed", what)
-        if task is not None and task.cancelling():  # cancelled, and a library swallowed the CancelledError
-            raise asyncio.CancelledError
+        end_if_cancelled()
+
+
+def end_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled but the CancelledError never reached it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

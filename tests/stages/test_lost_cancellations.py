@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from epd.workers.background import periodically
+from epd.workers.stages.batching import MicroBatcher
 from epd.workers.timeouts import within
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,3 +67,20 @@ async def test_a_periodic_loop_logs_a_failing_step_and_goes_on(caplog):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert "a test step failed" in caplog.text
+
+
+async def test_a_batcher_stops_even_when_its_batch_swallows_the_cancellation():
+    inside = asyncio.Event()
+
+    async def swallowing_batch(batch: list[int]) -> None:
+        inside.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            pass
+
+    batcher = MicroBatcher("test", swallowing_batch, max_cost=4, max_wait=0.0, fail_batch=lambda batch, exc: None)
+    batcher.start()
+    batcher.submit(1)
+    await inside.wait()
+    await batcher.stop()  # would wait forever if the loop went back to its queue

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from .. import metrics
+from ..background import end_if_cancelled
 from ..timeouts import within
 from .supervision import SupervisedLoop, WorkerHealth
 
@@ -75,3 +76,4 @@ class MicroBatcher(Generic[T]):
             except Exception as exc:  # e.g. a device out-of-memory: fail this batch, keep serving
                 log.exception("%s batch of %d failed", self.stage, len(batch))
                 self.fail_batch(batch, exc)
+            end_if_cancelled()  # a batch's Redis writes can swallow the cancellation of stop()
