@@ -46,3 +46,22 @@ def test_a_resumed_stream_continues_the_text_it_had_sent():
     sent = "".join(first.add(token) for token in ids[:50])
     resumed = IncrementalDetokenizer(tokenizer, (), list(ids[:50]), len(sent))
     assert sent + "".join(resumed.add(token) for token in ids[50:]) + resumed.flush() == whole
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+def test_the_token_decoder_decodes_exactly_as_the_tokenizer(model):
+    adapter = load_adapter(model)
+    tokenizer, decoder = adapter.tokenizer, adapter.token_decoder
+    assert decoder is tokenizer.backend_tokenizer  # these tokenizers take the fast path
+    rng = random.Random(11)
+    for length in (1, 2, 3, 8, 40):
+        for _ in range(40):
+            ids = [rng.randrange(len(tokenizer)) for _ in range(length)]
+            for skip in (True, False):
+                assert decoder.decode(ids, skip_special_tokens=skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_for_itself():
+    adapter = load_adapter("tiny-llava")
+    adapter.tokenizer.clean_up_tokenization_spaces = True  # its cleanup is not in the Rust decoder
+    assert adapter.token_decoder is adapter.tokenizer

@@ -33,7 +33,7 @@ class SequenceTooLong(ValueError):
     """The sequence could never fit in the decode worker's KV capacity."""
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: the batch's membership tests compare identities, not every field
 class DecodeSequence:
     """One request being decoded; its counters tell the whole story."""
 
@@ -188,7 +188,7 @@ class DecodeEngine:
         without touching the batch: the server sends that token at once, then `join`s the sequence."""
         seq = DecodeSequence(request_id=handoff.request_id, sampling=handoff.sampling,
                              generator=restore_generator(handoff.generator_state, handoff.sampling),
-                             detokenizer=IncrementalDetokenizer(self.adapter.tokenizer, handoff.sampling.stop),
+                             detokenizer=IncrementalDetokenizer(self.adapter.token_decoder, handoff.sampling.stop),
                              rope_delta=handoff.rope_delta, length=handoff.next_position,
                              last_token=handoff.first_token)
         return seq, self._advance(seq, handoff.first_token)

@@ -53,7 +53,7 @@ class PrefixHit:
         return len(self.blocks) * self.block_size
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: queue membership tests compare identities, not every field (tensors)
 class PrefillSequence:
     """One prompt being prefilled; its counters tell the whole story."""
 

@@ -47,7 +47,7 @@ class ContinuedText:
     def __init__(self, adapter: ModelAdapter, request: PreparedRequest, produced: list[int], sent: int) -> None:
         self.eos = set(adapter.eos_token_ids)
         self.ignore_eos = request.sampling.ignore_eos
-        self.detokenizer = IncrementalDetokenizer(adapter.tokenizer, request.sampling.stop, list(produced), sent)
+        self.detokenizer = IncrementalDetokenizer(adapter.token_decoder, request.sampling.stop, list(produced), sent)
 
     def next(self, tokens: list[int], finish: str) -> tuple[str, str]:
         """The text these tokens add, and the finish reason (a stop string may end it sooner)."""
