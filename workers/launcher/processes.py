@@ -8,6 +8,7 @@ of them stopped together (SIGTERM, then SIGKILL after a grace period)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,38 @@ from dataclasses import dataclass, field
 QUICK_EXIT = 30.0  # seconds: a child dying sooner than this after its start counts towards a crash loop
 
 
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free now, for a process started next to bind. Taken below the kernel's ephemeral range where
+    there is one: a port the kernel assigned would go back into that range when this probe closes, and any
+    socket bound to port 0 meanwhile (UCX's listeners, a KV listener, a gRPC client) could take it before
+    the process binds it ("address already in use" at start-up)."""
+    low = _ephemeral_low()
+    choices = range(max(1024, low - 16384), low) if low > 2048 else range(0, 1)
+    for _ in range(200):
+        port = random.choice(choices)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port on {host} below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open(EPHEMERAL_RANGE) as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: the kernel chooses
 
 
 def epd_command(*args: str) -> list[str]:
