@@ -54,3 +54,10 @@ def end_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` (if any) and return once it has ended, however it ends."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from epd.stages import STAGES
 
-from .background import periodically
+from .background import cancel_and_wait, periodically
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class WorkerRegistration:
     async def stop(self) -> None:
         """Stop heartbeating and delete the records: peers stop choosing this worker. The loop has ended
         before the delete, so no heartbeat in flight can write a record back."""
-        await _cancelled(self._task)
+        await cancel_and_wait(self._task)
         try:
             await self.client.delete(*[KEY_PREFIX + f"{i.stage}:{i.address}" for i in self.infos])
         except (RedisError, OSError):
@@ -207,11 +207,4 @@ class WorkerDirectory:
         self._task = asyncio.create_task(periodically(self.interval, self.refresh, "refreshing the worker directory"))
 
     async def stop(self) -> None:
-        await _cancelled(self._task)
-
-
-async def _cancelled(task: asyncio.Task | None) -> None:
-    """Cancel `task` and wait until it has ended."""
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(self._task)

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..background import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,4 @@ class SupervisedLoop:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
