@@ -4,7 +4,14 @@ The stage servicers keep their RPCs, queues and streams; only their loops give
 way. Each step packs the running sequences' next tokens and the scheduled
 prefill chunks into one forward (`engine.mixed`), as a non-disaggregated server
 such as vLLM does, instead of alternating a prefill forward and a decode
-forward on the worker's single compute thread."""
+forward on the worker's single compute thread.
+
+A prompt's first token comes from a step; its Prefill call then commits the KV to
+decode and its token stream opens the sequence, each a coroutine that runs a turn
+of the event loop later. The loop lets those turns pass before it takes the next
+step's changes, so a sequence decodes in the step right after its prefill, not a
+whole (prefill-heavy, under load) step later: that lag kept every prompt of a
+burst a step behind and the bursts' sequences in lockstep."""
 
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ from .prefill import PrefillServicer
 from .supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
+
+# Event-loop turns the loop gives a step's handoffs to join decode (they take two); one whose stream is
+# not waiting yet is not waited for, and one that needs more turns joins a later step.
+JOIN_TURNS = 8
 
 
 class ColocatedScheduler:
@@ -51,10 +62,19 @@ class ColocatedScheduler:
             else:
                 if result.error is not None:
                     log.error("colocated step failed: %r", result.error)
+            handed_off = [r.request_id for r in result.prefill
+                          if r.handoff is not None and r.request_id in self.prefill.local_handoffs]
             self.prefill.finished(result.prefill)
             error = result.error
             self.decode.finished([(event.request_id, event) for event in result.decode]
                                  + ([(request_id, error) for request_id in result.failed] if error else []))
+            await self._let_handoffs_join(handed_off)
+
+    async def _let_handoffs_join(self, request_ids: list[str]) -> None:
+        for _ in range(JOIN_TURNS):
+            if not any(r in self.prefill.local_handoffs or self.decode.opening(r) for r in request_ids):
+                return
+            await asyncio.sleep(0)  # one event-loop turn: the handoffs' coroutines run
 
     def _step(self, changes: BatchChanges) -> tuple[MixedStepResult, dict[str, float]]:
         self.decode.apply(changes)

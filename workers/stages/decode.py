@@ -303,6 +303,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 events = [(request_id, exc) for request_id in failed]
             self.finished(events)
 
+    def opening(self, request_id: str) -> bool:
+        """The request's KV came while its stream waited: the stream opens it at its next turn."""
+        return request_id in self.arrived and request_id in self.arrival_events
+
     def take_changes(self) -> BatchChanges:
         """The sequences that joined and the requests cancelled since the last step."""
         changes = BatchChanges(self.joining, self.cancelled)

@@ -41,6 +41,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.mailbox: EmbeddingMailbox | None = None  # encode workers on this host push embeddings here
         self.embeddings = EmbeddingSource(ctx, engine.language, cache_bytes, embedding_wait)
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
+        self.local_handoffs: set[str] = set()  # Prefill calls handing KV to a decode servicer of this process
         self.wakeup = asyncio.Event()
         self.active_requests = 0
         self.steps_alone = True  # False: a colocated worker's mixed scheduler steps this engine
@@ -104,6 +105,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         try:
             sources = ItemSources()
             job, sink = await self._admit(request, sources, context)
+            if sink.path == "inproc":
+                self.local_handoffs.add(request.request_id)
             handoff = await self._compute(job, context)
             metrics.PREFIX_CACHE_TOKENS.labels("hit").inc(handoff.cached_tokens)
             metrics.PREFIX_CACHE_TOKENS.labels("computed").inc(handoff.prompt_tokens - handoff.cached_tokens)
@@ -125,6 +128,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                                           recomputed=sources.recomputed),
                                       cached_tokens=handoff.cached_tokens)
         finally:
+            self.local_handoffs.discard(request.request_id)
             if sink is not None:  # failed or cancelled after the reservation: give everything back
                 await self._abort(sink)
             self.active_requests -= 1
