@@ -6,12 +6,16 @@ prefill chunks into one forward (`engine.mixed`), as a non-disaggregated server
 such as vLLM does, instead of alternating a prefill forward and a decode
 forward on the worker's single compute thread.
 
-A prompt's first token comes from a step; its Prefill call then commits the KV to
-decode and its token stream opens the sequence, each a coroutine that runs a turn
-of the event loop later. The loop lets those turns pass before it takes the next
-step's changes, so a sequence decodes in the step right after its prefill, not a
-whole (prefill-heavy, under load) step later: that lag kept every prompt of a
-burst a step behind and the bursts' sequences in lockstep."""
+Between steps the loop lets the event loop's other coroutines catch up with the
+step, so that nothing waits a whole (prefill-heavy, ~1 s under load) step more:
+- a prompt's first token comes from a step; its Prefill call then commits the KV
+  to decode and its token stream opens the sequence, each a turn of the event
+  loop later, and the sequence decodes in the very next step;
+- a prompt that came during a step reserves its decode blocks on the compute
+  thread, behind that step; the loop lets the reservation finish and the prompt
+  be queued, and the prompt is prefilled in the very next step.
+Either lag kept every prompt of a burst a step behind, and a burst's sequences
+decoding in lockstep."""
 
 from __future__ import annotations
 
@@ -26,9 +30,9 @@ from .supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
-# Event-loop turns the loop gives a step's handoffs to join decode (they take two); one whose stream is
-# not waiting yet is not waited for, and one that needs more turns joins a later step.
-JOIN_TURNS = 8
+# Event-loop turns the loop gives handoffs to join decode and reserved prompts to be queued (each takes
+# two); one whose stream is not there yet, or that waits for decode blocks to free up, is not waited for.
+SETTLE_TURNS = 8
 
 
 class ColocatedScheduler:
@@ -68,13 +72,16 @@ class ColocatedScheduler:
             error = result.error
             self.decode.finished([(event.request_id, event) for event in result.decode]
                                  + ([(request_id, error) for request_id in result.failed] if error else []))
-            await self._let_handoffs_join(handed_off)
+            await self._settle(handed_off)
 
-    async def _let_handoffs_join(self, request_ids: list[str]) -> None:
-        for _ in range(JOIN_TURNS):
-            if not any(r in self.prefill.local_handoffs or self.decode.opening(r) for r in request_ids):
+    async def _settle(self, handed_off: list[str]) -> None:
+        if self.prefill.admitting:  # their reservations were queued on the compute thread behind the step
+            await self.ctx.compute("prefill", lambda: None)
+        for _ in range(SETTLE_TURNS):
+            if not self.prefill.admitting and not any(
+                    r in self.prefill.local_handoffs or self.decode.opening(r) for r in handed_off):
                 return
-            await asyncio.sleep(0)  # one event-loop turn: the handoffs' coroutines run
+            await asyncio.sleep(0)  # one event-loop turn: the Prefill calls and token streams run
 
     def _step(self, changes: BatchChanges) -> tuple[MixedStepResult, dict[str, float]]:
         self.decode.apply(changes)

@@ -41,7 +41,10 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.mailbox: EmbeddingMailbox | None = None  # encode workers on this host push embeddings here
         self.embeddings = EmbeddingSource(ctx, engine.language, cache_bytes, embedding_wait)
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
-        self.local_handoffs: set[str] = set()  # Prefill calls handing KV to a decode servicer of this process
+        # Prefill calls handing KV to a decode servicer of this process (a colocated worker's scheduler waits
+        # a few event-loop turns for their reservations and handoffs between steps, see stages.colocated)
+        self.local_handoffs: set[str] = set()
+        self.admitting: set[str] = set()  # of those, the ones reserving their KV, until the prompt is queued
         self.wakeup = asyncio.Event()
         self.active_requests = 0
         self.steps_alone = True  # False: a colocated worker's mixed scheduler steps this engine
@@ -105,8 +108,6 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         try:
             sources = ItemSources()
             job, sink = await self._admit(request, sources, context)
-            if sink.path == "inproc":
-                self.local_handoffs.add(request.request_id)
             handoff = await self._compute(job, context)
             metrics.PREFIX_CACHE_TOKENS.labels("hit").inc(handoff.cached_tokens)
             metrics.PREFIX_CACHE_TOKENS.labels("computed").inc(handoff.prompt_tokens - handoff.cached_tokens)
@@ -129,6 +130,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                       cached_tokens=handoff.cached_tokens)
         finally:
             self.local_handoffs.discard(request.request_id)
+            self.admitting.discard(request.request_id)
             if sink is not None:  # failed or cancelled after the reservation: give everything back
                 await self._abort(sink)
             self.active_requests -= 1
@@ -149,6 +151,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             job.image_embeddings = list(await asyncio.gather(
                 *(self.embeddings.image_embedding(ref, request.request_id, sources) if need else _nothing()
                   for ref, need in zip(request.images, needed, strict=True))))
+            if self.kv.local_decode(request.decode_address) is not None:
+                self.local_handoffs.add(job.request_id)
+                self.admitting.add(job.request_id)  # its reservation runs on this worker's compute thread
             job.kv_sink = await self.kv.open(request.decode_address, job.request_id, len(job.input_ids),
                                              job.sampling.max_tokens)
             return job, job.kv_sink
@@ -174,6 +179,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             except ValueError as exc:
                 self.engine.release_prefix(job.prefix)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            finally:
+                self.admitting.discard(job.request_id)
             self.wakeup.set()
             try:
                 return await future

@@ -99,7 +99,7 @@ class KVHandoffSink:
             metrics.TRANSFER_LATENCY.labels("kv", self.path).observe(time.perf_counter() - self.started)
 
     async def commit(self, handoff: KVHandoff) -> None:
-        local = self.sender._local(self.address)
+        local = self.sender.local_decode(self.address)
         if self.path == "inproc" and local is not None:
             await local.commit_local(handoff, handoff.block_table)
             return
@@ -119,7 +119,7 @@ class KVHandoffSink:
             self._stop()
         if not self.finished.done():
             self.finished.cancel()
-        local = self.sender._local(self.address)
+        local = self.sender.local_decode(self.address)
         try:
             if local is not None:
                 await local.release_local(self.reservation.request_id)
@@ -157,7 +157,7 @@ class KVSender:
         """Reserve at the decode worker (waits while it is full) and return the request's sink."""
         spec = ReserveSpec(request_id, prompt_tokens, max_tokens, host_id(),
                            sender_paths(self.pool.device.type, self.allowed), self.layout)
-        local = self._local(address)
+        local = self.local_decode(address)
         if local is not None:  # decode adopts the prefill blocks: nothing to move
             sink = KVHandoffSink(self, address, await local.reserve_local(spec))
             sink.finished.set_result(None)
@@ -206,7 +206,7 @@ class KVSender:
 
         return write
 
-    def _local(self, address: str) -> LocalDecode | None:
+    def local_decode(self, address: str) -> LocalDecode | None:
         """The decode servicer at `address` if it runs in this process over this very pool."""
         local = LOCAL_DECODERS.get(address) if "inproc" in self.allowed else None
         return local if local is not None and local.pool is self.pool else None
