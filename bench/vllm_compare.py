@@ -125,11 +125,13 @@ async def greedy_texts(url: str, spec: WorkloadSpec, count: int = 4) -> list[str
 
 
 def loads(spec: WorkloadSpec) -> dict[str, tuple[WorkloadSpec, int]]:
-    """name -> (workload, concurrency)."""
+    """name -> (workload, concurrency). Each load has its own seed: with one seed, a load's prompts would
+    repeat the ones before it (same text, same images), and both servers would serve them from their
+    prefix caches."""
     images = replace(spec, images_per_request=4, image_size=ImageSize(336, 336), prompt_tokens=32, max_tokens=16)
-    return {"4 images @ 2 req/s": (replace(images, rate=2.0, fixed_rate=True, requests=40), 64),
-            "4 images @ saturation": (replace(images, rate=0.0, requests=60), 32),
-            "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240), 64)}
+    return {"4 images @ 2 req/s": (replace(images, rate=2.0, fixed_rate=True, requests=40, seed=1), 64),
+            "4 images @ saturation": (replace(images, rate=0.0, requests=60, seed=2), 32),
+            "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240, seed=3), 64)}
 
 
 def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: Sequence[str] = ()) -> dict:

@@ -13,8 +13,12 @@ step, so that nothing waits a whole (prefill-heavy, ~1 s under load) step more:
   loop later, and the sequence decodes in the very next step;
 - a prompt that came during a step reserves its decode blocks on the compute
   thread, behind that step; the loop lets the reservation finish and the prompt
-  be queued, and the prompt is prefilled in the very next step.
-Either lag kept every prompt of a burst a step behind, and a burst's sequences
+  be queued, and the prompt is prefilled in the very next step;
+- an image prompt that came during a step waits for its encode batch, which runs
+  on the compute thread behind that step; the loop lets the batch finish and its
+  embeddings reach the prompt (work the compute thread would do before the next
+  step anyway), and the prompt is prefilled in the very next step.
+Each lag kept every prompt of a burst a step behind, and a burst's sequences
 decoding in lockstep."""
 
 from __future__ import annotations
@@ -25,19 +29,24 @@ import logging
 from ..engine.mixed import MixedStepper, MixedStepResult
 from .context import WorkerContext
 from .decode import BatchChanges, DecodeServicer
+from .encode import EncodeServicer
 from .prefill import PrefillServicer
 from .supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
-# Event-loop turns the loop gives handoffs to join decode and reserved prompts to be queued (each takes
-# two); one whose stream is not there yet, or that waits for decode blocks to free up, is not waited for.
-SETTLE_TURNS = 8
+# Rounds the loop gives, between steps, to handoffs joining decode and arriving prompts being queued; a round
+# waits for the compute thread's queue or gives the event loop one turn (each case takes two or three). One
+# whose stream is not there yet, whose embeddings are not computed, or that waits for decode blocks to free
+# up, is not waited for.
+SETTLE_ROUNDS = 16
 
 
 class ColocatedScheduler:
-    def __init__(self, ctx: WorkerContext, prefill: PrefillServicer, decode: DecodeServicer, step_tokens: int) -> None:
+    def __init__(self, ctx: WorkerContext, encode: EncodeServicer | None, prefill: PrefillServicer,
+                 decode: DecodeServicer, step_tokens: int) -> None:
         self.ctx = ctx
+        self.encode = encode
         self.prefill = prefill
         self.decode = decode
         self.stepper = MixedStepper(prefill.engine, decode.engine, step_tokens)
@@ -75,13 +84,23 @@ class ColocatedScheduler:
             await self._settle(handed_off)
 
     async def _settle(self, handed_off: list[str]) -> None:
-        if self.prefill.admitting:  # their reservations were queued on the compute thread behind the step
-            await self.ctx.compute("prefill", lambda: None)
-        for _ in range(SETTLE_TURNS):
-            if not self.prefill.admitting and not any(
+        for _ in range(SETTLE_ROUNDS):
+            waiting_for = self.prefill.arriving.values()
+            if waiting_for and self.ctx.compute_backlog:
+                # jobs queued on the compute thread behind the step (arriving prompts' reservations, the encode
+                # batch of their images), which run before the next step anyway: a no-op behind them (the
+                # thread runs its jobs in order) waits for them
+                await self.ctx.compute("prefill", lambda: None)
+            elif any(self._computed(keys) for keys in waiting_for) or any(
                     r in self.prefill.local_handoffs or self.decode.opening(r) for r in handed_off):
+                await asyncio.sleep(0)  # one event-loop turn: the Encode, Prefill calls and token streams run
+            else:
                 return
-            await asyncio.sleep(0)  # one event-loop turn: the Prefill calls and token streams run
+
+    def _computed(self, keys: tuple[str, ...]) -> bool:
+        """The embeddings a prompt waits for are all computed in this process (on their way to it)."""
+        return all(key in self.prefill.embeddings.buffer or (self.encode is not None and key in self.encode.lru)
+                   for key in keys)
 
     def _step(self, changes: BatchChanges) -> tuple[MixedStepResult, dict[str, float]]:
         self.decode.apply(changes)

@@ -45,18 +45,35 @@ class WorkerContext:
     def __post_init__(self) -> None:
         self.executor = pinned_executor(self.threads, 1, "engine")
         self.embeddings = EmbeddingTransport(self.channels, self.directory)
+        # jobs given to the compute thread and jobs it finished, each counted by one thread only
+        self._submitted = self._finished = 0
+
+    @property
+    def compute_backlog(self) -> int:
+        """Jobs queued on, or running on, the compute thread."""
+        return self._submitted - self._finished
+
+    async def _on_compute_thread(self, job: Callable[[], R]) -> R:
+        def counted() -> R:
+            try:
+                self._own_thread_count()
+                return job()
+            finally:
+                self._finished += 1
+
+        self._submitted += 1
+        return await asyncio.get_running_loop().run_in_executor(self.executor, counted)
 
     async def compute(self, stage: str, fn: Callable[..., R], *args) -> R:
         """Run engine work on the compute thread, counting busy time for the stage."""
         def timed() -> R:
-            self._own_thread_count()
             start = time.perf_counter()
             try:
                 return fn(*args)
             finally:
                 metrics.BUSY_SECONDS.labels(stage).inc(time.perf_counter() - start)
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        return await self._on_compute_thread(timed)
 
     def _own_thread_count(self) -> None:
         """Give the engine thread its count again before each job: PyTorch code compiled into another
@@ -68,7 +85,6 @@ class WorkerContext:
         """Engine work for several stages at once (a colocated worker's mixed step): `fn` returns its result
         and each stage's share of the work, and the busy time is split between the stages by those shares."""
         def timed() -> R:
-            self._own_thread_count()
             start = time.perf_counter()
             result, shares = fn(*args)
             elapsed, total = time.perf_counter() - start, sum(shares.values())
@@ -77,4 +93,4 @@ class WorkerContext:
                     metrics.BUSY_SECONDS.labels(stage).inc(elapsed * share / total)
             return result
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        return await self._on_compute_thread(timed)

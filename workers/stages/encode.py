@@ -44,6 +44,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         self.batcher: MicroBatcher[EncodeTask] = MicroBatcher("encode", self._run_batch, max_batch, max_wait,
                                                               fail_batch=self._fail_batch, health=ctx.health)
         self.in_flight: dict[str, asyncio.Future] = {}  # item key -> embedding being computed
+        self.announcing: dict[str, asyncio.Future] = {}  # item key -> its batch's Redis writes, until written
         self.active_requests = 0
 
     def start(self) -> None:
@@ -69,6 +70,9 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
             if request.prefill_address:
                 await self.ctx.embeddings.push(request.prefill_address, request.request_id, self.ctx.address,
                                                dict(zip(keys, tensors, strict=True)))
+            announcing = {self.announcing[key] for key in keys if key in self.announcing}
+            if announcing:  # a reply means the embeddings are announced (not cancelled with this call)
+                await asyncio.wait(announcing)
             metrics.STAGE_LATENCY.labels("encode").observe(time.perf_counter() - start)
             return pb.EncodeResponse(item_keys=keys)
         finally:
@@ -121,13 +125,21 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
                 metrics.CACHE_EVENTS.labels("encode", "evicted").inc()
                 await self.ctx.metadata.forget(evicted, owner=self.ctx.address)
             encoded.append((task, result))
-        # the batch's records in one round of Redis writes (an item a later one evicted is forgotten)
-        await asyncio.gather(*(self._announce(task.key, result) if task.key in self.lru
-                               else self.ctx.metadata.forget(task.key, owner=self.ctx.address)
-                               for task, result in encoded))
+        # the batch's records in one round of Redis writes (an item a later one evicted is forgotten), written
+        # while the embeddings are already on their way to prefill
+        announced = asyncio.gather(*(self._announce(task.key, result) if task.key in self.lru
+                                     else self.ctx.metadata.forget(task.key, owner=self.ctx.address)
+                                     for task, result in encoded))
         for task, result in encoded:
+            self.announcing[task.key] = announced
             if not task.future.done():
                 task.future.set_result(result)
+        try:
+            await announced
+        finally:
+            for task, _ in encoded:
+                if self.announcing.get(task.key) is announced:
+                    del self.announcing[task.key]
 
     def _fail_batch(self, tasks: list[EncodeTask], error: Exception) -> None:
         for task in tasks:

@@ -42,9 +42,11 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.embeddings = EmbeddingSource(ctx, engine.language, cache_bytes, embedding_wait)
         self.pending: dict[str, asyncio.Future[KVHandoff]] = {}  # request id -> its prefill result
         # Prefill calls handing KV to a decode servicer of this process (a colocated worker's scheduler waits
-        # a few event-loop turns for their reservations and handoffs between steps, see stages.colocated)
+        # a few event-loop turns for their embeddings, reservations and handoffs between steps, see
+        # stages.colocated); of those, the ones not queued yet -> the embeddings they wait for (none once
+        # they reserve their KV)
         self.local_handoffs: set[str] = set()
-        self.admitting: set[str] = set()  # of those, the ones reserving their KV, until the prompt is queued
+        self.arriving: dict[str, tuple[str, ...]] = {}
         self.wakeup = asyncio.Event()
         self.active_requests = 0
         self.steps_alone = True  # False: a colocated worker's mixed scheduler steps this engine
@@ -130,7 +132,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                       cached_tokens=handoff.cached_tokens)
         finally:
             self.local_handoffs.discard(request.request_id)
-            self.admitting.discard(request.request_id)
+            self.arriving.pop(request.request_id, None)
             if sink is not None:  # failed or cancelled after the reservation: give everything back
                 await self._abort(sink)
             self.active_requests -= 1
@@ -148,12 +150,16 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         job.prefix = self.engine.find_prefix(job)
         try:
             needed = self.engine.needed_images(job, job.prefix)
+            local = self.kv.local_decode(request.decode_address) is not None
+            if local:
+                self.local_handoffs.add(job.request_id)
+                self.arriving[job.request_id] = tuple(
+                    item.item_key for ref, need in zip(request.images, needed, strict=True) if need for item in ref.items)
             job.image_embeddings = list(await asyncio.gather(
                 *(self.embeddings.image_embedding(ref, request.request_id, sources) if need else _nothing()
                   for ref, need in zip(request.images, needed, strict=True))))
-            if self.kv.local_decode(request.decode_address) is not None:
-                self.local_handoffs.add(job.request_id)
-                self.admitting.add(job.request_id)  # its reservation runs on this worker's compute thread
+            if local:
+                self.arriving[job.request_id] = ()  # its reservation runs on this worker's compute thread
             job.kv_sink = await self.kv.open(request.decode_address, job.request_id, len(job.input_ids),
                                              job.sampling.max_tokens)
             return job, job.kv_sink
@@ -180,7 +186,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 self.engine.release_prefix(job.prefix)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             finally:
-                self.admitting.discard(job.request_id)
+                self.arriving.pop(job.request_id, None)
             self.wakeup.set()
             try:
                 return await future

@@ -149,7 +149,7 @@ class Worker:
                                        channels=ChannelPool(config.tls), threads=config.torch_threads,
                                        calls=self.calls)
         self.servicers = await asyncio.get_running_loop().run_in_executor(ctx.executor, _build_servicers, config, ctx)
-        self.scheduler = ColocatedScheduler(ctx, *_stepped_engines(self.servicers), config.step_token_budget) \
+        self.scheduler = ColocatedScheduler(ctx, *_colocated_stages(self.servicers), config.step_token_budget) \
             if config.role == "colocated" else None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -263,10 +263,11 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
     return servicers
 
 
-def _stepped_engines(servicers: list) -> tuple[PrefillServicer, DecodeServicer]:
+def _colocated_stages(servicers: list) -> tuple[EncodeServicer | None, PrefillServicer, DecodeServicer]:
+    encode = next((s for s in servicers if isinstance(s, EncodeServicer)), None)
     prefill = next(s for s in servicers if isinstance(s, PrefillServicer))
     decode = next(s for s in servicers if isinstance(s, DecodeServicer))
-    return prefill, decode
+    return encode, prefill, decode
 
 
 def peering(config: WorkerConfig, adapter: ModelAdapter) -> Peering:
