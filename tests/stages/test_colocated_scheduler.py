@@ -2,8 +2,9 @@
 prefilled in one step decodes in the very next one, and a prompt that came during
 a step is prefilled in the very next one (an image prompt too, once the encode
 batch that ran after the step has handed its embedding over), while other
-prompts keep the loop stepping. Runs a real colocated tiny-llava worker (gRPC over a socket, real Redis)
-with steps of 16 tokens, so that a long prompt prefills over several steps."""
+prompts keep the loop stepping. Runs a real colocated tiny-llava worker (gRPC
+over a socket, real Redis) with steps of 16 tokens, so that a long prompt
+prefills over several steps."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 from epd.workers.messages import ChatMessage, ImagePart, SamplingParams, TextPart
 from epd.workers.models import load_adapter
-from epd.workers.stages.decode import DecodeServicer
-from epd.workers.stages.prefill import PrefillServicer
 from epd.workers.stages.worker import Worker, WorkerConfig
 from epd.workers.wire import sampling_to_proto
 
@@ -66,11 +65,6 @@ def prompt(worker: Worker, request_id: str, length: int) -> pb.PrefillRequest:
                              sampling=sampling_to_proto(SamplingParams(max_tokens=3, ignore_eos=True)))
 
 
-def servicers(worker: Worker) -> tuple[PrefillServicer, DecodeServicer]:
-    return (next(s for s in worker.servicers if isinstance(s, PrefillServicer)),
-            next(s for s in worker.servicers if isinstance(s, DecodeServicer)))
-
-
 async def token_counts(streams: dict) -> dict[str, int]:
     return {r: sum([len(chunk.token_ids) async for chunk in stream]) for r, stream in streams.items()}
 
@@ -78,7 +72,7 @@ async def token_counts(streams: dict) -> dict[str, int]:
 async def test_a_prompt_decodes_in_the_step_after_its_prefill_while_a_long_prompt_goes_on(small_step_worker,
                                                                                           monkeypatch):
     worker = small_step_worker
-    prefill, decode = servicers(worker)
+    prefill, decode = worker.scheduler.prefill, worker.scheduler.decode
     log = StepLog(worker, monkeypatch)
     ctx, gate = worker.ctx, asyncio.Event()
     compute_shared = ctx.compute_shared
@@ -114,7 +108,7 @@ async def arrive_during_a_step(worker: Worker, log: StepLog, late: pb.PrefillReq
                                what: str, encode: pb.EncodeRequest | None = None) -> dict[str, int]:
     """A 20-token prompt prefills over steps 1 and 2, and step 2 is held on the compute thread while `late`
     (and its Encode call) comes, until `arrived()`: each request's token count."""
-    decode = servicers(worker)[1]
+    decode = worker.scheduler.decode
     long = prompt(worker, "long", 20)
     async with grpc.aio.insecure_channel(worker.ctx.address) as channel:
         prefill_stub, decode_stub = pb_grpc.PrefillServiceStub(channel), pb_grpc.DecodeServiceStub(channel)
@@ -134,7 +128,7 @@ async def arrive_during_a_step(worker: Worker, log: StepLog, late: pb.PrefillReq
 
 async def test_a_prompt_that_comes_during_a_step_is_prefilled_in_the_next_step(small_step_worker, monkeypatch):
     worker = small_step_worker
-    prefill, decode = servicers(worker)
+    prefill, decode = worker.scheduler.prefill, worker.scheduler.decode
     log = StepLog(worker, monkeypatch, hold=1)
     # its reservation waits on the compute thread behind the step
     counts = await arrive_during_a_step(worker, log, prompt(worker, "short", 8),
@@ -150,7 +144,7 @@ async def test_a_prompt_that_comes_during_a_step_is_prefilled_in_the_next_step(s
 async def test_an_image_prompt_that_comes_during_a_step_is_prefilled_in_the_next_step(small_step_worker,
                                                                                       monkeypatch):
     worker = small_step_worker
-    prefill, decode = servicers(worker)
+    prefill, decode = worker.scheduler.prefill, worker.scheduler.decode
     log = StepLog(worker, monkeypatch, hold=1)
     ctx, computed = worker.ctx, []
     compute = ctx.compute
