@@ -18,9 +18,9 @@ from epd.workers.engine.compiled import compiles
 from epd.workers.engine.fused_layer import FusedLayer, joined
 from epd.workers.engine.packed_linear import PackedLinear, packs
 from epd.workers.engine.step_threads import StepThreads
-from epd.workers.models import load_adapter
+from epd.workers.models import EncodeInput, load_adapter
 
-from ..helpers import worker_from_command_line
+from ..helpers import png_bytes, worker_from_command_line
 
 SIZES = (3, 1, 17, 40)  # prompts of these lengths, packed into one forward
 
@@ -133,8 +133,10 @@ def test_runtimes_built_on_one_language_part_share_its_fused_layers():
 
 
 async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_server):
-    """`epd worker --compile-float32`: the flag reaches the runtime, and the worker serves a request on it."""
+    """`epd worker --compile-float32`: the flag reaches the runtime and the vision part, and the worker
+    serves a request on them."""
     from epd.workers.messages import PrefillJob, SamplingParams
+    from epd.workers.stages.encode import EncodeServicer
     from epd.workers.stages.prefill import PrefillServicer
 
     worker = worker_from_command_line("--role", "colocated", "--model", "tiny-llava", "--redis-url",
@@ -143,6 +145,10 @@ async def test_a_worker_told_to_compile_float32_serves_on_compiled_layers(redis_
     try:
         prefill = next(s for s in worker.servicers if isinstance(s, PrefillServicer)).engine
         assert prefill.decoder.dense.compiled and prefill.decoder.language.dtype == torch.float32
+        vision = next(s for s in worker.servicers if isinstance(s, EncodeServicer)).vision
+        assert vision.compiled and vision.dtype == torch.float32
+        [features] = await worker.ctx.compute("encode", vision.encode, [EncodeInput(png_bytes(40, 30, seed=0), -1)])
+        assert features.shape == (load_adapter("tiny-llava").tokens_per_tile, vision.adapter.text_config.hidden_size)
         job = PrefillJob("r", [1, 20, 30, 40, 50], [], [], SamplingParams(max_tokens=1, ignore_eos=True))
         [handoff] = await worker.ctx.compute("prefill", prefill.run, [job])
         assert 0 <= handoff.first_token < int(load_adapter("tiny-llava").text_config.vocab_size)

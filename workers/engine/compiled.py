@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..dynamo_limits import allow_graphs
 from .fused_layer import FusedLayer, fused_attention_inputs, fused_layer_output
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,6 @@ AttentionInputs = Callable[[Layer, torch.Tensor, torch.Tensor, torch.Tensor, Rot
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # (layer, [1, T, hidden] residual, [T, heads, dim] attention output) -> [1, T, hidden] layer output
 LayerOutput = Callable[[Layer, torch.Tensor, torch.Tensor], torch.Tensor]
-
-# Dynamo keeps at most this many graphs per function, then runs it eagerly without a word. A worker needs four
-# (one token or several, on each of two thread counts); a process holding runtimes of several models or dtypes
-# (the engine benchmark, the tests) needs four for each, so the default of 8 is raised.
-GRAPHS_PER_FUNCTION = 64
-
 
 def attention_inputs(layer: Layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      apply_rotary: Rotary, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +81,7 @@ class DenseParts:
         self.attention_inputs: AttentionInputs = attention_inputs
         self.layer_output: LayerOutput = layer_output
         if compiled:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_PER_FUNCTION)
+            allow_graphs()
             self.attention_inputs = compiling_misses(torch.compile(fused_attention_inputs, dynamic=True))
             self.layer_output = compiling_misses(torch.compile(fused_layer_output, dynamic=True))
 

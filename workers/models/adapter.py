@@ -215,6 +215,12 @@ class VisionPartBase(ABC):
     def __init__(self, adapter: ModelAdapter, parts: dict[str, nn.Module]) -> None:
         self.adapter = adapter
         self.parts = parts
+        self.compiled = False  # the tower and projector run as TorchInductor graphs (see `compile`)
+
+    def compile(self) -> bool:
+        """From now on run the tower and projector compiled by TorchInductor, every graph made here on
+        zero inputs (never under a batch); False, and nothing changed, where the family's tower stays eager."""
+        return False
 
     @property
     def dtype(self) -> torch.dtype:

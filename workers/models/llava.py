@@ -3,7 +3,7 @@ projector in front of a Llama-style language model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -13,6 +13,7 @@ from transformers import AutoModel, LlavaForConditionalGeneration, LlavaNextForC
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
+from ..dynamo_limits import allow_graphs
 from ..messages import ImageSize
 from .adapter import EncodeInput, LanguagePartBase, ModelAdapter, VisionPartBase, decode_image
 from .layouts import reading_renames
@@ -79,6 +80,7 @@ class LlavaVision(VisionPartBase):
         self.dropped = frozenset(f"model.vision_tower.{name}"
                                  for name, param in parts["model.vision_tower"].named_parameters() if id(param) in unused)
         del layers[keep:]
+        self.projection: Callable[[torch.Tensor], torch.Tensor] = self._project  # compiled by `compile`
 
     @torch.no_grad()
     def prepare(self, item: EncodeInput) -> torch.Tensor:
@@ -87,12 +89,29 @@ class LlavaVision(VisionPartBase):
     def encode_prepared(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.features(torch.stack(list(prepared))).unbind(0))
 
+    def compile(self) -> bool:
+        """Every item is a square of the tower's input size, so two graphs serve every batch: one for several
+        items (the count dynamic) and one for a single item (Dynamo gives size 1 a graph of its own)."""
+        allow_graphs()
+        self.projection = torch.compile(self._project)
+        side = int(self.adapter.config.vision_config.image_size)
+        weight = next(self.parts["model.vision_tower"].parameters())
+        several = weight.new_zeros((2, 3, side, side))
+        torch._dynamo.mark_dynamic(several, 0)
+        for pixels in (several, weight.new_zeros((1, 3, side, side))):
+            self.features(pixels)
+        self.compiled = True
+        return True
+
     @torch.no_grad()
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[items, tokens, hidden]` projected features of preprocessed `[items, 3, H, W]` pixels."""
         tower = self.parts["model.vision_tower"]
-        pixels = pixels.to(device=next(tower.parameters()).device, dtype=self.dtype)
-        hidden = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+        return self.projection(pixels.to(device=next(tower.parameters()).device, dtype=self.dtype))
+
+    def _project(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The feature layers' hidden states through the projector (what `projection` runs, eager or compiled)."""
+        hidden = self.parts["model.vision_tower"](pixels, output_hidden_states=True, return_dict=True).hidden_states
         pool = [hidden[index] for index in self.feature_layers]
         if self.adapter.config.vision_feature_select_strategy == "default":
             pool = [h[:, 1:] for h in pool]

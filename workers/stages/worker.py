@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -25,6 +26,7 @@ from .. import metrics
 from ..cache import MetadataStore
 from ..drain import ActiveCalls, drain, until_signalled
 from ..engine import ATTENTION_BACKENDS, DecodeEngine, KVCacheConfig, PrefillEngine, build_runtime
+from ..engine.compiled import compiles
 from ..engine.mixed import DEFAULT_STEP_TOKENS
 from ..engine.step_threads import StepThreads
 from ..engine.thread_teams import pin_threads, pinned_executor
@@ -234,6 +236,10 @@ def _build_servicers(config: WorkerConfig, ctx: WorkerContext) -> list:
     servicers: list = []
     if "encode" in config.stages:
         vision = adapter.load_vision(config.device, config.torch_dtype)
+        if compiles(vision.dtype, torch.device(config.device), config.enforce_eager, config.compile_float32):
+            start = time.perf_counter()
+            if vision.compile():
+                log.info("compiled the vision tower and projector in %.1f s", time.perf_counter() - start)
         servicers.append(EncodeServicer(ctx, vision, config.cache_bytes, config.encode_max_batch,
                                         config.encode_max_wait))
     if {"prefill", "decode"} & set(config.stages):
