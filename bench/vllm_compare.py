@@ -131,7 +131,9 @@ def loads(spec: WorkloadSpec) -> dict[str, tuple[WorkloadSpec, int]]:
     images = replace(spec, images_per_request=4, image_size=ImageSize(336, 336), prompt_tokens=32, max_tokens=16)
     return {"4 images @ 2 req/s": (replace(images, rate=2.0, fixed_rate=True, requests=40, seed=1), 64),
             "4 images @ saturation": (replace(images, rate=0.0, requests=60, seed=2), 32),
-            "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240, seed=3), 64)}
+            "text only @ saturation": (replace(images, images_per_request=0, rate=0.0, requests=240, seed=3), 64),
+            # one request at a time: the latency of the request path itself, with nothing queued beside it
+            "4 images, one at a time": (replace(images, rate=0.0, requests=20, seed=4), 1)}
 
 
 def measure(label: str, url: str, spec: WorkloadSpec, prefill_metrics: Sequence[str] = ()) -> dict:
