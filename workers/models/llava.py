@@ -90,8 +90,8 @@ class LlavaVision(VisionPartBase):
         return list(self.features(torch.stack(list(prepared))).unbind(0))
 
     def compile(self) -> bool:
-        """Every item is a square of the tower's input size, so two graphs serve every batch: one for several
-        items (the count dynamic) and one for a single item (Dynamo gives size 1 a graph of its own)."""
+        """Every item is a square of the tower's input size, so compiling for several items (the count dynamic)
+        and for a single item (Dynamo specialises size 1) covers every batch."""
         allow_graphs()
         self.projection = torch.compile(self._project)
         side = int(self.adapter.config.vision_config.image_size)
