@@ -87,6 +87,19 @@ class CancelLog(InProcessStageClient):
         return await super().cancel(stage, address, request_id)
 
 
+async def reading_at_length(stream: RecoveringStream, adapter, text: str) -> asyncio.Task:
+    """A client reading a 200-token answer, once its first token came (cancel it: the client leaves)."""
+    started = asyncio.Event()
+
+    async def read() -> None:
+        async for _ in stream.run(request(adapter, text, [], max_tokens=200)):
+            started.set()
+
+    reader = asyncio.create_task(read())
+    await eventually(started.is_set, 30, "the first token")
+    return reader
+
+
 async def test_only_a_request_left_unfinished_sends_the_stages_a_cancel(worker, redis_server):
     """The router's reader stops at the last chunk; that must not read as the client leaving (a `Cancel` for
     every finished request). A client that leaves earlier still cancels its request at decode."""
@@ -101,20 +114,100 @@ async def test_only_a_request_left_unfinished_sends_the_stages_a_cancel(worker, 
         assert completions[-1].finish_reason == "length" and sum(len(c.token_ids) for c in completions) == 6
         assert client.cancels == []
 
-        started = asyncio.Event()
-
-        async def leaving_early() -> None:  # the client goes away: aiohttp cancels its handler
-            async for _ in stream.run(request(adapter, "leaving early", [], max_tokens=200)):
-                started.set()
-
-        reader = asyncio.create_task(leaving_early())
-        await eventually(started.is_set, 30, "the first token")
-        reader.cancel()
+        reader = await reading_at_length(stream, adapter, "leaving early")
+        reader.cancel()  # the client goes away: aiohttp cancels its handler
         with pytest.raises(asyncio.CancelledError):
             await reader
         assert client.cancels == ["decode"]
         await eventually(lambda: decode_idle(worker), 30, "decode to drop the request that left")
     finally:
+        await redis.aclose()
+
+
+class HeldDecodeCancel(InProcessStageClient):
+    """The in-process client, whose `Cancel` to decode waits until `release` is set; it notes whether the
+    pipeline left the request's decode stream."""
+
+    def __init__(self, servicers) -> None:
+        super().__init__(servicers)
+        self.cancelling, self.release = asyncio.Event(), asyncio.Event()
+        self.left = False
+
+    def generate(self, address: str, request_id: str):
+        stream = super().generate(address, request_id)
+        leave = stream.cancel
+
+        def noted_leave() -> None:
+            self.left = True
+            leave()
+
+        stream.cancel = noted_leave
+        return stream
+
+    async def cancel(self, stage: str, address: str, request_id: str) -> bool:
+        if stage == "decode":
+            self.cancelling.set()
+            await self.release.wait()
+        return await super().cancel(stage, address, request_id)
+
+
+async def test_a_handler_cancelled_again_while_it_cancels_its_stages_still_leaves_decode(worker, redis_server):
+    """A streaming client that leaves fails the handler's write first, then cancels it while the stages are
+    being told: the pipeline still leaves the decode stream and returns the planner's share."""
+    adapter = load_adapter("tiny-llava")
+    redis = connect(redis_server.url)
+    directory = WorkerDirectory(redis)
+    await directory.refresh()
+    client = HeldDecodeCancel({worker.ctx.address: worker.servicers})
+    planner = RoutePlanner()
+    stream = RecoveringStream(StagePipeline(directory, MetadataStore(redis), client, planner), adapter)
+    try:
+        reader = await reading_at_length(stream, adapter, "leaving twice")
+        reader.cancel()
+        await eventually(client.cancelling.is_set, 30, "the pipeline to cancel the request at decode")
+        reader.cancel()  # the second cancellation lands in the cleanup
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert client.left
+        assert not +planner.sent_sequences and not +planner.sent_tokens  # its share of the workers returned
+        client.release.set()
+        await eventually(lambda: decode_idle(worker), 30, "decode to drop the request that left")
+    finally:
+        client.release.set()
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("kind", ["grpc", "in-process"])
+async def test_a_cancel_at_decode_ends_the_request_there_even_if_the_router_never_leaves_it(worker, redis_server,
+                                                                                           kind):
+    """Decode's `Cancel` ends the request's stream itself (CANCELLED on its Generate call or token feed):
+    the worker holds nothing of it afterwards, whatever the router does next."""
+    adapter = load_adapter("tiny-llava")
+    redis = connect(redis_server.url)
+    directory = WorkerDirectory(redis)
+    await directory.refresh()
+    channels = ChannelPool()
+    client = GrpcStageClient(channels) if kind == "grpc" else InProcessStageClient(
+        {worker.ctx.address: worker.servicers})
+    generate = client.generate
+
+    def never_leaving(address: str, request_id: str):
+        stream = generate(address, request_id)
+        stream.cancel = lambda: None
+        return stream
+
+    client.generate = never_leaving
+    stream = RecoveringStream(StagePipeline(directory, MetadataStore(redis), client, RoutePlanner()), adapter)
+    try:
+        reader = await reading_at_length(stream, adapter, "leaving silently")
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await eventually(lambda: decode_idle(worker), 30, "decode to drop the cancelled request")
+    finally:
+        if kind == "grpc":
+            await client.close()
+        await channels.close()
         await redis.aclose()
 
 

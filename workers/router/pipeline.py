@@ -106,14 +106,16 @@ class StagePipeline:
             holders.lost = failure.lost
             raise
         finally:
-            if not finished:
-                await asyncio.shield(self._cancel(request.stage_request_id, holders.addresses()))
-            for task in [*holders.encodes.values(), *([holders.prefill] if holders.prefill else [])]:
-                task.cancel()
-                task.add_done_callback(_retrieve)  # a call failing after the attempt ended is no news
-            if generate is not None:
-                generate.cancel()
-            self.planner.release(plan, len(request.input_ids))
+            try:
+                if not finished:
+                    await asyncio.shield(self._cancel(request.stage_request_id, holders.addresses()))
+            finally:  # also when the handler is cancelled again meanwhile (a failed write, then a disconnect)
+                for task in [*holders.encodes.values(), *([holders.prefill] if holders.prefill else [])]:
+                    task.cancel()
+                    task.add_done_callback(_retrieve)  # a call failing after the attempt ended is no news
+                if generate is not None:
+                    generate.cancel()
+                self.planner.release(plan, len(request.input_ids))
 
     async def _cancel(self, request_id: str, held: list[tuple[str, str]]) -> None:
         """Tell every stage that may hold the request to drop it; bounded, never raises."""

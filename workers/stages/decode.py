@@ -30,7 +30,14 @@ from ..transport.raw_frames import write_handler
 from ..wire import handoff_from_commit, layout_from_proto
 from .context import WorkerContext
 from .supervision import SupervisedLoop
-from .token_feed import FeedFollower, FeedOutbox, HandoffMissing, chunk_message
+from .token_feed import (
+    FeedFollower,
+    FeedOutbox,
+    HandoffMissing,
+    RequestCancelled,
+    chunk_message,
+    failure_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +225,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             while True:
                 token = await queue.get()
                 if isinstance(token, Exception):
-                    await context.abort(grpc.StatusCode.INTERNAL, f"decode failed: {token!r}")
+                    await context.abort(*failure_status(token))
                 completion += 1
                 yield chunk_message(token, opened[0][0].prompt_tokens, completion)
                 if token.finish_reason:
@@ -279,7 +286,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         if entry is not None:
             await self._discard(entry[0])
         await self.receiver.release(request_id)
-        if request_id in self.streams:
+        deliver = self.streams.get(request_id)
+        if deliver is not None:  # the stream ends here, whether or not the router then leaves it
+            deliver(RequestCancelled(f"request {request_id} was cancelled"))
             self.cancelled.add(request_id)
             self.wakeup.set()
         return pb.CancelResponse(cancelled=known)

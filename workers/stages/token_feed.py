@@ -26,6 +26,17 @@ class HandoffMissing(Exception):
     """No KV cache came for the request within the handoff wait."""
 
 
+class RequestCancelled(Exception):
+    """The router cancelled the request (its client left): its stream ends here."""
+
+
+def failure_status(event: Exception) -> tuple[grpc.StatusCode, str]:
+    """How a request's stream ends when decode gives it an exception instead of a token."""
+    if isinstance(event, RequestCancelled):
+        return grpc.StatusCode.CANCELLED, str(event)
+    return grpc.StatusCode.INTERNAL, f"decode failed: {event!r}"
+
+
 def chunk_message(token: TokenEvent, prompt_tokens: int, completion: int) -> pb.GenerateChunk:
     return pb.GenerateChunk(token_ids=[token.token_id], text=token.text, finish_reason=token.finish_reason or "",
                             prompt_tokens=prompt_tokens, completion_tokens=completion)
@@ -76,7 +87,7 @@ class FeedFollower:
 
     def __call__(self, event: TokenEvent | Exception) -> None:
         if isinstance(event, Exception):
-            self.outbox.fail(self.request_id, grpc.StatusCode.INTERNAL, f"decode failed: {event!r}")
+            self.outbox.fail(self.request_id, *failure_status(event))
             self.end(self.request_id, False)
             return
         self.completion += 1
