@@ -19,7 +19,10 @@ from epd.workers.models import load_adapter
 from epd.workers.stages.decode import DecodeServicer
 from epd.workers.transport.kv_paths import host_id
 from epd.workers.transport.raw_frames import FrameHeader, encode_frame
+from epd.workers.transport.shm import SharedPool
 from epd.workers.wire import layout_to_proto, sampling_to_proto
+
+from ..helpers import eventually
 
 
 class Aborted(Exception):
@@ -35,14 +38,29 @@ class FakeContext:
         raise Aborted(code, details)
 
 
-@pytest.fixture
-def servicer() -> DecodeServicer:
-    """tiny-llava (2 layers, 2 KV heads of 16) with 4-token blocks, at most 2 sequences and 64 tokens."""
+def decode_servicer(shared: SharedPool | None = None) -> DecodeServicer:
+    """tiny-llava (2 layers, 2 KV heads of 16) with 4-token blocks, at most 2 sequences and 64 tokens; its pool
+    in `shared` memory if given."""
     adapter = load_adapter("tiny-llava")
     runtime = build_runtime(adapter.load_language(), KVCacheConfig(capacity_bytes=1 << 20, block_size=4,
-                                                                   prefix_cache_bytes=0))
+                                                                   prefix_cache_bytes=0),
+                            shared.allocate if shared else None)
     engine = DecodeEngine(runtime.decoder, adapter, runtime.allocator, max_batch=2, max_kv_tokens=64)
-    return DecodeServicer(ctx=None, engine=engine, handoff_wait=0.2)
+    return DecodeServicer(ctx=None, engine=engine, handoff_wait=0.2, shared_fd=shared.fd if shared else None)
+
+
+@pytest.fixture
+def servicer() -> DecodeServicer:
+    return decode_servicer()
+
+
+@pytest.fixture
+async def shared_servicer():
+    """The same, its pool in shared memory: a sender on this host writes its KV straight into it."""
+    servicer = decode_servicer(SharedPool())
+    await servicer.receiver.start()
+    yield servicer
+    await servicer.receiver.stop()
 
 
 def reserve_request(servicer: DecodeServicer, request_id: str, prompt: int = 7, max_tokens: int = 4,
@@ -155,6 +173,41 @@ async def test_a_reservation_nobody_commits_expires(servicer):
     servicer.clock = lambda: 1e9  # past the lease: the sender died between reserve and commit
     await servicer.receiver.expire()
     assert servicer.receiver.reservations == {} and servicer.engine.allocator.used == 0
+
+
+async def test_a_cancel_releases_a_reservation_at_once_unless_its_sender_writes_into_it(shared_servicer):
+    """Over grpc decode writes the frames itself and can free the blocks at once; over shared memory a
+    write may still be on its way, so they stay until the sender commits (refused: the client left), gives
+    them back, or its lease ends."""
+    servicer = shared_servicer
+    cancel = servicer.Cancel
+
+    async def reserve(request_id: str, path: str) -> None:
+        spec = reserve_request(servicer, request_id)
+        spec.sender_host, spec.paths[:] = host_id(), [path]
+        assert (await servicer.ReserveKV(spec, FakeContext())).path == path
+
+    await reserve("over-grpc", "grpc")
+    assert (await cancel(pb.CancelRequest(request_id="over-grpc"), FakeContext())).cancelled
+    assert servicer.receiver.reservations == {} and servicer.engine.allocator.used == 0
+
+    for request_id in ("commits", "gives-back", "dies"):
+        await reserve(request_id, "shm")
+        assert (await cancel(pb.CancelRequest(request_id=request_id), FakeContext())).cancelled
+        assert request_id in servicer.receiver.reservations and servicer.engine.allocator.used == 2
+        if request_id == "commits":
+            with pytest.raises(Aborted) as refused:
+                await servicer.CommitKV(commit_request(request_id), FakeContext())
+            assert refused.value.code == grpc.StatusCode.CANCELLED
+            await eventually(lambda: servicer.engine.allocator.used == 0, 10, "the refused KV to be freed")
+            assert servicer.arrived == {}
+        elif request_id == "gives-back":
+            assert (await servicer.ReleaseKV(pb.ReleaseKVRequest(request_id=request_id), FakeContext())).released
+        else:
+            servicer.clock = lambda: 1e9  # past the lease: the sender died
+            await servicer.receiver.expire()
+        assert servicer.receiver.reservations == {} and servicer.receiver.cancelled == set()
+        assert servicer.engine.allocator.used == 0
 
 
 def test_host_identity_is_stable():

@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import struct
+import threading
 
 import grpc
 import pytest
@@ -123,6 +124,46 @@ async def test_prefill_killed_mid_transfer_frees_the_decode_reservation(pair):
         with pytest.raises(grpc.aio.AioRpcError):
             await call
     await eventually(lambda: not receiver.reservations and decode_servicer.engine.allocator.used == 0)
+
+
+@pytest.mark.parametrize("pair", ["shm"], indirect=True)
+async def test_a_request_cancelled_while_prefill_writes_into_decode_keeps_its_blocks_until_prefill_is_done(pair):
+    """On shared memory prefill writes into decode's blocks itself. The router cancels the request at decode
+    and prefill, then cancels the Prefill call: decode keeps the blocks (a late write must not land in blocks
+    given to another sequence) until prefill, its step over, gives them back."""
+    prefill, decode = pair
+    decode_servicer, prefill_servicer = servicer(decode, DecodeServicer), servicer(prefill, PrefillServicer)
+    held, release = threading.Event(), threading.Event()
+    step = prefill_servicer.engine.step
+
+    def held_step():
+        held.set()
+        release.wait(60)
+        return step()
+    prefill_servicer.engine.step = held_step
+    try:
+        async with grpc.aio.insecure_channel(prefill.ctx.address) as to_prefill, \
+                grpc.aio.insecure_channel(decode.ctx.address) as to_decode:
+            call = asyncio.ensure_future(pb_grpc.PrefillServiceStub(to_prefill).Prefill(
+                prefill_request("cancelled", decode), timeout=60))
+            await eventually(held.is_set, 30, "prefill's step to start")
+            reserved = decode_servicer.engine.allocator.used
+            assert decode_servicer.receiver.reservations["cancelled"].path == "shm" and reserved > 0
+            cancel = pb.CancelRequest(request_id="cancelled")
+            assert (await pb_grpc.DecodeServiceStub(to_decode).Cancel(cancel, timeout=10)).cancelled
+            assert "cancelled" in decode_servicer.receiver.reservations  # prefill's step may still write
+            assert decode_servicer.engine.allocator.used == reserved
+            assert (await pb_grpc.PrefillServiceStub(to_prefill).Cancel(cancel, timeout=10)).cancelled
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            release.set()
+            await eventually(lambda: not decode_servicer.receiver.reservations
+                             and decode_servicer.engine.allocator.used == 0, 30,
+                             "prefill to give decode's blocks back (their lease is 60 s)")
+            await eventually(lambda: prefill_servicer.engine.allocator.used == 0, 30, "prefill to free its blocks")
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("pair", ["tcp"], indirect=True)

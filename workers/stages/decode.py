@@ -126,6 +126,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RequestCancelled as exc:
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
         return pb.CommitKVReply()
 
     async def ReleaseKV(self, request: pb.ReleaseKVRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseKVReply:
@@ -145,6 +147,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         reservation = self.receiver.take(handoff.request_id)
         if reservation is None:
             raise KeyError(f"request {handoff.request_id} has no KV reservation here (released or expired)")
+        if handoff.request_id in self.receiver.cancelled:  # its client left while the KV was on its way
+            self.receiver.cancelled.discard(handoff.request_id)
+            spawn(self._discard((handoff, adopted)))
+            raise RequestCancelled(f"request {handoff.request_id} was cancelled")
         self.arrived[handoff.request_id] = ((handoff, adopted), self.clock())
         if handoff.request_id in self.arrival_events:
             self.arrival_events[handoff.request_id].set()
@@ -285,7 +291,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         entry = self.arrived.pop(request_id, None)
         if entry is not None:
             await self._discard(entry[0])
-        await self.receiver.release(request_id)
+        await self.receiver.cancel(request_id)
         deliver = self.streams.get(request_id)
         if deliver is not None:  # the stream ends here, whether or not the router then leaves it
             deliver(RequestCancelled(f"request {request_id} was cancelled"))

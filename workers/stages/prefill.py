@@ -17,6 +17,7 @@ from epd.v1 import stages_pb2 as pb
 from epd.v1 import stages_pb2_grpc as pb_grpc
 
 from .. import metrics
+from ..background import spawn
 from ..engine import PrefillEngine, PrefillResult
 from ..messages import ImageSize, KVHandoff, PrefillJob
 from ..transport.embedding_transport import LOCAL_EMBEDDING_SINKS
@@ -133,10 +134,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         finally:
             self.local_handoffs.discard(request.request_id)
             self.arriving.pop(request.request_id, None)
-            if sink is not None:  # failed or cancelled after the reservation: give everything back
-                await self._abort(sink)
-            self.active_requests -= 1
-            metrics.IN_FLIGHT.labels("prefill").dec()
+            try:
+                if sink is not None:  # failed or cancelled after the reservation: give everything back, to the
+                    # end even when the call is cancelled meanwhile (the router cancels it after its Cancel)
+                    await asyncio.shield(spawn(self._abort(sink)))
+            finally:
+                self.active_requests -= 1
+                metrics.IN_FLIGHT.labels("prefill").dec()
 
     async def _admit(self, request: pb.PrefillRequest, sources: ItemSources,
                      context: grpc.aio.ServicerContext) -> tuple[PrefillJob, KVHandoffSink]:

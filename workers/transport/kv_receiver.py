@@ -39,6 +39,10 @@ from .tcp_path import IDLE_SECONDS, TOKEN_BYTES, TcpKVListener, TcpReceipt
 
 log = logging.getLogger(__name__)
 
+# Paths on which the sender writes into this pool itself: this side cannot stop a write on its way, so
+# a reservation on them is only freed once the sender says its writes are over (or its lease runs out).
+SENDER_WRITES = frozenset({"shm", "cuda_ipc", "nixl"})
+
 Compute = Callable[..., Awaitable[Any]]  # runs engine work on the worker's compute thread
 
 
@@ -91,6 +95,7 @@ class KVReceiver:
         self.wait = wait
         self.lease = lease
         self.reservations: dict[str, Reservation] = {}
+        self.cancelled: set[str] = set()  # reservations kept until their sender gives them back
         self.capacity = asyncio.Event()  # set whenever blocks or batch slots may have freed
         self.shm = DescriptorServer(shared_fd) if shared_fd is not None else None
         self.cuda_ipc_handle = cuda_ipc_handle
@@ -161,7 +166,19 @@ class KVReceiver:
         """The reservation, handed to its commit."""
         return self.reservations.pop(request_id, None)
 
+    async def cancel(self, request_id: str) -> None:
+        """The client left. A reservation the sender writes into (`SENDER_WRITES`) stays until the sender
+        gives it back after its last write, commits (the commit is refused, the blocks freed) or its lease
+        ends: freed now, a write still on its way could land in blocks given to another sequence meanwhile.
+        Any other reservation is released now."""
+        reservation = self.reservations.get(request_id)
+        if reservation is not None and reservation.path in SENDER_WRITES:
+            self.cancelled.add(request_id)
+        elif reservation is not None:
+            await self.release(request_id)
+
     async def release(self, request_id: str) -> bool:
+        self.cancelled.discard(request_id)
         with self._tcp_lock:
             reservation = self.reservations.pop(request_id, None)
         if reservation is None:
