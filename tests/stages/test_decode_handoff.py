@@ -7,6 +7,7 @@ sender or the Generate call goes away."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
@@ -147,6 +148,35 @@ async def test_raw_frames_must_match_their_reservation(servicer):
                                                 FakeContext()) == b"%d" % layer_bytes
     block = servicer.receiver.reservations["r"].blocks[1]
     assert bool((servicer.engine.pool.kv[1, 1, block].flatten().view(torch.uint8) == 1).all())
+
+
+async def test_a_release_waits_for_the_grpc_frame_being_copied_into_its_blocks(servicer, monkeypatch):
+    """The sender goes away (its stream is cancelled) while decode still copies a frame into the reserved
+    blocks on a helper thread: the blocks are freed only once that copy is over."""
+    await servicer.ReserveKV(reserve_request(servicer, "r"), FakeContext())
+    copying, finish = threading.Event(), threading.Event()
+    write = servicer.receiver._write_frame
+
+    def slow_write(*args):
+        copying.set()
+        finish.wait(30)
+        return write(*args)
+    monkeypatch.setattr(servicer.receiver, "_write_frame", slow_write)
+    layer_bytes = servicer.engine.pool.layout.bytes_per_block // 4
+    payload = memoryview(torch.ones(layer_bytes, dtype=torch.uint8).numpy())
+    stream = asyncio.ensure_future(servicer.receiver.write_stream(
+        frames(encode_frame(FrameHeader("r", 0, 0, 0, 1), payload)), FakeContext()))
+    try:
+        await eventually(copying.is_set, 10, "the frame's copy to start")
+        stream.cancel()  # the sender went away: its reservation is released...
+        await eventually(lambda: "r" not in servicer.receiver.reservations, 10, "the release to start")
+        assert servicer.engine.allocator.used == 2  # ...but not under the copy still running
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await stream
+        assert servicer.engine.allocator.used == 0
+    finally:
+        finish.set()
 
 
 async def test_kv_whose_generate_gave_up_is_released(servicer):

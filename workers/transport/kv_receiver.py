@@ -72,6 +72,7 @@ class Reservation:
     tcp_port: int = 0
     tcp_token: bytes = b""  # the one-time secret a tcp connection must present for these blocks
     tcp: TcpReceipt | None = None  # decode's side of a tcp handoff
+    writing: asyncio.Future | None = None  # a grpc frame being copied into the blocks (on a helper thread)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ class KVReceiver:
         if receipt is not None and receipt.connection is not None:  # nothing may land in the freed blocks
             receipt.stop()
             await asyncio.to_thread(receipt.done.wait, IDLE_SECONDS)
+        if reservation.writing is not None:  # nor the rest of a grpc frame's copy
+            await asyncio.wait([reservation.writing])
         await self.compute(self.engine.release, request_id)
         self.capacity_changed()
         return True
@@ -234,8 +237,11 @@ class KVReceiver:
                 if reservation is None or reservation.path == "inproc":  # grpc is every sender's fallback
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"no KV reservation for request {request_id!r}")
-                received += await asyncio.to_thread(self._write_frame, reservation, header.layer, header.plane,
-                                                    header.first_block, header.blocks, payload)
+                # shielded: a copy that has started runs to its end, and a release waits for it
+                reservation.writing = asyncio.ensure_future(asyncio.to_thread(
+                    self._write_frame, reservation, header.layer, header.plane, header.first_block, header.blocks,
+                    payload))
+                received += await asyncio.shield(reservation.writing)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
