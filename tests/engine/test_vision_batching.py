@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from epd.image_size import ImageSize
@@ -33,3 +34,24 @@ def test_a_bad_image_fails_alone_in_its_batch(stages):
     results = stages.vision.encode_prepared([prepared[0], prepared[2]])
     assert torch.equal(results[0], results[1]) and results[0].shape[0] == stages.adapter.image_items(
         ImageSize(40, 30))[0]
+
+
+def test_the_items_of_one_image_are_preprocessed_once(stages, monkeypatch):
+    """LLaVA-NeXT's processor makes every tile of an image at once: the image's other items reuse them, and
+    each item is what processing it alone gives."""
+    if stages.adapter.family != "llava_next":
+        pytest.skip("one item per image")
+    processor, runs = stages.adapter.image_processor, []
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return processor(*args, **kwargs)
+    first, second = items_of(stages, 64, 48, 5), items_of(stages, 50, 80, 6)
+    alone = []
+    for item in first + second:
+        stages.adapter._last_tiles = None
+        alone.append(stages.vision.prepare(item))
+    monkeypatch.setattr(stages.adapter, "image_processor", counted)
+    together = prepare_isolating_bad(stages.vision, first + second)
+    assert len(first) > 1 and len(runs) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))

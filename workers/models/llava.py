@@ -137,6 +137,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava_next"
     model_class = LlavaNextForConditionalGeneration
+    _last_tiles: tuple[bytes, torch.Tensor] | None = None  # the last image's items (see `_all_tiles`)
 
     def num_tiles(self, size: ImageSize) -> int:
         """Items of an image: the base view + its anyres tiles."""
@@ -161,12 +162,22 @@ class LlavaNextAdapter(LlavaAdapter):
         return LlavaNextLanguage(self, self._load(self.language_factories(), device, dtype))
 
     def pixel_values(self, item: EncodeInput) -> torch.Tensor:
-        image = decode_image(item.image_bytes)
-        tiles = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        tiles = self._all_tiles(item.image_bytes)
         index = max(item.tile_index, 0)
         if index >= tiles.shape[0]:
             raise ValueError(f"tile {item.tile_index} out of range: the image has {tiles.shape[0]} items")
         return tiles[index]
+
+    def _all_tiles(self, image_bytes: bytes) -> torch.Tensor:
+        """Every item's pixels of one image. The processor makes all of them at once, and an image's items
+        come to the encode worker one after another (one Encode call, one batch), so the last image's are
+        kept: its other items cost nothing (a 672x672 image's five items cost five whole runs before)."""
+        last = self._last_tiles
+        if last is not None and last[0] == image_bytes:  # bytes compare in C, stopping at the first difference
+            return last[1]
+        tiles = self.image_processor(images=[decode_image(image_bytes)], return_tensors="pt")["pixel_values"][0]
+        self._last_tiles = (image_bytes, tiles)  # one assignment: helper threads may prepare batches at once
+        return tiles
 
 
 def _pack(config, features: list[torch.Tensor], size: ImageSize, newline: torch.Tensor):
