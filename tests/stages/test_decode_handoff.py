@@ -91,6 +91,37 @@ async def test_reservations_wait_while_full_then_resume(servicer):
     assert sorted(third.block_ids) == sorted(first.block_ids)  # a's blocks, given back and granted again
 
 
+async def test_blocks_granted_to_a_sender_that_left_meanwhile_are_given_back(servicer):
+    """The sender's ReserveKV is cancelled while the compute thread grants its blocks: they return to the
+    pool instead of staying held by a reservation nobody knows of."""
+    granting, grant, granted = threading.Event(), threading.Event(), threading.Event()
+
+    def granted_when_told(fn, *args):
+        granting.set()
+        grant.wait(30)
+        try:
+            return fn(*args)
+        finally:
+            granted.set()
+
+    async def on_a_thread(fn, *args):
+        return await asyncio.to_thread(granted_when_told, fn, *args)
+    servicer.receiver.compute = on_a_thread
+    call = asyncio.ensure_future(servicer.ReserveKV(reserve_request(servicer, "left"), FakeContext()))
+    try:
+        await eventually(granting.is_set, 10, "the compute thread to start granting")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        grant.set()
+        await eventually(granted.is_set, 10, "the blocks to be granted")
+        await eventually(lambda: servicer.engine.allocator.used == 0 and not servicer.engine.reserved, 10,
+                         "the granted blocks to be given back")
+        assert servicer.receiver.reservations == {}
+    finally:
+        grant.set()
+
+
 async def test_a_reservation_the_worker_cannot_grant_in_time_is_refused(servicer):
     await servicer.ReserveKV(reserve_request(servicer, "a"), FakeContext())
     await servicer.ReserveKV(reserve_request(servicer, "b"), FakeContext())

@@ -140,8 +140,13 @@ class KVReceiver:
         deadline = time.monotonic() + self.wait
         while True:
             self.capacity.clear()
-            blocks = await self.compute(self.engine.reserve, spec.request_id, spec.prompt_tokens, spec.max_tokens,
-                                        path == "inproc")
+            granting = asyncio.ensure_future(self.compute(self.engine.reserve, spec.request_id, spec.prompt_tokens,
+                                                          spec.max_tokens, path == "inproc"))
+            try:
+                blocks = await asyncio.shield(granting)
+            except asyncio.CancelledError:  # the sender left while the compute thread may be granting blocks
+                spawn(self._give_back_if_granted(granting, spec.request_id))
+                raise
             if blocks is not None:
                 break
             remaining = deadline - time.monotonic()
@@ -162,6 +167,12 @@ class KVReceiver:
             reservation.tcp = TcpReceipt(partial(self._frame_blocks, reservation))
         self.reservations[spec.request_id] = reservation
         return reservation
+
+    async def _give_back_if_granted(self, granting: asyncio.Future, request_id: str) -> None:
+        """Blocks the engine granted to a sender that had left: nobody would ever release them."""
+        if await granting is not None:
+            await self.compute(self.engine.release, request_id)
+            self.capacity_changed()
 
     def take(self, request_id: str) -> Reservation | None:
         """The reservation, handed to its commit."""
