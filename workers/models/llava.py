@@ -171,7 +171,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _all_tiles(self, image_bytes: bytes) -> torch.Tensor:
         """Every item's pixels of one image. The processor makes all of them at once, and an image's items
         come to the encode worker one after another (one Encode call, one batch), so the last image's are
-        kept: its other items cost nothing (a 672x672 image's five items cost five whole runs before)."""
+        kept, and its other items (a 672x672 image has five) cost no further run."""
         last = self._last_tiles
         if last is not None and last[0] == image_bytes:  # bytes compare in C, stopping at the first difference
             return last[1]

@@ -174,8 +174,8 @@ class Router:
         except APIError as exc:
             metrics.REQUESTS.labels(f"error_{exc.status}").inc()
             raise
-        except (asyncio.CancelledError, ConnectionResetError):  # the client left (a stream's write may fail
-            # before aiohttp cancels the handler); the stages were told to cancel
+        except (asyncio.CancelledError, ConnectionResetError):  # the client left; the stages were told to cancel
+            # (a stream's write to it can fail before aiohttp cancels the handler)
             metrics.REQUESTS.labels("cancelled").inc()
             raise
         finally:
