@@ -147,10 +147,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         reservation = self.receiver.take(handoff.request_id)
         if reservation is None:
             raise KeyError(f"request {handoff.request_id} has no KV reservation here (released or expired)")
-        if handoff.request_id in self.receiver.cancelled:  # its client left while the KV was on its way
-            self.receiver.cancelled.discard(handoff.request_id)
+        if reservation.cancelled:  # its client left while the KV was on its way
             spawn(self._discard((handoff, adopted)))
-            raise RequestCancelled(f"request {handoff.request_id} was cancelled")
+            raise RequestCancelled(handoff.request_id)
         self.arrived[handoff.request_id] = ((handoff, adopted), self.clock())
         if handoff.request_id in self.arrival_events:
             self.arrival_events[handoff.request_id].set()
@@ -294,7 +293,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         await self.receiver.cancel(request_id)
         deliver = self.streams.get(request_id)
         if deliver is not None:  # the stream ends here, whether or not the router then leaves it
-            deliver(RequestCancelled(f"request {request_id} was cancelled"))
+            deliver(RequestCancelled(request_id))
             self.cancelled.add(request_id)
             self.wakeup.set()
         return pb.CancelResponse(cancelled=known)

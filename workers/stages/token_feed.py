@@ -29,6 +29,9 @@ class HandoffMissing(Exception):
 class RequestCancelled(Exception):
     """The router cancelled the request (its client left): its stream ends here."""
 
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} was cancelled")
+
 
 def failure_status(event: Exception) -> tuple[grpc.StatusCode, str]:
     """How a request's stream ends when decode gives it an exception instead of a token."""

@@ -73,6 +73,7 @@ class Reservation:
     tcp_token: bytes = b""  # the one-time secret a tcp connection must present for these blocks
     tcp: TcpReceipt | None = None  # decode's side of a tcp handoff
     writing: asyncio.Future | None = None  # a grpc frame being copied into the blocks (on a helper thread)
+    cancelled: bool = False  # the client left: kept until its sender gives it back (see `KVReceiver.cancel`)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,6 @@ class KVReceiver:
         self.wait = wait
         self.lease = lease
         self.reservations: dict[str, Reservation] = {}
-        self.cancelled: set[str] = set()  # reservations kept until their sender gives them back
         self.capacity = asyncio.Event()  # set whenever blocks or batch slots may have freed
         self.shm = DescriptorServer(shared_fd) if shared_fd is not None else None
         self.cuda_ipc_handle = cuda_ipc_handle
@@ -185,12 +185,11 @@ class KVReceiver:
         Any other reservation is released now."""
         reservation = self.reservations.get(request_id)
         if reservation is not None and reservation.path in SENDER_WRITES:
-            self.cancelled.add(request_id)
+            reservation.cancelled = True
         elif reservation is not None:
             await self.release(request_id)
 
     async def release(self, request_id: str) -> bool:
-        self.cancelled.discard(request_id)
         with self._tcp_lock:
             reservation = self.reservations.pop(request_id, None)
         if reservation is None:
@@ -249,9 +248,9 @@ class KVReceiver:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"no KV reservation for request {request_id!r}")
                 # shielded: a copy that has started runs to its end, and a release waits for it
-                reservation.writing = asyncio.ensure_future(asyncio.to_thread(
-                    self._write_frame, reservation, header.layer, header.plane, header.first_block, header.blocks,
-                    payload))
+                reservation.writing = asyncio.get_running_loop().run_in_executor(
+                    None, self._write_frame, reservation, header.layer, header.plane, header.first_block,
+                    header.blocks, payload)
                 received += await asyncio.shield(reservation.writing)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
