@@ -4,8 +4,8 @@
 scaled-dot-product attention per sequence: a sequence with nothing cached
 attends over its own new tokens (causal), one that extends cached KV (a
 prefix-cache hit, a later chunk, a decode step) over its blocks.
-`CpuPagedAttention` runs decode steps, and in 16-bit pools short prompt chunks,
-through C++ kernels that read the blocks in place (`cpu_attention`); the CUDA decode kernel lives in
+`CpuPagedAttention` runs decode steps and prompt chunks through C++ kernels
+that read the blocks in place (`cpu_attention`); the CUDA decode kernel lives in
 `triton_attention`. `select_backend` picks the fastest that runs here."""
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from .kv_pool import KVPool
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "cpu-paged", "triton")
-# Longer prompt contexts go to PyTorch's flash attention, faster there (see cpu_attention; crossover ~700 here).
-PREFILL_KERNEL_MAX_CONTEXT = 640
 
 
 class AttentionBackend(Protocol):
@@ -104,24 +102,18 @@ class PagedDecodeAttention(SdpaAttention):
 
 
 class CpuPagedAttention(PagedDecodeAttention):
-    """Decode through the C++ paged kernel (epd.workers.engine.cpu_attention); in 16-bit pools, the prompt
-    chunks of at most `PREFILL_KERNEL_MAX_CONTEXT` positions through its prefill kernel, all in one call."""
+    """Decode rows and prompt chunks through the C++ kernels (epd.workers.engine.cpu_attention), which read
+    the blocks in place: the decode rows in one call, every prompt chunk of the forward in another."""
 
     name = "cpu-paged"
     kernel = paged_decode
 
     def attend_prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        batch: PackedBatch, out: torch.Tensor, first: int) -> torch.Tensor:
-        if query.dtype not in (torch.bfloat16, torch.float16):  # float32 stays pinned to SDPA (exactness tests)
-            return self.attend_each(layer, query, keys, values, batch, out, first)
-        short = batch.short_prompts(first, PREFILL_KERNEL_MAX_CONTEXT)
-        if short is not None:
-            key_cache, value_cache = self.pool.kv[layer]
-            paged_prefill(out, query, key_cache, value_cache, short.tables, short.query_starts, short.query_lens,
-                          short.context_lens, self.scale)
-        for index in range(first, len(batch.sequences)):
-            if batch.sequences[index].context_len > PREFILL_KERNEL_MAX_CONTEXT:
-                self.attend_one(layer, query, keys, values, batch, out, index)
+        chunks = batch.prompt_chunks(first)
+        key_cache, value_cache = self.pool.kv[layer]
+        paged_prefill(out, query, key_cache, value_cache, chunks.tables, chunks.query_starts, chunks.query_lens,
+                      chunks.context_lens, self.scale)
         return out
 
 

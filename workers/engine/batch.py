@@ -51,9 +51,8 @@ class PackedBatch:
     logits_index: torch.Tensor | None = None  # rows whose logits are needed; None: every row (decode)
     position_ids: torch.Tensor | None = None  # given directly (decode, CUDA graphs), else from `positions`
     device: torch.device | None = None  # where `finish` put the tensors
-    # kernel inputs derived once per forward for every layer: (first sequence, context limit) -> prompts
-    _short_prompts: dict[tuple[int, int], KernelPrompts | None] = field(default_factory=dict, init=False,
-                                                                        repr=False)
+    # kernel inputs derived once per forward for every layer: first sequence -> its prompt chunks on
+    _prompt_chunks: dict[int, KernelPrompts] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -101,20 +100,16 @@ class PackedBatch:
         """Sequence `index`'s block table as a tensor on the batch's device."""
         return torch.tensor(self.sequences[index].block_table, dtype=torch.long).to(self.device)
 
-    def short_prompts(self, first: int, max_context: int) -> KernelPrompts | None:
-        """Sequences `first`.. whose context is at most `max_context` positions, for a prefill kernel (None:
-        there are none); built on the first call of a forward, reused by every layer."""
-        key = (first, max_context)
-        if key not in self._short_prompts:
-            chosen = [s for s in self.sequences[first:] if s.context_len <= max_context]
-            prompts = None
-            if chosen:
-                prompts = KernelPrompts(_padded_tables(chosen, self.device),
-                                        _longs([s.query_start for s in chosen], self.device),
-                                        _longs([s.query_len for s in chosen], self.device),
-                                        _longs([s.context_len for s in chosen], self.device))
-            self._short_prompts[key] = prompts
-        return self._short_prompts[key]
+    def prompt_chunks(self, first: int) -> KernelPrompts:
+        """Sequences `first`.. (prompt chunks) as a prefill kernel takes them; built on the first call of a
+        forward, reused by every layer."""
+        if first not in self._prompt_chunks:
+            chosen = self.sequences[first:]
+            self._prompt_chunks[first] = KernelPrompts(_padded_tables(chosen, self.device),
+                                                       _longs([s.query_start for s in chosen], self.device),
+                                                       _longs([s.query_len for s in chosen], self.device),
+                                                       _longs([s.context_len for s in chosen], self.device))
+        return self._prompt_chunks[first]
 
     @property
     def decode_rows(self) -> int:
