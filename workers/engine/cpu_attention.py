@@ -208,7 +208,9 @@ struct PackedHead {
   void extend(const T* k_cache, const T* v_cache, const int64_t* table, int64_t s, int64_t h, int64_t upto,
               int64_t dim, int64_t padded_dim, int64_t block_size, int64_t token_stride) {
     if (s != sequence || h != head) {
-      sequence = s, head = h, length = 0;
+      sequence = s;
+      head = h;
+      length = 0;
     }
     if (upto <= length) return;
     const int64_t tiles = (upto + PREFILL_KEY_TILE - 1) / PREFILL_KEY_TILE;
@@ -272,7 +274,8 @@ static void prefill_kernel(const T* q, const T* k_cache, const T* v_cache, const
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t s = 0; s < seqs; ++s)
     for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t t0 = (q_lens[s] - 1) / QUERY_TILE * QUERY_TILE; t0 >= 0; t0 -= QUERY_TILE) tasks.push_back({s, t0, h});
+      for (int64_t t0 = (q_lens[s] - 1) / QUERY_TILE * QUERY_TILE; q_lens[s] > 0 && t0 >= 0; t0 -= QUERY_TILE)
+        tasks.push_back({s, t0, h});
   std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& a, const auto& b) { return ctx_lens[a[0]] > ctx_lens[b[0]]; });
   const int64_t count = static_cast<int64_t>(tasks.size());
   #pragma omp parallel num_threads(at::get_num_threads())
