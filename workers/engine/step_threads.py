@@ -3,12 +3,14 @@
 A forward of a few tokens (a decode step of a small batch) is a chain of small
 matrix-vector products, each its own OpenMP parallel region, and each region
 waits for its slowest thread. In a server the worker's threads share the cores
-with the router, the clients and the kernel, so one preempted thread stalls
-every region: measured here (small-llava, bfloat16, 2 cores, one request at a
-time through `epd serve --colocated`), a batch-1 decode step took 16 ms on two
-threads and 11.7 ms on one, against 7-9 ms on two threads offline. Larger
-forwards (prefill chunks, mixed steps, big decode batches) gain from every
-thread, so only forwards of at most `small_step_tokens` tokens drop to one.
+with the router, the clients and the kernel, so one preempted thread can stall
+every region: on a host with native bfloat16 (small-llava, bfloat16, 2 cores,
+one request at a time through `epd serve --colocated`) a batch-1 decode step
+took 16 ms on two threads and 11.7 ms on one. Where a small step streams its
+weights from memory (float32 on an AVX2 EPYC) two threads read faster and one
+thread loses (15.6 against 11.9 ms offline), so it is off unless asked for.
+Larger forwards (prefill chunks, mixed steps, big decode batches) gain from
+every thread, so only forwards of at most `small_step_tokens` tokens drop to one.
 
 TorchInductor guards its compiled graphs on the thread count, so the decoder
 compiles its graphs for both counts at start (see `PackedDecoder.warm_up`)."""

@@ -26,7 +26,6 @@ from ..redis_connection import REDIS_URL_ENV
 from .processes import QUICK_EXIT, ProcessGroup, epd_command, free_port
 
 MAX_QUICK_EXITS = 5  # a child that dies this many times in a row soon after starting is not restarted again
-SHARED_MACHINE_SMALL_STEP_TOKENS = 4  # measured here: batch-1 decode steps 15.7 -> 12.0 ms (--colocated)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +73,7 @@ def run(args: argparse.Namespace) -> int:
             env = {REDIS_URL_ENV: args.redis_url or own_redis}  # kept off the command lines
             tls = _tls_arguments(Path(scratch)) if args.tls else []
             roles = [("colocated", 1)] if args.colocated else list(counts.items())
-            # the router, Redis and the clients share this machine's cores with the workers: a worker's small
-            # forwards run on one thread, which they cannot stall (--worker-arg=--small-step-tokens=0: off)
-            threads = ["--torch-threads", str(args.worker_threads or threads_each(sum(n for _, n in roles))),
-                       f"--small-step-tokens={SHARED_MACHINE_SMALL_STEP_TOKENS}"]
+            threads = ["--torch-threads", str(args.worker_threads or threads_each(sum(n for _, n in roles)))]
             workers = [group.start(f"{role}-{i}", epd_command("worker", "--role", role, "--model", args.model,
                                                               *tls, *threads, *args.worker_arg),
                                    "EPD_WORKER_READY", env)
