@@ -51,7 +51,7 @@ class PackedBatch:
     logits_index: torch.Tensor | None = None  # rows whose logits are needed; None: every row (decode)
     position_ids: torch.Tensor | None = None  # given directly (decode, CUDA graphs), else from `positions`
     device: torch.device | None = None  # where `finish` put the tensors
-    # kernel inputs derived once per forward for every layer: first sequence -> its prompt chunks on
+    # kernel inputs derived once per forward for every layer: first sequence -> the prompt chunks from it on
     _prompt_chunks: dict[int, KernelPrompts] = field(default_factory=dict, init=False, repr=False)
 
     @property
