@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from epd.image_size import ImageSize
-from epd.workers.models import EncodeInput, InvalidImageError, load_adapter
-from epd.workers.stages.encode import prepare_isolating_bad
+from epd.workers.models import EncodeInput, InvalidImageError, llava, load_adapter
+from epd.workers.stages.encode import prepare_isolating_bad, split_by_image
 
 from ..helpers import png_bytes
 
@@ -50,9 +50,24 @@ def test_the_items_of_one_image_are_preprocessed_once(monkeypatch):
     first, second = items_of(stages, 64, 48, 5), items_of(stages, 50, 80, 6)
     alone = []
     for item in first + second:
-        adapter._last_tiles = None
+        llava._recent_tiles.last = None
         alone.append(stages.vision.prepare(item))
     monkeypatch.setattr(adapter, "image_processor", counted)
     together = prepare_isolating_bad(stages.vision, first + second)
     assert len(first) > 1 and len(runs) == 2
     assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
+def test_a_batch_is_preprocessed_in_shares_that_keep_each_image_whole():
+    """The encode worker preprocesses a batch on one helper thread per core: the shares keep the batch's order
+    and never cut between two items of one image (their family may make them all at once)."""
+    images = [bytes([n]) * 8 for n in range(5)]
+    items = [EncodeInput(images[n], tile) for n, tiles in enumerate((2, 1, 3, 1, 1)) for tile in range(tiles)]
+    shares = split_by_image(items, 2)
+    assert [item for share in shares for item in share] == items
+    assert [[(item.image_bytes[0], item.tile_index) for item in share] for share in shares] == [
+        [(0, 0), (0, 1), (1, 0)], [(2, 0), (2, 1), (2, 2), (3, 0), (4, 0)]]
+    assert [len(share) for share in split_by_image(items[3:6] + items[:3], 2)] == [3, 3]
+    assert split_by_image(items, 1) == split_by_image(items, 0) == [items]
+    assert split_by_image(items[:1], 2) == [items[:1]]
+    assert split_by_image([], 2) == []

@@ -3,6 +3,7 @@ projector in front of a Llama-style language model."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any, cast
@@ -131,13 +132,15 @@ class _ImageNewline(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(hidden_size))
 
 
+_recent_tiles = threading.local()  # per thread: (adapter, image bytes, every item's pixels) of its last image
+
+
 class LlavaNextAdapter(LlavaAdapter):
     """Anyres: a base view plus a grid of tiles, each tile encoded independently,
     so the tiles of one large image can be spread over several encode workers."""
 
     family = "llava_next"
     model_class = LlavaNextForConditionalGeneration
-    _last_tiles: tuple[bytes, torch.Tensor] | None = None  # the last image's items (see `_all_tiles`)
 
     def num_tiles(self, size: ImageSize) -> int:
         """Items of an image: the base view + its anyres tiles."""
@@ -170,13 +173,14 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _all_tiles(self, image_bytes: bytes) -> torch.Tensor:
         """Every item's pixels of one image. The processor makes all of them at once, and an image's items
-        come to the encode worker one after another (one Encode call, one batch), so the last image's are
-        kept, and its other items (a 672x672 image has five) cost no further run."""
-        last = self._last_tiles
-        if last is not None and last[0] == image_bytes:  # bytes compare in C, stopping at the first difference
-            return last[1]
+        come to a helper thread one after another (the encode worker never splits an image between threads),
+        so each thread keeps its last image's, and the image's other items (a 672x672 image has five) cost no
+        further run."""
+        last = getattr(_recent_tiles, "last", None)
+        if last is not None and last[0] is self and last[1] == image_bytes:  # bytes compare in C
+            return last[2]
         tiles = self.image_processor(images=[decode_image(image_bytes)], return_tensors="pt")["pixel_values"][0]
-        self._last_tiles = (image_bytes, tiles)  # one assignment: helper threads may prepare batches at once
+        _recent_tiles.last = (self, image_bytes, tiles)
         return tiles
 
 

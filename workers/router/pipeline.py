@@ -85,7 +85,7 @@ class StagePipeline:
                 self._encode(address, request, [to_encode[k] for k in keys], plan))
                 for address, keys in plan.encode.items()}
             generate = self.stages.generate(plan.decode.address, request.stage_request_id)
-            holders.prefill = asyncio.create_task(self._prefill(request, images, plan))
+            holders.prefill = asyncio.create_task(self._prefill(request, _for_prefill(images, plan), plan))
             await self._first_failure(holders.prefill, list(holders.encodes.values()))
             async for chunk in _read_until_told(generate):
                 # set before the yield: a reader that stops at the last chunk closes this generator at the
@@ -193,6 +193,15 @@ class StagePipeline:
                 if error is not None:
                     prefill.cancel()
                     raise error
+
+
+def _for_prefill(images: list[ImageRef], plan: RoutePlan) -> list[ImageRef]:
+    """The images as the Prefill call carries them. One whose every item the prefill worker's own process
+    encodes (a colocated worker) goes without its bytes: the Encode call brings them to that process, and
+    sending them twice cost a 4-image request ~1.4 MB more through gRPC on its way to the first token."""
+    local = set(plan.encode.get(plan.prefill.address, ()))
+    return [replace(ref, image=b"") if all(item.dispatched and item.item_key in local for item in ref.items) else ref
+            for ref in images]
 
 
 def _failure(stage: str, address: str, error: StageCallError) -> StageFailure:

@@ -116,6 +116,9 @@ class EmbeddingSource:
         """Encode the item again on a live encode worker (the least loaded first; a dead one that
         discovery still lists is skipped), which pushes it back here. When every listed worker fails,
         discovery is refreshed once and the workers it newly lists (a restarted pod) are tried."""
+        if not ref.image:  # its bytes went to this process's encode stage only (see the router's `_for_prefill`)
+            raise LookupError(f"embedding {item.item_key} was not computed by this worker's encode stage, and the "
+                              "image's bytes were sent only to that stage")
         retry = pb.EncodeItem(item_key=item.item_key, image=ref.image, tile_index=item.tile_index,
                               n_tokens=item.n_tokens)
         failures: list[str] = []

@@ -107,8 +107,11 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
         return future
 
     async def _run_batch(self, tasks: list[EncodeTask]) -> None:
-        # decoding and preprocessing beside the compute thread (PIL and numpy release the GIL), the tower on it
-        prepared = await asyncio.to_thread(prepare_isolating_bad, self.vision, [t.item for t in tasks])
+        # decoding and preprocessing beside the compute thread, on as many helper threads as the worker has
+        # cores (PIL and numpy release the GIL), the tower on it
+        parts = await asyncio.gather(*(asyncio.to_thread(prepare_isolating_bad, self.vision, share)
+                                       for share in split_by_image([t.item for t in tasks], self.ctx.threads)))
+        prepared = [result for part in parts for result in part]
         good = [p for p in prepared if not isinstance(p, Exception)]
         features = iter(await self.ctx.compute("encode", self.vision.encode_prepared, good) if good else [])
         results = [p if isinstance(p, Exception) else next(features) for p in prepared]
@@ -154,6 +157,25 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer, CancellableRequests):
                                                 tensor.numel() * tensor.element_size())
         if not ok:
             metrics.CACHE_EVENTS.labels("encode", "redis_error").inc()
+
+
+def split_by_image(items: list[EncodeInput], shares: int) -> list[list[EncodeInput]]:
+    """`items` in order, cut into at most `shares` runs of about equal length, never between two items of one
+    image (a family that makes all of an image's items at once keeps them for its next item)."""
+    shares = max(1, shares)
+    parts: list[list[EncodeInput]] = []
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and items[end].image_bytes == items[start].image_bytes:
+            end += 1
+        # an image goes to the share its middle item falls in
+        share = min(shares - 1, (start + end) * shares // (2 * len(items)))
+        if len(parts) <= share:
+            parts.append([])
+        parts[-1].extend(items[start:end])
+        start = end
+    return parts
 
 
 def prepare_isolating_bad(vision: VisionPartBase, items: list[EncodeInput]) -> list:
